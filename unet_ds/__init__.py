@@ -1,0 +1,1 @@
+"""unet_ds: 2D/3D U-Nets with deep supervision in JAX/Flax."""

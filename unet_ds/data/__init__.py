@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders), grain pipelines, patch sampling and augmentation."""
