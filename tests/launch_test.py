@@ -1,0 +1,166 @@
+"""Tests for experiments.launch: commands, skipping finished points, resuming the others."""
+
+import json
+import pathlib
+import shlex
+import sys
+
+import pytest
+
+from experiments import launch
+
+_CONFIG_FILE = '''
+from ml_collections import config_dict
+from experiments import sweep
+
+def get_config(arg=None):
+  return config_dict.ConfigDict({'seed': 0, 'model': {'ds': {'mode': 'none', 'weights': (1.0,)}},
+                                 'train': {'steps': 100}})
+
+def get_sweep(arg=None):
+  return sweep.chain(
+      sweep.product(sweep.axis('model.ds.mode', ['none']), sweep.axis('seed', [0, 1])),
+      sweep.product(sweep.axis('model.ds.mode', ['deep']),
+                    sweep.axis('model.ds.weights', [(1.0, 0.5)]), sweep.axis('seed', [0, 1])))
+'''
+
+_NAMES = ['mode=none,seed=0', 'mode=none,seed=1', 'mode=deep,weights=1.0_0.5,seed=0',
+          'mode=deep,weights=1.0_0.5,seed=1']
+
+
+@pytest.fixture
+def config_path(tmp_path):
+  path = tmp_path / 'ablation.py'
+  path.write_text(_CONFIG_FILE)
+  return str(path)
+
+
+class FakeMain:
+  """Stands in for `python -m unet_ds.main`: writes config.json, a checkpoint, summary.json.
+
+  Points named in `crash` write config.json and a checkpoint and then fail, once each.
+  """
+
+  def __init__(self, crash=()):
+    self.crash = set(crash)
+    self.calls = []
+
+  def __call__(self, argv, workdir):
+    assert argv[1:3] == ['-m', 'unet_ds.main']
+    flags = dict(a[2:].split('=', 1) for a in argv[3:])
+    assert pathlib.Path(flags['workdir']) == workdir
+    self.calls.append((workdir.name, list(argv)))
+    config = {'seed': 0, 'model': {'ds': {'mode': 'none', 'weights': [1.0]}},
+              'train': {'steps': 100}}
+    for key, value in flags.items():
+      if key.startswith('config.'):
+        *parents, leaf = key[len('config.'):].split('.')
+        node = config
+        for p in parents:
+          node = node[p]
+        node[leaf] = eval(value) if leaf in ('seed', 'weights', 'steps') else value
+    (workdir / 'config.json').write_text(json.dumps(config))
+    resumed = (workdir / 'checkpoint').exists()
+    (workdir / 'checkpoint').write_text('1')
+    if workdir.name in self.crash:
+      self.crash.remove(workdir.name)
+      return 1
+    (workdir / 'summary.json').write_text(json.dumps({'resumed': resumed}))
+    return 0
+
+
+def test_print_commands(config_path, tmp_path, capsys):
+  root = tmp_path / 'runs'
+  out = []
+  code = launch.main([f'--config={config_path}:smoke', f'--root={root}', '--print',
+                      '--config.train.steps=7'], out=out.append)
+  assert code == 0
+  assert len(out) == 4
+  assert [shlex.split(line) for line in out][2] == [
+      'python', '-m', 'unet_ds.main', f'--config={config_path}:smoke',
+      f'--workdir={root}/{_NAMES[2]}', '--config.model.ds.mode=deep',
+      '--config.model.ds.weights=(1.0, 0.5)', '--config.seed=0', '--config.train.steps=7']
+  assert not root.exists()  # --print touches nothing.
+
+
+def test_runs_skips_finished_and_resumes_interrupted(config_path, tmp_path):
+  root = tmp_path / 'runs'
+  fake = FakeMain(crash=[_NAMES[1]])
+  out = []
+  code = launch.main([f'--config={config_path}', f'--root={root}', '--config.train.steps', '3'],
+                     runner=fake, out=out.append)
+  assert code == 1
+  assert [name for name, _ in fake.calls] == _NAMES
+  assert 'failed: mode=none,seed=1' in out
+  assert sorted(p.name for p in root.iterdir()) == sorted(_NAMES + ['sweep.json'])
+  assert not (root / _NAMES[1] / 'summary.json').exists()
+  recorded = json.loads((root / _NAMES[2] / 'config.json').read_text())
+  assert recorded['model']['ds'] == {'mode': 'deep', 'weights': [1.0, 0.5]}
+  assert recorded['train']['steps'] == 3
+  manifest = json.loads((root / 'sweep.json').read_text())
+  assert [p['name'] for p in manifest['points']] == _NAMES
+  assert manifest['extra_overrides'] == {'train.steps': '3'}
+
+  # Second launch: only the interrupted point runs again, with the same command.
+  first_argv = dict(fake.calls)[_NAMES[1]]
+  fake.calls.clear()
+  code = launch.main([f'--config={config_path}', f'--root={root}', '--config.train.steps=3'],
+                     runner=fake, out=out.append)
+  assert code == 0
+  assert fake.calls == [(_NAMES[1], first_argv)]
+  assert json.loads((root / _NAMES[1] / 'summary.json').read_text()) == {'resumed': True}
+  assert out[-1].startswith('sweep') and '1 ran, 3 already finished, 0 failed' in out[-1]
+
+  # Third launch: nothing to do.
+  fake.calls.clear()
+  assert launch.main([f'--config={config_path}', f'--root={root}'], runner=fake,
+                     out=out.append) == 0
+  assert fake.calls == []
+
+
+def test_fail_fast_stops(config_path, tmp_path):
+  fake = FakeMain(crash=[_NAMES[0]])
+  code = launch.main([f'--config={config_path}', f'--root={tmp_path}', '--fail_fast'],
+                     runner=fake, out=lambda s: None)
+  assert code == 1 and [n for n, _ in fake.calls] == _NAMES[:1]
+
+
+def test_changed_sweep_is_refused_before_running(config_path, tmp_path):
+  root = tmp_path / 'runs'
+  (root / _NAMES[2]).mkdir(parents=True)
+  (root / _NAMES[2] / 'config.json').write_text(json.dumps(
+      {'seed': 0, 'model': {'ds': {'mode': 'deep', 'weights': [1.0, 0.25]}}}))
+  fake = FakeMain()
+  with pytest.raises(SystemExit) as e:
+    launch.main([f'--config={config_path}', f'--root={root}'], runner=fake)
+  assert e.value.code == 2 and fake.calls == []
+  with pytest.raises(ValueError, match=r'mode=deep,weights=1.0_0.5,seed=0/config.json has '
+                     r'model.ds.weights=\(1.0, 0.25\)'):
+    launch.check_workdirs(launch.plan(config_path, root))
+
+
+def test_bad_extra_overrides(config_path, tmp_path, capsys):
+  for extra, message in [('--config.train.stesp=3', "did you mean train.steps"),
+                         ('--config.seed=3', 'sets a key that the sweep'),
+                         ('--steps=3', 'unknown argument')]:
+    with pytest.raises(SystemExit):
+      launch.main([f'--config={config_path}', f'--root={tmp_path}', extra], runner=FakeMain())
+    assert message in capsys.readouterr().err
+
+
+def test_cli_value_round_trips_through_literal_eval():
+  assert launch.cli_value('deep') == 'deep'
+  assert launch.cli_value((0.5, 0.25)) == '(0.5, 0.25)'
+  assert launch.cli_value([1]) == '(1,)'
+  assert launch.cli_value(1e-5) == '1e-05'
+  assert launch.cli_value(True) == 'True'
+
+
+def test_subprocess_runner_streams_and_logs(tmp_path, capsys):
+  workdir = tmp_path / 'w'
+  code = launch.subprocess_runner(
+      [sys.executable, '-c', 'import sys; print("hello"); sys.exit(3)'], workdir)
+  assert code == 3
+  assert 'hello' in capsys.readouterr().out
+  log = (workdir / 'launch.log').read_text().splitlines()
+  assert log[0].startswith('$ ') and log[1] == 'hello'
