@@ -1,0 +1,162 @@
+"""Medical Segmentation Decathlon style NIfTI folders as a TFDS dataset (array_record, no TF).
+
+Layout: `PATH/imagesTr/<case>.nii.gz` + `PATH/labelsTr/<case>.nii.gz`, optional `PATH/dataset.json`
+(label names, modalities; checked against the config when present). Images are 3D, or 4D
+`[X, Y, Z, C]` for several modalities. Each case is read, checked, cast to float32 and normalised
+per volume while preparing, and stored at its own shape with its affine and file name so
+predictions can be written back in place.
+
+  sources = msd.load(config.data)  # {'train': CaseSource, 'validation': CaseSource}
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import json
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from unet_ds.data import io
+from unet_ds.data import prepare
+
+SPATIAL_RANK = 3
+_VERSION = '1.0.0'
+
+
+def read_case(image_path: str, label_path: str | None, *, num_classes: int,
+              normalization: str = 'zscore', clip_percentiles: Sequence[float] | None = None,
+              label_map: io.LabelMap | None = None,
+              in_channels: int | None = None) -> dict[str, Any]:
+  """Reads, checks and normalises one case (label optional, for prediction).
+
+  Returns:
+    `{'image': float32 [X, Y, Z, C], 'label': int32 [X, Y, Z] (if labelled), 'shape': [3],
+    'affine': float64 [4, 4], 'case_id', 'file'}`.
+  """
+  volume = io.read_nifti(image_path)
+  image = io.image_to_float(volume.array, image_path, SPATIAL_RANK)
+  prepare.check_channels(image_path, image, in_channels)
+  example = {
+      'image': io.normalize(image, normalization, clip_percentiles),
+      'shape': np.array(image.shape[:SPATIAL_RANK], np.int32),
+      'affine': volume.affine,
+      'case_id': io.case_id(image_path),
+      'file': os.path.basename(image_path),
+  }
+  if label_path is not None:
+    label_vol = io.read_nifti(label_path)
+    label_raw = label_vol.array
+    if label_raw.ndim == SPATIAL_RANK + 1 and label_raw.shape[-1] == 1:
+      label_raw = label_raw[..., 0]
+    io.check_pair(image_path, label_path, image.shape[:SPATIAL_RANK], label_raw.shape,
+                  volume.affine, label_vol.affine)
+    example['label'] = io.label_to_classes(label_raw, label_path, num_classes, label_map)
+  return example
+
+
+def find_cases(path: str, *, num_classes: int | None = None,
+               in_channels: int | None = None) -> list[tuple[str, str, str]]:
+  """(case_id, image_path, label_path) for every labelled case, sorted by id.
+
+  Raises:
+    io.DataError: missing/empty imagesTr, an image without label (or the reverse), or a
+      `dataset.json` that is unreadable or disagrees with `num_classes` / `in_channels`.
+  """
+  _check_dataset_json(path, num_classes, in_channels)
+  images = io.list_files(os.path.join(path, 'imagesTr'), io.NIFTI_SUFFIXES)
+  labels_dir = os.path.join(path, 'labelsTr')
+  if not os.path.isdir(labels_dir):
+    raise io.DataError(f'{labels_dir}: folder not found (labels for {len(images)} images)')
+  labels = {io.case_id(f): f for f in os.listdir(labels_dir)
+            if not f.startswith('.') and f.lower().endswith(io.NIFTI_SUFFIXES)}
+  cases = []
+  for image_path in images:
+    cid = io.case_id(image_path)
+    if cid not in labels:
+      raise io.DataError(f'{image_path}: missing label {os.path.join(labels_dir, cid)}.nii.gz')
+    cases.append((cid, image_path, os.path.join(labels_dir, labels.pop(cid))))
+  if labels:
+    orphan = sorted(labels.values())[0]
+    raise io.DataError(f'{os.path.join(labels_dir, orphan)}: label without an image in '
+                       f'{os.path.join(path, "imagesTr")} ({len(labels)} such labels)')
+  ids = [c[0] for c in cases]
+  if len(set(ids)) != len(ids):
+    raise io.DataError(f'{path}/imagesTr: duplicate case ids (.nii and .nii.gz of one case?)')
+  return cases
+
+
+def _check_dataset_json(path: str, num_classes: int | None, in_channels: int | None) -> None:
+  meta_path = os.path.join(path, 'dataset.json')
+  if not os.path.exists(meta_path):
+    return
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise io.DataError(f'{meta_path}: cannot read dataset.json ({e})') from e
+  labels = meta.get('labels')
+  if num_classes and isinstance(labels, dict) and len(labels) != num_classes:
+    raise io.DataError(f'{meta_path}: lists {len(labels)} labels {labels}, but data.num_classes '
+                       f'is {num_classes}')
+  modalities = meta.get('modality') or meta.get('channel_names')
+  if in_channels and isinstance(modalities, dict) and len(modalities) != in_channels:
+    raise io.DataError(f'{meta_path}: lists {len(modalities)} modalities {modalities}, but '
+                       f'data.in_channels is {in_channels}')
+
+
+def settings_from_config(data_cfg: Any) -> dict[str, Any]:
+  """Every setting that changes the prepared data, with defaults, from `config.data`."""
+  return prepare.common_settings(data_cfg, 'the MSD task folder (holding imagesTr/)')
+
+
+class MsdFolder(tfds.core.GeneratorBasedBuilder):
+  """An MSD-style task folder; build with `config=make_config(settings)`."""
+
+  name = 'unet_ds_msd'
+  VERSION = tfds.core.Version(_VERSION)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description='MSD-style NIfTI folder prepared by unet_ds.',
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Tensor(shape=(None,) * (SPATIAL_RANK + 1), dtype=np.float32,
+                                          encoding='zlib'),
+            'label': tfds.features.Tensor(shape=(None,) * SPATIAL_RANK, dtype=np.uint8,
+                                          encoding='zlib'),
+            'shape': tfds.features.Tensor(shape=(SPATIAL_RANK,), dtype=np.int32),
+            'affine': tfds.features.Tensor(shape=(4, 4), dtype=np.float64),
+            'case_id': tfds.features.Text(),
+            'file': tfds.features.Text(),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # data is local
+    s = self.builder_config.settings
+    splits = prepare.split_case_list(find_cases(s['path'], num_classes=s['num_classes'], in_channels=s['in_channels']), s)
+    self._channels = [s['in_channels'] or None]  # every case must match the first one read
+    return {name: self._generate_examples(cases) for name, cases in splits.items()}
+
+  def _generate_examples(self, cases):
+    return prepare.generate(cases, read_case, self.builder_config.settings, self._channels)
+
+
+def make_config(settings: dict[str, Any]) -> prepare.FolderConfig:
+  """Config named by the folder and a hash of settings + file listing."""
+  files = [f for c in find_cases(settings['path']) for f in c[1:]]
+  return prepare.make_config(settings, files, _VERSION)
+
+
+def load(data_cfg: Any) -> dict[str, prepare.CaseSource]:
+  """Prepares the folder at `data_cfg.path` (once) and returns `{'train', 'validation'}` sources.
+
+  `data_cfg` keys: path, num_classes (required); in_channels, normalization ('zscore' | 'minmax' |
+  'none'), clip_percentiles ((low, high) or ()), label_map ('value:class,...'), val_fraction,
+  val_cases ('id,id' or list), split_seed, num_folds, fold, data_dir (where prepared data goes).
+  """
+  settings = settings_from_config(data_cfg)
+  return prepare.prepare_and_load(MsdFolder, make_config(settings),
+                                  prepare.cfg_get(data_cfg, 'data_dir'))

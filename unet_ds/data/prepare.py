@@ -1,0 +1,196 @@
+"""Shared plumbing for the user-folder TFDS builders (`msd`, `folder2d`).
+
+A prepared dataset's config name is a readable prefix plus a hash of every generation setting and of
+the source files' names, sizes and mtimes, so two settings (another fold, another normalisation, an
+edited file) never share a prepared copy, and the same settings reuse it.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from unet_ds.data import io
+from unet_ds.data import split as split_lib
+
+# Prepared data lands here when `data.data_dir` is unset.
+DEFAULT_DATA_DIR = os.path.join('~', 'tensorflow_datasets')
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class FolderConfig(tfds.core.BuilderConfig):
+  """BuilderConfig carrying the generation settings (JSON-able dict) of a user folder."""
+  settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __repr__(self) -> str:  # tfds logs it; the settings are in `description`
+    return f'FolderConfig({self.name})'
+
+
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+  """`cfg.key` for a ConfigDict/dict/object, `default` when absent or None."""
+  if isinstance(cfg, Mapping) or hasattr(cfg, 'get'):
+    value = cfg.get(key, default)
+  else:
+    value = getattr(cfg, key, default)
+  return default if value is None else value
+
+
+def jsonable(value: Any) -> Any:
+  """Settings -> plain JSON types (tuples -> lists, numpy scalars -> python)."""
+  if isinstance(value, Mapping):
+    return {str(k): jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v) for v in value]
+  if isinstance(value, np.generic):
+    return value.item()
+  return value
+
+
+def files_fingerprint(files: Sequence[str]) -> list[Any]:
+  """(name, size, mtime) per file: a changed or replaced file changes the config hash."""
+  out = []
+  for f in sorted(files):
+    st = os.stat(f)
+    out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+  return out
+
+
+def make_config(settings: Mapping[str, Any], files: Sequence[str], version: str) -> FolderConfig:
+  """A FolderConfig named `<last two folders of path>_<hash of settings + files>`."""
+  settings = jsonable(settings)
+  prefix = '_'.join(os.path.normpath(settings['path']).split(os.sep)[-2:])
+  blob = json.dumps({'settings': settings, 'files': files_fingerprint(files)}, sort_keys=True)
+  digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
+  slug = re.sub(r'[^a-z0-9]+', '_', prefix.lower()).strip('_')[-48:].strip('_') or 'data'
+  return FolderConfig(name=f'{slug}_{digest}', version=version,
+                      description=json.dumps(settings, sort_keys=True), settings=dict(settings))
+
+
+class CaseSource:
+  """Random-access source over a prepared split: decodes ids to str, labels to int32.
+
+  Elements: `{'image': float32 [*spatial, C], 'label': int32 [*spatial], 'shape': int32 [rank],
+  'case_id': str, 'file': str}` plus `'affine': float64 [4, 4]` for NIfTI data.
+  """
+
+  def __init__(self, source: Any):
+    self._source = source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return _decode(self._source[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    return [_decode(r) for r in self._source.__getitems__(indices)]
+
+  def __repr__(self) -> str:
+    return f'CaseSource({self._source!r}, len={len(self)})'
+
+
+def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(record)
+  out['label'] = np.asarray(record['label']).astype(np.int32)
+  for key in ('case_id', 'file'):
+    if isinstance(out.get(key), bytes):
+      out[key] = out[key].decode()
+  return out
+
+
+def prepare_and_load(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: FolderConfig,
+                     data_dir: str | None) -> dict[str, CaseSource]:
+  """Prepares (once per config) and returns `{split: CaseSource}` for the non-empty splits."""
+  data_dir = os.path.abspath(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
+  builder = builder_cls(config=config, data_dir=data_dir)
+  builder.download_and_prepare(file_format='array_record')
+  sources = builder.as_data_source()
+  return {str(split): CaseSource(src) for split, src in sources.items()}
+
+
+def label_storage_dtype(num_classes: int, where: str) -> type:
+  """Labels are stored as uint8: up to 256 classes."""
+  if not 1 <= num_classes <= 256:
+    raise ValueError(f'{where}: num_classes={num_classes}, need 1..256')
+  return np.uint8
+
+
+def check_channels(path: str, image: np.ndarray, expected: int | None) -> int:
+  """Channel count of `image` ([..., C]) must equal `expected` (when known); returns it."""
+  channels = image.shape[-1]
+  if expected and channels != expected:
+    raise io.DataError(f'{path}: image has {channels} channels, expected {expected} '
+                       '(data.in_channels or the other cases)')
+  return channels
+
+
+def common_settings(data_cfg: Any, what: str) -> dict[str, Any]:
+  """Generation settings shared by the folder builders, with defaults, from `config.data`.
+
+  Args:
+    data_cfg: `config.data` (ConfigDict or dict).
+    what: what `path` should point at, for the error message.
+  """
+  path = cfg_get(data_cfg, 'path')
+  if not path:
+    raise ValueError(f'config.data.path: set it to {what}')
+  num_classes = cfg_get(data_cfg, 'num_classes')
+  if not num_classes:
+    raise ValueError('config.data.num_classes: required (background included)')
+  label_storage_dtype(int(num_classes), 'config.data.num_classes')
+  label_map = io.parse_label_map(cfg_get(data_cfg, 'label_map'))
+  return {
+      'path': os.path.abspath(os.path.expanduser(path)),
+      'num_classes': int(num_classes),
+      'in_channels': int(cfg_get(data_cfg, 'in_channels', 0)),
+      'normalization': cfg_get(data_cfg, 'normalization', 'zscore'),
+      'clip_percentiles': list(cfg_get(data_cfg, 'clip_percentiles', ())),
+      'label_map': sorted(label_map.items()) if label_map else [],
+      'val_fraction': float(cfg_get(data_cfg, 'val_fraction', 0.2)),
+      'val_cases': list(split_lib.parse_case_list(cfg_get(data_cfg, 'val_cases'))),
+      'split_seed': int(cfg_get(data_cfg, 'split_seed', 0)),
+      'num_folds': int(cfg_get(data_cfg, 'num_folds', 0)),
+      'fold': int(cfg_get(data_cfg, 'fold', 0)),
+  }
+
+
+def read_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
+  """`read_case` keyword arguments from settings (shared by the builders and predict/eval)."""
+  return {
+      'num_classes': settings['num_classes'],
+      'normalization': settings['normalization'],
+      'clip_percentiles': settings['clip_percentiles'] or None,
+      'label_map': dict(settings['label_map']) or None,
+      'in_channels': settings['in_channels'] or None,
+  }
+
+
+def split_case_list(cases: Sequence[tuple[str, ...]], settings: Mapping[str, Any]
+                    ) -> dict[str, list[tuple[str, ...]]]:
+  """`{'train': cases, 'validation': cases}` (validation only when non-empty) by case id."""
+  train_ids, val_ids = split_lib.split_cases(
+      [c[0] for c in cases], val_fraction=settings['val_fraction'], seed=settings['split_seed'],
+      val_cases=settings['val_cases'], num_folds=settings['num_folds'], fold=settings['fold'])
+  by_id = {c[0]: c for c in cases}
+  splits = {'train': [by_id[i] for i in train_ids]}
+  if val_ids:
+    splits['validation'] = [by_id[i] for i in val_ids]
+  return splits
+
+
+def generate(cases: Sequence[tuple[str, str, str]], read_case: Any,
+             settings: Mapping[str, Any], channels: list[int | None]):
+  """Yields `(case_id, example)` for TFDS; `channels` ([C or None]) is shared across splits."""
+  kwargs = read_kwargs(settings)
+  for cid, image_path, label_path in cases:
+    example = read_case(image_path, label_path, **{**kwargs, 'in_channels': channels[0]})
+    channels[0] = example['image'].shape[-1]
+    example['label'] = example['label'].astype(np.uint8)
+    yield cid, example
