@@ -1,0 +1,406 @@
+"""Ablation report over a sweep root: which DS form (or weights) gave the best Dice, and how sure.
+
+    python -m experiments.report ROOT [--target-dice 0.8] [--out DIR] [--ignore KEY ...]
+
+Reads every finished workdir `ROOT/*/` (see `experiments.runs` for what counts as finished and
+what is skipped) and writes into `--out` (default ROOT):
+  * `report.md`: a line saying which variant won, the per-variant table, the plots, the runs;
+  * `report.csv`: one row per variant, full precision; `runs.csv`: one row per run;
+  * `dice_vs_step.png` (validation Dice per variant, mean and spread over seeds) and
+    `level_losses.png` (training loss of each output level per variant).
+
+Variants: runs whose configs are equal once seeds (`seed`, `*_seed` keys), workdir-like keys and
+`--ignore` keys are removed. A variant's label is the keys on which variants differ
+(e.g. `model.ds.mode=deep`). Numbers per variant, over its seeds: mean ± std (ddof=1) of the
+final mean foreground Dice (`summary.json`) and of each class's Dice; steps to reach the target
+Dice (the first eval in `eval.jsonl` at or above it; mean ± std over the runs that reached it,
+and how many did); each DS head's own final Dice; and against the baseline (the variant with
+`model.ds.mode == 'none'`; with several, the one differing in fewest keys) the paired difference
+of final Dice, paired by seed, with a two-sided 95% t interval (n/a for a single pair).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import pathlib
+import sys
+from typing import Any, Sequence
+
+from absl import logging
+
+from experiments import plots
+from experiments import runs as runs_lib
+from experiments import stats
+
+BASELINE_KEY = 'model.ds.mode'
+BASELINE_VALUE = 'none'
+_PATH_LEAVES = frozenset({'workdir', 'checkpoint_dir', 'log_dir', 'output_dir'})
+_UNSET = '<unset>'
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """The runs of one variant (sorted by seed) and what the report says of them."""
+  label: str
+  settings: dict[str, Any]  # The keys on which variants differ, with this variant's values.
+  config: dict[str, Any]  # The flattened config without seed and path keys.
+  runs: list[runs_lib.Run]
+  seeds: list[tuple]  # Per run: the (key, value) pairs of its seed keys; pairs runs across variants.
+  dice: tuple[float, float]  # (mean, std) of the final mean foreground Dice.
+  class_dice: list[tuple[float, float]]
+  head_dice: list[tuple[float, float]]  # Highest -> lowest resolution.
+  steps_to_target: list[int | None]  # Per run.
+  is_baseline: bool
+  baseline: str | None = None  # Label of the baseline this variant is compared with.
+  vs_baseline: stats.PairedDifference | None = None
+
+  @property
+  def n(self) -> int:
+    return len(self.runs)
+
+  @property
+  def steps_reached(self) -> list[int]:
+    return [s for s in self.steps_to_target if s is not None]
+
+  @property
+  def train_seconds(self) -> float:
+    values = [r.summary['train_seconds'] for r in self.runs if 'train_seconds' in r.summary]
+    return stats.mean_std(values)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  root: pathlib.Path
+  target_dice: float
+  variants: list[Variant]  # Baselines first, then by label.
+  skipped: list[runs_lib.Skipped]
+
+  @property
+  def winners(self) -> list[Variant]:
+    best = max(v.dice[0] for v in self.variants)
+    return [v for v in self.variants if v.dice[0] == best]
+
+
+def build(root: str | pathlib.Path, target_dice: float = 0.8,
+          ignore: Sequence[str] = ()) -> Report:
+  """Reads the runs under root and computes every number of the report."""
+  root = pathlib.Path(root)
+  found, skipped = runs_lib.find_runs(root)
+  if not found:
+    raise ValueError(f'{root}: no finished runs (no */summary.json)'
+                     + (f'; skipped {len(skipped)} unfinished' if skipped else ''))
+  groups: dict[tuple, list[runs_lib.Run]] = {}
+  for run in found:
+    groups.setdefault(_variant_key(run.config, ignore), []).append(run)
+  keys = list(groups)
+  all_config_keys = sorted({k for key in keys for k, _ in key})
+  differing = [k for k in all_config_keys
+               if len({dict(key).get(k, _UNSET) for key in keys}) > 1]
+
+  variants = []
+  for key in keys:
+    config = dict(key)
+    settings = {k: config.get(k, _UNSET) for k in differing}
+    label = ' '.join(f'{k}={_format(v)}' for k, v in settings.items()) or '(all runs)'
+    is_baseline = config.get(BASELINE_KEY) == BASELINE_VALUE
+    variants.append(_summarise(label, settings, config, groups[key], target_dice, is_baseline,
+                               ignore))
+  variants.sort(key=lambda v: (not v.is_baseline, v.label))
+  variants = _compare_with_baselines(variants)
+  return Report(root=root, target_dice=target_dice, variants=variants, skipped=skipped)
+
+
+def _variant_key(config: dict[str, Any], ignore: Sequence[str]) -> tuple:
+  return tuple(sorted((k, v) for k, v in config.items()
+                      if not _is_seed_key(k) and not _is_path_key(k) and k not in ignore))
+
+
+def _is_seed_key(key: str) -> bool:
+  leaf = key.rsplit('.', 1)[-1]
+  return leaf == 'seed' or leaf.endswith('_seed')
+
+
+def _is_path_key(key: str) -> bool:
+  return key.rsplit('.', 1)[-1] in _PATH_LEAVES
+
+
+def _summarise(label: str, settings: dict[str, Any], config: dict[str, Any],
+               runs: list[runs_lib.Run],
+               target_dice: float, is_baseline: bool, ignore: Sequence[str]) -> Variant:
+  seeds = [tuple(sorted((k, v) for k, v in r.config.items() if _is_seed_key(k) and k not in ignore))
+           for r in runs]
+  order = sorted(range(len(runs)), key=lambda i: repr(seeds[i]))
+  runs, seeds = [runs[i] for i in order], [seeds[i] for i in order]
+  for a, b in zip(seeds, seeds[1:]):
+    if a == b:
+      same = [str(r.path) for r, s in zip(runs, seeds) if s == a]
+      raise ValueError(f'runs {" and ".join(same)} are the same variant with the same seeds '
+                       f'{dict(a)}; they cannot be told apart (move one away or --ignore a key)')
+  for what, get in (('classes', lambda r: len(r.class_dice)), ('DS heads', lambda r: len(r.head_dice))):
+    counts = {get(r) for r in runs}
+    if len(counts) > 1:
+      detail = ', '.join(f'{r.path / runs_lib.SUMMARY_FILE}: {get(r)}' for r in runs)
+      raise ValueError(f'variant {label}: runs have different numbers of {what} ({detail})')
+  return Variant(
+      label=label, settings=settings, config=config, runs=runs, seeds=seeds,
+      dice=stats.mean_std([r.dice for r in runs]),
+      class_dice=[stats.mean_std(c) for c in zip(*[r.class_dice for r in runs])],
+      head_dice=[stats.mean_std(h) for h in zip(*[r.head_dice for r in runs])],
+      steps_to_target=[_steps_to_target(r, target_dice) for r in runs],
+      is_baseline=is_baseline)
+
+
+def _steps_to_target(run: runs_lib.Run, target: float) -> int | None:
+  for row in run.evals:
+    if row['mean_foreground_dice'] >= target:
+      return int(row['step'])
+  return None
+
+
+def _compare_with_baselines(variants: list[Variant]) -> list[Variant]:
+  """Each non-baseline variant compared with the baseline whose config differs in fewest keys."""
+  baselines = [v for v in variants if v.is_baseline]
+  out = []
+  for v in variants:
+    if v.is_baseline or not baselines:
+      out.append(v)
+      continue
+    distance = {b.label: sum(v.config.get(k, _UNSET) != b.config.get(k, _UNSET)
+                             for k in v.config.keys() | b.config.keys())
+                for b in baselines}
+    best = min(distance.values())
+    nearest = [b for b in baselines if distance[b.label] == best]
+    if len(nearest) > 1:
+      logging.warning('variant %s: %d baselines are equally close, not compared', v.label,
+                      len(nearest))
+      out.append(v)
+      continue
+    base = nearest[0]
+    diff = stats.paired_difference(dict(zip(v.seeds, (r.dice for r in v.runs))),
+                                   dict(zip(base.seeds, (r.dice for r in base.runs))))
+    out.append(dataclasses.replace(v, baseline=base.label, vs_baseline=diff))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering.
+
+
+def headline(report: Report) -> str:
+  """One line: which variant won on mean final Dice, and whether that beats the baseline."""
+  winners = report.winners
+  if len(report.variants) == 1:
+    v = winners[0]
+    return f'Only one variant ({v.label}): mean foreground Dice {_pm(v.dice, v.n)}.'
+  if len(winners) > 1:
+    return ('Tie: ' + ', '.join(f'`{w.label}`' for w in winners)
+            + f' share the highest mean foreground Dice, {winners[0].dice[0]:.4f}.')
+  w = winners[0]
+  line = f'**Winner: `{w.label}`**, mean foreground Dice {_pm(w.dice, w.n)}.'
+  if w.is_baseline:
+    return line + ' It is the no-DS baseline: no DS variant beat it on mean Dice.'
+  if w.vs_baseline is None:
+    if not any(v.is_baseline for v in report.variants):
+      return line + f' No `{BASELINE_KEY}={BASELINE_VALUE}` baseline among the runs to compare with.'
+    return line + ' Not compared with a baseline (several are equally close).'
+  d = w.vs_baseline
+  line += f' vs baseline `{w.baseline}`: {d.mean:+.4f}'
+  if d.n == 0:
+    return line + ' (no seeds in common, no paired comparison).'
+  if d.excludes_zero is None:
+    return line + f' over {d.n} paired seed; 95% CI n/a (needs at least 2 seeds).'
+  verdict = ('excludes 0: better than the baseline at 95% confidence' if d.ci_low > 0 else
+             'excludes 0: worse than the baseline at 95% confidence' if d.ci_high < 0 else
+             'includes 0: no significant difference at 95% confidence')
+  return (line + f', 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {d.n} paired seeds, '
+          f'which {verdict}.')
+
+
+def markdown(report: Report, figures: Sequence[str] = ()) -> str:
+  """report.md's text; figures are file names (relative to report.md) to embed."""
+  target = f'{report.target_dice:g}'
+  num_classes = max(len(v.class_dice) for v in report.variants)
+  max_heads = max(len(v.head_dice) for v in report.variants)
+  n_runs = sum(v.n for v in report.variants)
+  lines = [f'# Ablation report: {report.root}', '', headline(report), '',
+           f'{n_runs} finished runs in {len(report.variants)} variants'
+           + (f'; {len(report.skipped)} skipped (listed at the end).' if report.skipped else '.'),
+           '']
+  header = (['variant', 'n', 'mean fg Dice'] + [f'Dice class {c}' for c in range(1, num_classes)]
+            + [f'steps to Dice ≥ {target}'])
+  if max_heads:
+    header.append("DS heads' own Dice (high → low res)")
+  header += ['Δ Dice vs baseline [95% CI]', 'train s']
+  lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for v in report.variants:
+    row = [f'`{v.label}`', str(v.n), _pm(v.dice, v.n)]
+    row += [_pm(c, v.n) for c in v.class_dice[1:]] + [''] * (num_classes - len(v.class_dice))
+    row.append(_steps_cell(v))
+    if max_heads:
+      row.append(' / '.join(_pm(h, v.n) for h in v.head_dice) or '—')
+    row += [_diff_cell(v), _fmt(v.train_seconds, '.0f')]
+    lines.append('| ' + ' | '.join(row) + ' |')
+  lines += ['', f'Mean ± std over seeds (std with ddof=1). Steps to Dice ≥ {target}: the first eval '
+            'at or above it, mean ± std over the runs that reached it (reached/runs). Δ: final mean '
+            'foreground Dice minus the baseline\'s, paired by seed, with a two-sided 95% t '
+            'interval.', '']
+  for fig in figures:
+    lines += [f'![{fig}]({fig})', '']
+  lines += ['## Runs', '', '| run | variant | seeds | mean fg Dice | steps to target | final step |',
+            '|---|---|---|---|---|---|']
+  for v in report.variants:
+    for run, seed, steps in zip(v.runs, v.seeds, v.steps_to_target):
+      lines.append(f'| {run.name} | `{v.label}` | {_seed_text(seed)} | {run.dice:.4f} | '
+                   f'{steps if steps is not None else "not reached"} | '
+                   f'{run.summary.get("step", "")} |')
+  if report.skipped:
+    lines += ['', '## Skipped', '']
+    lines += [f'- `{s.path}`: {s.reason}' for s in report.skipped]
+  return '\n'.join(lines) + '\n'
+
+
+def variant_rows(report: Report) -> list[dict[str, Any]]:
+  """report.csv's rows: one per variant, full precision, empty cells for n/a."""
+  num_classes = max(len(v.class_dice) for v in report.variants)
+  max_heads = max(len(v.head_dice) for v in report.variants)
+  rows = []
+  for v in report.variants:
+    d = v.vs_baseline
+    row = {'variant': v.label, 'is_baseline': v.is_baseline, 'n': v.n,
+           'seeds': ';'.join(_seed_text(s) for s in v.seeds),
+           'dice_mean': v.dice[0], 'dice_std': v.dice[1]}
+    for c in range(num_classes):
+      m, s = v.class_dice[c] if c < len(v.class_dice) else (math.nan, math.nan)
+      row[f'dice_class_{c}_mean'], row[f'dice_class_{c}_std'] = m, s
+    reached = stats.mean_std(v.steps_reached)
+    row.update({'target_dice': report.target_dice, 'steps_to_target_mean': reached[0],
+                'steps_to_target_std': reached[1], 'n_reached_target': len(v.steps_reached)})
+    for h in range(max_heads):
+      m, s = v.head_dice[h] if h < len(v.head_dice) else (math.nan, math.nan)
+      row[f'head_{h + 1}_dice_mean'], row[f'head_{h + 1}_dice_std'] = m, s
+    row.update({
+        'baseline': v.baseline or '', 'diff_n': d.n if d else '',
+        'diff_mean': d.mean if d else math.nan, 'diff_std': d.std if d else math.nan,
+        'diff_ci_low': d.ci_low if d else math.nan, 'diff_ci_high': d.ci_high if d else math.nan,
+        'ci_excludes_zero': '' if d is None or d.excludes_zero is None else d.excludes_zero,
+        'train_seconds_mean': v.train_seconds})
+    rows.append(row)
+  return rows
+
+
+def run_rows(report: Report) -> list[dict[str, Any]]:
+  """runs.csv's rows: one per run."""
+  rows = []
+  for v in report.variants:
+    for run, seed, steps in zip(v.runs, v.seeds, v.steps_to_target):
+      row = {'run': run.name, 'variant': v.label, 'seeds': _seed_text(seed), 'dice': run.dice,
+             'steps_to_target': steps if steps is not None else '',
+             'final_step': run.summary.get('step', ''),
+             'train_seconds': run.summary.get('train_seconds', '')}
+      row.update({f'dice_class_{c}': d for c, d in enumerate(run.class_dice)})
+      row.update({f'head_{h + 1}_dice': d for h, d in enumerate(run.head_dice)})
+      rows.append(row)
+  return rows
+
+
+def write(report: Report, out_dir: str | pathlib.Path | None = None) -> dict[str, pathlib.Path]:
+  """Writes report.md, report.csv, runs.csv and the PNGs; returns their paths by name."""
+  out_dir = pathlib.Path(out_dir or report.root)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  paths = {'dice_vs_step.png': out_dir / 'dice_vs_step.png',
+           'level_losses.png': out_dir / 'level_losses.png'}
+  plots.dice_vs_step({v.label: v.runs for v in report.variants}, paths['dice_vs_step.png'],
+                     target=report.target_dice)
+  plots.level_losses({v.label: v.runs for v in report.variants}, paths['level_losses.png'])
+  paths['report.csv'] = _write_csv(out_dir / 'report.csv', variant_rows(report))
+  paths['runs.csv'] = _write_csv(out_dir / 'runs.csv', run_rows(report))
+  figures = [p.relative_to(out_dir).as_posix() for k, p in paths.items() if k.endswith('.png')]
+  paths['report.md'] = out_dir / 'report.md'
+  paths['report.md'].write_text(markdown(report, figures))
+  return paths
+
+
+def _write_csv(path: pathlib.Path, rows: list[dict[str, Any]]) -> pathlib.Path:
+  fields = list(dict.fromkeys(k for row in rows for k in row))
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({k: _csv_value(row.get(k, '')) for k in fields})
+  return path
+
+
+def _csv_value(value: Any) -> Any:
+  if isinstance(value, float):
+    return '' if math.isnan(value) else repr(value)
+  return value
+
+
+def _format(value: Any) -> str:
+  if isinstance(value, tuple):
+    return '(' + ','.join(_format(v) for v in value) + ')'
+  return str(value)
+
+
+def _fmt(value: float, spec: str = '.4f') -> str:
+  return 'n/a' if value is None or math.isnan(value) else format(value, spec)
+
+
+def _pm(mean_std: tuple[float, float], n: int) -> str:
+  mean, std = mean_std
+  if n < 2 or math.isnan(std):
+    return f'{_fmt(mean)}'
+  return f'{mean:.4f} ± {std:.4f}'
+
+
+def _steps_cell(v: Variant) -> str:
+  reached = v.steps_reached
+  if not reached:
+    return f'not reached (0/{v.n})'
+  mean, std = stats.mean_std(reached)
+  value = f'{mean:.0f}' if len(reached) < 2 else f'{mean:.0f} ± {std:.0f}'
+  return f'{value} ({len(reached)}/{v.n})'
+
+
+def _diff_cell(v: Variant) -> str:
+  if v.is_baseline:
+    return 'baseline'
+  d = v.vs_baseline
+  if d is None:
+    return '—'
+  if d.n == 0:
+    return 'n/a (no common seeds)'
+  if d.n == 1:
+    return f'{d.mean:+.4f} [n/a, n=1]'
+  return f'{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]'
+
+
+def _seed_text(seed: tuple) -> str:
+  return ','.join(f'{k}={v}' for k, v in seed) or '-'
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m experiments.report', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('root', help='sweep root: one workdir per run under it')
+  parser.add_argument('--target-dice', '--target_dice', type=float, default=0.8,
+                      help='Dice for the steps-to-target column (default 0.8)')
+  parser.add_argument('--out', default=None, help='output folder (default: ROOT)')
+  parser.add_argument('--ignore', action='append', default=[],
+                      help='dotted config key to leave out of variants (repeatable)')
+  args = parser.parse_args(argv)
+  try:
+    report = build(args.root, target_dice=args.target_dice, ignore=args.ignore)
+  except (ValueError, FileNotFoundError) as e:
+    parser.exit(2, f'error: {e}\n')
+  paths = write(report, args.out)
+  print(headline(report))
+  print(f'wrote {paths["report.md"]}, {paths["report.csv"]}, {paths["runs.csv"]} and plots')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

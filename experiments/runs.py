@@ -1,0 +1,146 @@
+"""Reads the workdirs that `python -m unet_ds.main` writes (formats in the project conventions).
+
+A workdir directly under a sweep root is:
+  * finished when it holds `summary.json`. Its `config.json`, `summary.json`, `eval.jsonl` and
+    `metrics.jsonl` must then all exist and parse: anything missing or malformed raises
+    `RunFileError` naming the file (and line), because a report that quietly drops a finished
+    seed would be wrong without anyone noticing;
+  * unfinished when it holds `config.json` but no `summary.json` (still training, or
+    interrupted). It is skipped, with a warning naming it, and listed in the report;
+  * skipped with a warning when it holds run files but no `config.json`;
+  * ignored when it holds none of these files (e.g. a folder of plots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Sequence
+
+from absl import logging
+
+from experiments import sweep
+
+CONFIG_FILE = 'config.json'
+SUMMARY_FILE = 'summary.json'
+EVAL_FILE = 'eval.jsonl'
+METRICS_FILE = 'metrics.jsonl'
+_RUN_FILES = (CONFIG_FILE, SUMMARY_FILE, EVAL_FILE, METRICS_FILE)
+
+
+class RunFileError(ValueError):
+  """A finished run's file is missing or malformed; the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One finished training run."""
+  path: pathlib.Path
+  config: dict[str, Any]  # Flattened: {'model.ds.mode': 'deep', ...}, lists as tuples.
+  summary: dict[str, Any]
+  evals: list[dict[str, Any]]  # Sorted by step.
+  metrics: list[dict[str, Any]]  # Sorted by step.
+
+  @property
+  def name(self) -> str:
+    return self.path.name
+
+  @property
+  def dice(self) -> float:
+    return float(self.summary['mean_foreground_dice'])
+
+  @property
+  def class_dice(self) -> list[float]:
+    return [float(d) for d in self.summary['final']['dice']]
+
+  @property
+  def head_dice(self) -> list[float]:
+    return [float(h['mean_foreground_dice']) for h in self.summary['heads']]
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+  path: pathlib.Path
+  reason: str
+
+
+def read_json(path: pathlib.Path) -> Any:
+  if not path.is_file():
+    raise RunFileError(f'{path}: missing')
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise RunFileError(f'{path}: not valid JSON ({e})') from None
+
+
+def read_jsonl(path: pathlib.Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
+  """The objects of a JSON-lines file (blank lines ignored), each with the `required` keys."""
+  if not path.is_file():
+    raise RunFileError(f'{path}: missing')
+  rows = []
+  for i, line in enumerate(path.read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise RunFileError(f'{path}:{i}: not valid JSON ({e})') from None
+    if not isinstance(row, dict):
+      raise RunFileError(f'{path}:{i}: expected a JSON object, got {type(row).__name__}')
+    missing = [k for k in required if k not in row]
+    if missing:
+      raise RunFileError(f'{path}:{i}: missing key(s) {", ".join(missing)}')
+    rows.append(row)
+  return rows
+
+
+def load_run(path: pathlib.Path) -> Run:
+  """A finished run's files, checked; raises RunFileError naming the file at fault."""
+  path = pathlib.Path(path)
+  config = read_json(path / CONFIG_FILE)
+  if not isinstance(config, dict):
+    raise RunFileError(f'{path / CONFIG_FILE}: expected a JSON object')
+  summary = read_json(path / SUMMARY_FILE)
+  _check_summary(path / SUMMARY_FILE, summary)
+  evals = read_jsonl(path / EVAL_FILE, required=('step', 'mean_foreground_dice'))
+  metrics = read_jsonl(path / METRICS_FILE, required=('step', 'loss', 'level_losses'))
+  return Run(path=path, config=sweep.flatten(config), summary=summary,
+             evals=sorted(evals, key=lambda r: r['step']),
+             metrics=sorted(metrics, key=lambda r: r['step']))
+
+
+def find_runs(root: pathlib.Path) -> tuple[list[Run], list[Skipped]]:
+  """Finished runs in the folders directly under root, and the skipped ones (module doc)."""
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    raise FileNotFoundError(f'{root}: no such directory')
+  runs, skipped = [], []
+  for path in sorted(p for p in root.iterdir() if p.is_dir()):
+    present = [f for f in _RUN_FILES if (path / f).is_file()]
+    if not present:
+      continue
+    if CONFIG_FILE not in present:
+      skipped.append(Skipped(path, f'no {CONFIG_FILE} (has {", ".join(present)})'))
+    elif SUMMARY_FILE not in present:
+      skipped.append(Skipped(path, f'unfinished: no {SUMMARY_FILE}'))
+    else:
+      runs.append(load_run(path))
+  for s in skipped:
+    logging.warning('skipping %s: %s', s.path, s.reason)
+  return runs, skipped
+
+
+def _check_summary(path: pathlib.Path, summary: Any) -> None:
+  if not isinstance(summary, dict):
+    raise RunFileError(f'{path}: expected a JSON object')
+  for key in ('mean_foreground_dice', 'final', 'heads'):
+    if key not in summary:
+      raise RunFileError(f'{path}: missing key {key!r}')
+  if not isinstance(summary['final'], dict) or not isinstance(summary['final'].get('dice'), list):
+    raise RunFileError(f'{path}: "final" must hold a "dice" list (one per class)')
+  if not isinstance(summary['heads'], list):
+    raise RunFileError(f'{path}: "heads" must be a list')
+  for i, head in enumerate(summary['heads']):
+    if not isinstance(head, dict) or 'mean_foreground_dice' not in head:
+      raise RunFileError(f'{path}: heads[{i}] has no "mean_foreground_dice"')

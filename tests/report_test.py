@@ -1,0 +1,247 @@
+"""Tests for experiments.report on hand-made workdirs: exact numbers, bad input, outputs."""
+
+import csv
+import json
+import logging
+import math
+
+import pytest
+
+from experiments import report
+from experiments import runs as runs_lib
+from experiments import stats
+
+_T_975_DF2 = 4.302652729749462  # Student t, two-sided 95%, 2 degrees of freedom (tables: 4.303).
+_T_975_DF1 = 12.706204736174694
+
+
+def _metrics(dice, classes):
+  fg = classes[1:]
+  return {'dice': classes, 'iou': [d / (2 - d) for d in classes], 'mean_foreground_dice': dice,
+          'mean_foreground_iou': sum(d / (2 - d) for d in fg) / len(fg)}
+
+
+def _make_run(root, name, mode, seed, dice, classes, heads=(), evals=(), lr=0.1, finished=True):
+  """A workdir as unet_ds.main writes it; `evals` are (step, mean fg Dice) pairs."""
+  workdir = root / name
+  workdir.mkdir(parents=True)
+  config = {'seed': seed, 'model': {'ds': {'mode': mode, 'levels': 2}, 'depth': 3},
+            'data': {'name': 'synthetic', 'shuffle_seed': seed + 10, 'shape': [8, 8, 8]},
+            'optim': {'lr': lr}, 'train': {'steps': 300, 'workdir': str(workdir)}}
+  (workdir / 'config.json').write_text(json.dumps(config))
+  num_levels = 1 + len(heads)
+  with open(workdir / 'metrics.jsonl', 'w') as f:
+    for step in (10, 20, 30):
+      f.write(json.dumps({'step': step, 'loss': 1.0 / step, 'level_losses': [1.0 / step] * num_levels,
+                          'ds_weights': [1.0] * num_levels, 'lr': lr, 'steps_per_s': 5.0}) + '\n')
+  with open(workdir / 'eval.jsonl', 'w') as f:
+    for step, d in evals:
+      f.write(json.dumps({'step': step, 'mean_foreground_dice': d,
+                          'final': _metrics(d, [0.99, d, d]), 'heads': []}) + '\n')
+    f.write('\n')  # Blank lines are fine.
+  if finished:
+    summary = {'mean_foreground_dice': dice, 'step': 300, 'final': _metrics(dice, classes),
+               'heads': [_metrics(h, [0.9, h, h]) for h in heads], 'train_seconds': 60.0 + seed}
+    (workdir / 'summary.json').write_text(json.dumps(summary))
+  return workdir
+
+
+@pytest.fixture
+def root(tmp_path):
+  root = tmp_path / 'sweep'
+  # Baseline: final Dice 0.70, 0.74, 0.72.
+  _make_run(root, 'mode=none,seed=0', 'none', 0, 0.70, [0.99, 0.60, 0.80],
+            evals=[(100, 0.5), (200, 0.66), (300, 0.70)])
+  _make_run(root, 'mode=none,seed=1', 'none', 1, 0.74, [0.99, 0.68, 0.80],
+            evals=[(100, 0.5), (200, 0.69), (300, 0.74)])
+  _make_run(root, 'mode=none,seed=2', 'none', 2, 0.72, [0.99, 0.64, 0.80],
+            evals=[(100, 0.5), (200, 0.60), (300, 0.72)])
+  # Deep: 0.75, 0.78, 0.80 (paired diffs 0.05, 0.04, 0.08); heads own Dice.
+  _make_run(root, 'mode=deep,seed=0', 'deep', 0, 0.75, [0.99, 0.70, 0.80], heads=(0.6, 0.3),
+            evals=[(100, 0.6), (200, 0.72), (300, 0.75)])
+  _make_run(root, 'mode=deep,seed=1', 'deep', 1, 0.78, [0.99, 0.76, 0.80], heads=(0.7, 0.4),
+            evals=[(100, 0.6), (200, 0.76), (300, 0.78)])
+  _make_run(root, 'mode=deep,seed=2', 'deep', 2, 0.80, [0.99, 0.80, 0.80], heads=(0.8, 0.2),
+            evals=[(100, 0.7), (200, 0.75), (300, 0.80)])
+  # Additive: 2 seeds, 0.71, 0.73 (paired diffs 0.01, -0.01).
+  _make_run(root, 'mode=additive,seed=0', 'additive', 0, 0.71, [0.99, 0.62, 0.80], heads=(0.5,),
+            evals=[(300, 0.71)])
+  _make_run(root, 'mode=additive,seed=1', 'additive', 1, 0.73, [0.99, 0.66, 0.80], heads=(0.5,),
+            evals=[(300, 0.73)])
+  # Hypercolumn: one seed only.
+  _make_run(root, 'mode=hypercolumn,seed=1', 'hypercolumn', 1, 0.76, [0.99, 0.72, 0.80],
+            heads=(0.1, 0.1), evals=[(300, 0.76)])
+  # Unfinished (skipped with a warning) and an unrelated folder (ignored).
+  _make_run(root, 'mode=hypercolumn,seed=2', 'hypercolumn', 2, 0.0, [], finished=False,
+            evals=[(100, 0.3)])
+  (root / 'plots').mkdir()
+  return root
+
+
+def _by_label(rep):
+  return {v.label: v for v in rep.variants}
+
+
+def test_numbers_are_exact(root):
+  rep = report.build(root, target_dice=0.75)
+  v = _by_label(rep)
+  assert list(v) == ['model.ds.mode=none', 'model.ds.mode=additive', 'model.ds.mode=deep',
+                     'model.ds.mode=hypercolumn']
+  none, deep = v['model.ds.mode=none'], v['model.ds.mode=deep']
+  add, hyper = v['model.ds.mode=additive'], v['model.ds.mode=hypercolumn']
+  assert none.is_baseline and not deep.is_baseline
+  assert [r.name for r in deep.runs] == ['mode=deep,seed=0', 'mode=deep,seed=1', 'mode=deep,seed=2']
+  # mean and sample std (ddof=1) by hand: deviations from 0.72 are -0.02, 0.02, 0.
+  assert none.dice == pytest.approx((0.72, math.sqrt((0.02**2 + 0.02**2) / 2)), abs=1e-12)
+  assert deep.dice[0] == pytest.approx(0.77666666666666667, abs=1e-12)
+  deep_dev = [0.75 - 2.33 / 3, 0.78 - 2.33 / 3, 0.80 - 2.33 / 3]
+  assert deep.dice[1] == pytest.approx(math.sqrt(sum(d * d for d in deep_dev) / 2), abs=1e-12)
+  assert deep.dice[1] == pytest.approx(0.025166114784235835, abs=1e-12)
+  # Per class: class 1 of the baseline 0.60, 0.68, 0.64 -> 0.64 ± 0.04; class 2 constant.
+  assert none.class_dice[1] == pytest.approx((0.64, 0.04), abs=1e-12)
+  assert none.class_dice[2] == pytest.approx((0.80, 0.0), abs=1e-12)
+  # Heads' own Dice, highest resolution first: (0.6, 0.7, 0.8) and (0.3, 0.4, 0.2).
+  assert deep.head_dice == [pytest.approx((0.7, 0.1), abs=1e-12),
+                            pytest.approx((0.3, 0.1), abs=1e-12)]
+  assert none.head_dice == [] and add.head_dice == [pytest.approx((0.5, 0.0))]
+  # Steps to Dice >= 0.75: deep 200 (0.76 at seed 1), 300 (0.72 then 0.75), 200 (0.75).
+  assert deep.steps_to_target == [300, 200, 200]
+  assert none.steps_to_target == [None, None, None]
+  assert hyper.steps_to_target == [300]
+
+  # Paired differences deep - none by seed: 0.05, 0.04, 0.08.
+  d = deep.vs_baseline
+  assert deep.baseline == 'model.ds.mode=none' and d.n == 3
+  mean = (0.05 + 0.04 + 0.08) / 3
+  sd = math.sqrt(((0.05 - mean)**2 + (0.04 - mean)**2 + (0.08 - mean)**2) / 2)
+  half = _T_975_DF2 * sd / math.sqrt(3)
+  assert d.mean == pytest.approx(mean, abs=1e-12) and d.std == pytest.approx(sd, abs=1e-12)
+  assert (d.ci_low, d.ci_high) == (pytest.approx(mean - half, abs=1e-12),
+                                   pytest.approx(mean + half, abs=1e-12))
+  assert (d.ci_low, d.ci_high) == (pytest.approx(0.0049552, abs=1e-7),
+                                   pytest.approx(0.1083781, abs=1e-7))
+  assert d.excludes_zero
+  # Additive pairs seeds 0 and 1 only: diffs 0.01, -0.01 -> mean 0, sd sqrt(2)*0.01.
+  a = add.vs_baseline
+  assert a.n == 2 and a.mean == pytest.approx(0.0, abs=1e-12)
+  assert a.ci_high == pytest.approx(_T_975_DF1 * math.sqrt(2) * 0.01 / math.sqrt(2), abs=1e-12)
+  assert a.excludes_zero is False
+  # One seed: a difference but no interval.
+  h = hyper.vs_baseline
+  assert h.n == 1 and h.mean == pytest.approx(0.02, abs=1e-12) and math.isnan(h.ci_low)
+  assert h.excludes_zero is None
+
+  assert [w.label for w in rep.winners] == ['model.ds.mode=deep']
+  assert report.headline(rep) == (
+      '**Winner: `model.ds.mode=deep`**, mean foreground Dice 0.7767 ± 0.0252. vs baseline '
+      '`model.ds.mode=none`: +0.0567, 95% CI [+0.0050, +0.1084] over 3 paired seeds, which '
+      'excludes 0: better than the baseline at 95% confidence.')
+  assert [s.path.name for s in rep.skipped] == ['mode=hypercolumn,seed=2']
+
+
+def test_written_files(root, tmp_path):
+  rep = report.build(root, target_dice=0.75)
+  out = tmp_path / 'out'
+  paths = report.write(rep, out)
+  md = paths['report.md'].read_text()
+  assert md.splitlines()[2] == report.headline(rep)
+  table = [line for line in md.splitlines() if line.startswith('| `model.ds.mode=')]
+  assert table[0] == ('| `model.ds.mode=none` | 3 | 0.7200 ± 0.0200 | 0.6400 ± 0.0400 | '
+                      '0.8000 ± 0.0000 | not reached (0/3) | — | baseline | 61 |')
+  assert table[2] == ('| `model.ds.mode=deep` | 3 | 0.7767 ± 0.0252 | 0.7533 ± 0.0503 | '
+                      '0.8000 ± 0.0000 | 233 ± 58 (3/3) | 0.7000 ± 0.1000 / 0.3000 ± 0.1000 | '
+                      '+0.0567 [+0.0050, +0.1084] | 61 |')
+  assert table[3] == ('| `model.ds.mode=hypercolumn` | 1 | 0.7600 | 0.7200 | 0.8000 | 300 (1/1) '
+                      '| 0.1000 / 0.1000 | +0.0200 [n/a, n=1] | 61 |')
+  assert '`' + str(root / 'mode=hypercolumn,seed=2') + '`: unfinished: no summary.json' in md
+  assert '![dice_vs_step.png](dice_vs_step.png)' in md
+
+  with open(paths['report.csv']) as f:
+    rows = {r['variant']: r for r in csv.DictReader(f)}
+  deep = rows['model.ds.mode=deep']
+  assert float(deep['dice_mean']) == pytest.approx(0.7766666666666667, abs=1e-15)
+  assert float(deep['diff_ci_low']) == pytest.approx(0.0049552, abs=1e-7)
+  assert deep['ci_excludes_zero'] == 'True' and deep['n_reached_target'] == '3'
+  assert float(deep['head_2_dice_mean']) == pytest.approx(0.3, abs=1e-15)
+  assert float(deep['steps_to_target_std']) == pytest.approx(math.sqrt(10000 / 3), abs=1e-9)
+  hyper = rows['model.ds.mode=hypercolumn']
+  assert hyper['dice_std'] == '' and hyper['diff_ci_low'] == '' and hyper['diff_n'] == '1'
+  assert rows['model.ds.mode=none']['head_1_dice_mean'] == ''
+  assert rows['model.ds.mode=none']['steps_to_target_mean'] == ''
+  with open(paths['runs.csv']) as f:
+    runs = list(csv.DictReader(f))
+  assert len(runs) == 9
+  assert runs[0]['run'] == 'mode=none,seed=0' and runs[0]['seeds'] == 'data.shuffle_seed=10,seed=0'
+  for name in ('dice_vs_step.png', 'level_losses.png'):
+    data = paths[name].read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 5000
+
+
+def test_cli_and_unfinished_warning(root, capsys, caplog):
+  with caplog.at_level(logging.WARNING):
+    assert report.main([str(root), '--target-dice', '0.75']) == 0
+  assert 'mode=hypercolumn,seed=2' in caplog.text and 'unfinished' in caplog.text
+  assert capsys.readouterr().out.startswith('**Winner: `model.ds.mode=deep`**')
+  assert (root / 'report.md').is_file() and (root / 'report.csv').is_file()
+
+
+def test_bad_files_are_named(root, capsys):
+  eval_file = root / 'mode=deep,seed=1' / 'eval.jsonl'
+  eval_file.write_text(eval_file.read_text() + '{"step": 400, "mean_fore\n')
+  with pytest.raises(runs_lib.RunFileError, match=r'mode=deep,seed=1/eval.jsonl:5: not valid JSON'):
+    report.build(root)
+  with pytest.raises(SystemExit) as e:
+    report.main([str(root)])
+  assert e.value.code == 2 and 'eval.jsonl:5' in capsys.readouterr().err
+
+  (root / 'mode=deep,seed=1' / 'eval.jsonl').unlink()
+  with pytest.raises(runs_lib.RunFileError, match=r'mode=deep,seed=1/eval.jsonl: missing'):
+    report.build(root)
+
+
+def test_bad_summary_and_empty_root(tmp_path):
+  run = _make_run(tmp_path / 'a', 'x', 'deep', 0, 0.5, [0.9, 0.5], heads=(0.4,), evals=[(1, 0.5)])
+  summary = json.loads((run / 'summary.json').read_text())
+  del summary['heads'][0]['mean_foreground_dice']
+  (run / 'summary.json').write_text(json.dumps(summary))
+  with pytest.raises(runs_lib.RunFileError, match=r'x/summary.json: heads\[0\]'):
+    report.build(tmp_path / 'a')
+  (tmp_path / 'b' / 'half').mkdir(parents=True)
+  (tmp_path / 'b' / 'half' / 'config.json').write_text('{}')
+  with pytest.raises(ValueError, match='no finished runs.*skipped 1 unfinished'):
+    report.build(tmp_path / 'b')
+  with pytest.raises(FileNotFoundError, match='nowhere'):
+    report.build(tmp_path / 'nowhere')
+
+
+def test_same_seed_twice_is_an_error(root):
+  _make_run(root, 'copy', 'deep', 1, 0.78, [0.99, 0.76, 0.80], heads=(0.7, 0.4), evals=[(1, 0.1)])
+  with pytest.raises(ValueError, match='copy and .*same variant with the same seeds'):
+    report.build(root)
+
+
+def test_nearest_baseline_and_labels(tmp_path):
+  root = tmp_path / 'r'
+  for lr in (0.1, 0.01):
+    for seed, (base, deep) in enumerate([(0.5, 0.6), (0.6, 0.65)]):
+      _make_run(root, f'none,lr={lr},s={seed}', 'none', seed, base + lr, [0.9, 0.5],
+                evals=[(1, 0.1)], lr=lr)
+      _make_run(root, f'deep,lr={lr},s={seed}', 'deep', seed, deep + lr, [0.9, 0.5], heads=(0.2,),
+                evals=[(1, 0.1)], lr=lr)
+  v = _by_label(report.build(root))
+  assert list(v) == ['model.ds.mode=none optim.lr=0.01', 'model.ds.mode=none optim.lr=0.1',
+                     'model.ds.mode=deep optim.lr=0.01', 'model.ds.mode=deep optim.lr=0.1']
+  deep = v['model.ds.mode=deep optim.lr=0.1']
+  assert deep.baseline == 'model.ds.mode=none optim.lr=0.1'
+  assert deep.vs_baseline.mean == pytest.approx(0.075, abs=1e-12)
+
+
+def test_stats_helpers():
+  assert stats.mean_std([1.0]) == (1.0, pytest.approx(math.nan, nan_ok=True))
+  assert stats.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(math.sqrt(7 / 3)))
+  d = stats.paired_difference({0: 1.0, 1: 2.0, 2: 5.0}, {1: 1.0, 2: 2.0, 3: 9.0})
+  assert (d.n, d.mean) == (2, 2.0)
+  assert d.ci_low == pytest.approx(2.0 - _T_975_DF1 * math.sqrt(2) / math.sqrt(2))
+  steps, mean, std = stats.mean_curve([[(1, 0.1), (2, 0.3)], [(1, 0.3)]])
+  assert steps.tolist() == [1, 2] and mean.tolist() == pytest.approx([0.2, 0.3])
+  assert std[0] == pytest.approx(math.sqrt(0.02)) and math.isnan(std[1])
