@@ -1,0 +1,96 @@
+"""Rank-agnostic U-Net building blocks: conv-norm-act, plain and residual conv blocks."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from unet_ds.models import layers
+
+NORMS = ('instance', 'group', 'batch', 'none')
+ACTIVATIONS = ('relu', 'leaky_relu')
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  if name == 'relu':
+    return nn.relu
+  if name == 'leaky_relu':
+    # nnU-Net's slope.
+    return lambda x: nn.leaky_relu(x, negative_slope=0.01)
+  raise ValueError(f'activation must be one of {ACTIVATIONS}, got {name!r}')
+
+
+class Norm(nn.Module):
+  """Instance / group / batch norm (or identity) over the channels-last axis."""
+  kind: str
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.kind == 'instance':
+      return nn.InstanceNorm(dtype=self.dtype)(x)
+    if self.kind == 'group':
+      channels = x.shape[-1]
+      # 8 groups where possible (GroupNorm paper's default is 32; U-Net widths here are small).
+      groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+      return nn.GroupNorm(num_groups=groups, dtype=self.dtype)(x)
+    if self.kind == 'batch':
+      return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(x)
+    if self.kind == 'none':
+      return x
+    raise ValueError(f'norm must be one of {NORMS}, got {self.kind!r}')
+
+
+class ConvNormAct(nn.Module):
+  """conv -> norm -> activation (activation optional for residual branches)."""
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  norm: str = 'instance'
+  act: str | None = 'leaky_relu'
+  impl: str = 'native'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    # A bias before a normalisation is redundant.
+    x = layers.Conv(self.features, self.kernel_size, self.strides, use_bias=self.norm == 'none',
+                    impl=self.impl, dtype=self.dtype)(x)
+    x = Norm(self.norm, dtype=self.dtype)(x, train)
+    return activation(self.act)(x) if self.act else x
+
+
+class ConvBlock(nn.Module):
+  """`num_convs` conv-norm-act layers, optionally residual, optionally strided first.
+
+  The residual form is the pre-addition one used by nnU-Net's ResEnc and MONAI's
+  UnetResBlock: the last conv's activation is applied after adding the (projected) input.
+  """
+  features: int
+  num_convs: int = 2
+  strides: int = 1
+  residual: bool = False
+  norm: str = 'instance'
+  act: str = 'leaky_relu'
+  dropout: float = 0.0
+  impl: str = 'native'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    shortcut = x
+    for i in range(self.num_convs):
+      last = i == self.num_convs - 1
+      x = ConvNormAct(self.features, 3, self.strides if i == 0 else 1, self.norm,
+                      None if (self.residual and last) else self.act,
+                      self.impl, self.dtype)(x, train)
+      if i == 0 and self.dropout > 0:
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    if self.residual:
+      if shortcut.shape[-1] != self.features or self.strides != 1:
+        shortcut = ConvNormAct(self.features, 1, self.strides, self.norm, None,
+                               self.impl, self.dtype)(shortcut, train)
+      x = activation(self.act)(x + shortcut)
+    return x

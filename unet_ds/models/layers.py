@@ -1,0 +1,110 @@
+"""The only place the U-Nets touch convolutions, transposed convolutions and resizes.
+
+Every spatial op of the model family goes through this module so that a backend-specific
+implementation (e.g. the CPU fast path in `fast_ops`) can be swapped in by one config value,
+`conv_impl`, without touching the U-Net code. Parameters have the same names and layouts as
+`flax.linen.Conv` / `ConvTranspose` (`kernel` as (*k, C_in, C_out), `bias`), whatever the impl,
+so checkpoints move freely between implementations.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+IMPLS = ('auto', 'native', 'cpu_fast')
+
+# He-normal: the blocks use (leaky) ReLU.
+_KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+
+
+def resolve_impl(impl: str) -> str:
+  """Maps a configured `conv_impl` to a concrete one ('auto' picks by backend)."""
+  if impl not in IMPLS:
+    raise ValueError(f'conv_impl must be one of {IMPLS}, got {impl!r}')
+  if impl == 'auto':
+    return 'native'
+  return impl
+
+
+def dimension_numbers(ndim: int) -> tuple[str, str, str]:
+  """Channels-last conv dimension numbers for `ndim` spatial dims (1 to 3)."""
+  if not 1 <= ndim <= 3:
+    raise ValueError(f'only 1 to 3 spatial dims are supported, got {ndim}')
+  sp = 'DHW'[3 - ndim:]
+  return (f'N{sp}C', f'{sp}IO', f'N{sp}C')
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], impl: str) -> jax.Array:
+  """'SAME'-padded channels-last convolution, dispatched on `impl`."""
+  impl = resolve_impl(impl)
+  if impl == 'cpu_fast':
+    from unet_ds.models import fast_ops  # pylint: disable=g-import-not-at-top
+    return fast_ops.conv(x, kernel, strides=tuple(strides), padding='SAME')
+  return jax.lax.conv_general_dilated(
+      x, kernel, tuple(strides), 'SAME',
+      dimension_numbers=dimension_numbers(x.ndim - 2))
+
+
+def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                   impl: str) -> jax.Array:
+  """'VALID' transposed convolution (kernel not flipped, as flax's default)."""
+  impl = resolve_impl(impl)
+  if impl == 'cpu_fast':
+    from unet_ds.models import fast_ops  # pylint: disable=g-import-not-at-top
+    return fast_ops.conv_transpose(x, kernel, strides=tuple(strides))
+  return jax.lax.conv_transpose(
+      x, kernel, tuple(strides), 'VALID',
+      dimension_numbers=dimension_numbers(x.ndim - 2))
+
+
+def resize(x: jax.Array, spatial_shape: Sequence[int], method: str = 'linear') -> jax.Array:
+  """Resizes the spatial dims of a channels-last batch `x` to `spatial_shape`."""
+  spatial_shape = tuple(int(s) for s in spatial_shape)
+  if x.shape[1:-1] == spatial_shape:
+    return x
+  return jax.image.resize(x, (x.shape[0], *spatial_shape, x.shape[-1]), method=method)
+
+
+class Conv(nn.Module):
+  """N-d 'SAME' convolution; rank from the input, channels-last."""
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  use_bias: bool = True
+  impl: str = 'native'
+  dtype: Any = None  # compute dtype (e.g. bfloat16); params stay float32.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ndim = x.ndim - 2
+    kernel = self.param('kernel', _KERNEL_INIT,
+                        (self.kernel_size,) * ndim + (x.shape[-1], self.features), jnp.float32)
+    dtype = self.dtype or x.dtype
+    y = conv(x.astype(dtype), kernel.astype(dtype), (self.strides,) * ndim, self.impl)
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+      y = y + bias.astype(dtype)
+    return y
+
+
+class ConvTranspose(nn.Module):
+  """N-d transposed convolution with kernel == stride (the U-Net's learned upsampling)."""
+  features: int
+  kernel_size: int = 2
+  strides: int = 2
+  impl: str = 'native'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ndim = x.ndim - 2
+    kernel = self.param('kernel', _KERNEL_INIT,
+                        (self.kernel_size,) * ndim + (x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    dtype = self.dtype or x.dtype
+    y = conv_transpose(x.astype(dtype), kernel.astype(dtype), (self.strides,) * ndim, self.impl)
+    return y + bias.astype(dtype)

@@ -1,0 +1,159 @@
+"""One U-Net class for 2D and 3D (rank from the input), with the four deep-supervision forms.
+
+`UNet(config).apply(variables, x, train=...) -> (final, intermediates)`; the structure of the
+return value never depends on `train` (see `ds.py` for the forms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unet_ds.models import blocks
+from unet_ds.models import ds
+from unet_ds.models import layers
+
+DOWNSAMPLING = ('maxpool', 'conv')
+UPSAMPLING = ('transpose', 'resize')
+DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Typed, validated model hyper-parameters (built from `config.model` by `models.get_model`)."""
+  num_classes: int
+  depth: int = 4                # resolution levels, including the bottleneck
+  base_filters: int = 16
+  filter_growth: int = 2        # 2: double per level; 1: constant width (Brats18 FILTER_GROW=False)
+  max_filters: int = 320
+  convs_per_block: int = 2
+  residual: bool = False
+  norm: str = 'instance'
+  activation: str = 'leaky_relu'
+  dropout: float = 0.0
+  down: str = 'maxpool'
+  up: str = 'transpose'
+  ds_mode: str = 'deep'
+  ds_levels: tuple[int, ...] | None = None  # None: every decoder level below full resolution
+  conv_impl: str = 'auto'
+  dtype: str = 'float32'        # compute dtype; params and logits stay float32
+  remat: bool = False           # rematerialise each conv block in the backward pass
+
+  def __post_init__(self):
+    def check(cond: bool, msg: str):
+      if not cond:
+        raise ValueError(f'config.model: {msg}')
+    check(self.num_classes >= 1, f'num_classes must be >= 1, got {self.num_classes}')
+    check(self.depth >= 2, f'depth must be >= 2, got {self.depth}')
+    check(self.base_filters >= 1, f'base_filters must be >= 1, got {self.base_filters}')
+    check(self.filter_growth in (1, 2), f'filter_growth must be 1 or 2, got {self.filter_growth}')
+    check(self.convs_per_block >= 1, f'convs_per_block must be >= 1, got {self.convs_per_block}')
+    check(self.norm in blocks.NORMS, f'norm must be one of {blocks.NORMS}, got {self.norm!r}')
+    check(self.activation in blocks.ACTIVATIONS,
+          f'activation must be one of {blocks.ACTIVATIONS}, got {self.activation!r}')
+    check(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
+    check(self.down in DOWNSAMPLING, f'down must be one of {DOWNSAMPLING}, got {self.down!r}')
+    check(self.up in UPSAMPLING, f'up must be one of {UPSAMPLING}, got {self.up!r}')
+    check(self.ds_mode in ds.MODES, f'ds.mode must be one of {ds.MODES}, got {self.ds_mode!r}')
+    check(self.conv_impl in layers.IMPLS,
+          f'conv_impl must be one of {layers.IMPLS}, got {self.conv_impl!r}')
+    check(self.dtype in DTYPES, f'dtype must be one of {DTYPES}, got {self.dtype!r}')
+    valid = tuple(range(1, self.depth - 1))
+    levels = self.head_levels
+    bad = [l for l in levels if l not in valid]
+    check(not bad, f'ds.levels {tuple(self.ds_levels or ())} has {bad} outside the decoder levels '
+          f'below full resolution {valid} for depth {self.depth}')
+    check(len(set(levels)) == len(levels), f'ds.levels has duplicates: {self.ds_levels}')
+    if self.ds_mode in ('deep', 'additive'):
+      check(bool(levels), f'ds.mode={self.ds_mode!r} needs at least one head level; depth '
+            f'{self.depth} has decoder levels {valid} (use depth >= 3 or ds.mode=none)')
+
+  @property
+  def head_levels(self) -> tuple[int, ...]:
+    """Decoder levels that get a head, sorted highest resolution (level 1) first."""
+    if self.ds_mode == 'none':
+      return ()
+    if self.ds_levels is None:
+      return tuple(range(1, self.depth - 1))
+    return tuple(sorted(self.ds_levels))
+
+  @property
+  def num_outputs(self) -> int:
+    """1 (final) + the number of heads: the length of the DS weight vector."""
+    return 1 + len(self.head_levels)
+
+  def filters(self, level: int) -> int:
+    return min(self.base_filters * self.filter_growth ** level, self.max_filters)
+
+  @property
+  def size_multiple(self) -> int:
+    """Every spatial size must be divisible by this (one halving per level below the top)."""
+    return 2 ** (self.depth - 1)
+
+
+class UNet(nn.Module):
+  """U-Net over channels-last 2D (NHWC) or 3D (NDHWC) inputs."""
+  config: UNetConfig
+
+  def _check_input(self, x: jax.Array) -> None:
+    if x.ndim not in (4, 5):
+      raise ValueError(f'UNet input must be [B, H, W, C] or [B, D, H, W, C], got shape {x.shape}')
+    m = self.config.size_multiple
+    spatial = x.shape[1:-1]
+    if any(s % m for s in spatial):
+      needed = tuple(-(-s // m) * m for s in spatial)
+      raise ValueError(
+          f'UNet input spatial shape {spatial} must be divisible by {m} (2^(depth-1), depth='
+          f'{self.config.depth}); pad it to {needed} or crop it (sliding-window prediction pads '
+          f'automatically)')
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False
+               ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    cfg = self.config
+    self._check_input(x)
+    impl = layers.resolve_impl(cfg.conv_impl)
+    dtype = jnp.bfloat16 if cfg.dtype == 'bfloat16' else None
+    block_cls = nn.remat(blocks.ConvBlock, static_argnums=(2,)) if cfg.remat else blocks.ConvBlock
+
+    def block(features: int, strides: int, name: str):
+      return block_cls(features, cfg.convs_per_block, strides, cfg.residual, cfg.norm,
+                       cfg.activation, cfg.dropout, impl, dtype, name=name)
+
+    # Encoder: level l has resolution 1/2^l.
+    skips = []
+    for level in range(cfg.depth):
+      strides = 1
+      if level > 0:
+        if cfg.down == 'maxpool':
+          window = (2,) * (x.ndim - 2)
+          x = nn.max_pool(x, window, strides=window)
+        else:
+          strides = 2
+      x = block(cfg.filters(level), strides, f'enc_l{level}')(x, train)
+      skips.append(x)
+
+    # Decoder: features[l] is the decoder output at level l (0 = full resolution).
+    features = [None] * (cfg.depth - 1)
+    for level in reversed(range(cfg.depth - 1)):
+      skip = skips[level]
+      f = cfg.filters(level)
+      if cfg.up == 'transpose':
+        x = layers.ConvTranspose(f, 2, 2, impl, dtype, name=f'up_l{level}')(x)
+      else:
+        x = layers.resize(x, skip.shape[1:-1], 'linear')
+        x = layers.Conv(f, 1, impl=impl, dtype=dtype, name=f'up_l{level}')(x)
+      x = jnp.concatenate([x.astype(skip.dtype), skip], axis=-1)
+      x = block(f, 1, f'dec_l{level}')(x, train)
+      features[level] = x
+
+    return ds.DSOutput(cfg.ds_mode, cfg.head_levels, cfg.num_classes, cfg.filters(0),
+                       cfg.norm, cfg.activation, impl, dtype, name='ds')(features, train)
+
+
+def param_count(params: Any) -> int:
+  return sum(p.size for p in jax.tree.leaves(params))
