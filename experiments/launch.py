@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import shlex
 import subprocess
@@ -137,7 +138,7 @@ def subprocess_runner(argv: Sequence[str], workdir: pathlib.Path) -> int:
     log.write(f'$ {shlex.join(argv)}\n')
     log.flush()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1)
+                            bufsize=1, env=_child_env())
     try:
       for line in proc.stdout:
         sys.stdout.write(line)
@@ -221,6 +222,15 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
   if failed:
     out('failed: ' + ' '.join(failed))
   return 1 if failed else 0
+
+
+def _child_env() -> dict[str, str]:
+  # `-m unet_ds.main` must import from this checkout whatever the current directory is (a
+  # notebook's is its own folder); the config path stays relative to the current directory.
+  env = dict(os.environ)
+  repo = str(pathlib.Path(__file__).resolve().parents[1])
+  env['PYTHONPATH'] = os.pathsep.join(p for p in (repo, env.get('PYTHONPATH')) if p)
+  return env
 
 
 def _same_value(recorded: Any, wanted: Any) -> bool:

@@ -3,6 +3,7 @@ state, no display needed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 from typing import Mapping, Sequence
@@ -13,6 +14,15 @@ import numpy as np
 
 from experiments import runs as runs_lib
 from experiments import stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Png:
+  """A PNG file that notebooks display inline (the last expression of a cell)."""
+  path: pathlib.Path
+
+  def _repr_png_(self) -> bytes:
+    return pathlib.Path(self.path).read_bytes()
 
 
 def dice_vs_step(variants: Mapping[str, Sequence[runs_lib.Run]], path: pathlib.Path,

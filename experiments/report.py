@@ -78,6 +78,9 @@ class Report:
   variants: list[Variant]  # Baselines first, then by label.
   skipped: list[runs_lib.Skipped]
 
+  def _repr_markdown_(self) -> str:  # Notebooks show the report as its markdown.
+    return markdown(self)
+
   @property
   def winners(self) -> list[Variant]:
     best = max(v.dice[0] for v in self.variants)

@@ -164,3 +164,10 @@ def test_subprocess_runner_streams_and_logs(tmp_path, capsys):
   assert 'hello' in capsys.readouterr().out
   log = (workdir / 'launch.log').read_text().splitlines()
   assert log[0].startswith('$ ') and log[1] == 'hello'
+
+
+def test_subprocess_runner_finds_the_checkout_from_any_directory(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  code = launch.subprocess_runner(
+      [sys.executable, '-c', 'import experiments.launch; print("imported")'], tmp_path / 'w')
+  assert code == 0 and 'imported' in capsys.readouterr().out
