@@ -1,0 +1,81 @@
+"""Tests for unet_ds.data.patches: padding/cropping and foreground oversampling."""
+import numpy as np
+import pytest
+
+from unet_ds.data import patches
+
+
+def test_pad_to_at_least_centres_and_keeps_larger_axes():
+  padded, pads = patches.pad_to_at_least(np.ones((3, 10, 2)), (6, 4))
+  assert padded.shape == (6, 10, 2) and pads == ((1, 2), (0, 0))
+  assert padded[:, :, 0].sum() == 30 and padded[0].sum() == 0
+
+
+def test_center_pad_crop_exact_shape():
+  label = np.arange(5 * 9).reshape(5, 9)
+  out = patches.center_pad_crop({'image': label[..., None].astype(np.float32), 'label': label,
+                                 'case_id': 'x'}, (7, 5))
+  assert set(out) == {'image', 'label'}
+  assert out['image'].shape == (7, 5, 1) and out['label'].shape == (7, 5)
+  np.testing.assert_array_equal(out['label'][1:6], label[:, 2:7])
+  np.testing.assert_array_equal(out['label'][0], 0)
+
+
+def test_patch_pairs_image_and_label():
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 3, (20, 17, 9))
+  image = np.stack([label, -label], -1).astype(np.float32)
+  for fg in (False, True):
+    img, lab = patches.sample_patch(image, label, (8, 8, 8), rng, foreground=fg)
+    assert img.shape == (8, 8, 8, 2) and lab.shape == (8, 8, 8)
+    np.testing.assert_array_equal(img[..., 0], lab)
+
+
+def test_small_case_is_padded():
+  label = np.ones((3, 4), np.int32)
+  img, lab = patches.sample_patch(label[..., None].astype(np.float32), label, (6, 6),
+                                  np.random.default_rng(0), foreground=True)
+  assert img.shape == (6, 6, 1) and lab.sum() == 12
+
+
+def test_foreground_fraction_over_many_draws():
+  """One foreground voxel in a big volume: only forced patches ever contain it."""
+  label = np.zeros((40, 40, 40), np.int32)
+  label[37, 2, 20] = 2
+  image = label[..., None].astype(np.float32)
+  transform = patches.RandomPatch((8, 8, 8), fg_fraction=0.3)
+  rng = np.random.default_rng(0)
+  draws = 1000
+  hits = sum(int(transform.random_map({'image': image, 'label': label, 'case_id': 'a'}, rng)
+                 ['label'].max() == 2) for _ in range(draws))
+  # Binomial(1000, 0.3 + ~0.1% chance of a random hit): sd ~ 14.5
+  assert abs(hits / draws - 0.3) < 0.05, hits
+  never = patches.RandomPatch((8, 8, 8), fg_fraction=0.0)
+  assert sum(int(never.random_map({'image': image, 'label': label}, rng)['label'].max() == 2)
+             for _ in range(200)) <= 2
+
+
+def test_foreground_classes_drawn_uniformly():
+  label = np.zeros((30, 30), np.int32)
+  label[:20, :20] = 1  # big class
+  label[28, 28] = 2  # single voxel: still drawn half the time
+  rng = np.random.default_rng(1)
+  hits = [patches.sample_patch(label[..., None].astype(np.float32), label, (4, 4), rng,
+                               foreground=True)[1].max() == 2 for _ in range(400)]
+  assert 0.4 < np.mean(hits) < 0.6
+  only1 = [patches.sample_patch(label[..., None].astype(np.float32), label, (4, 4), rng,
+                                foreground=True, fg_classes=(1,))[1] for _ in range(50)]
+  assert all((p == 1).any() and not (p == 2).any() for p in only1)
+
+
+def test_random_patch_output_and_validation():
+  out = patches.RandomPatch((4, 4)).random_map(
+      {'image': np.zeros((5, 6, 1)), 'label': np.zeros((5, 6), np.uint8), 'file': 'a.png'},
+      np.random.default_rng(0))
+  assert set(out) == {'image', 'label'} and out['image'].dtype == np.float32
+  assert out['label'].dtype == np.int32
+  with pytest.raises(ValueError, match='fg_fraction'):
+    patches.RandomPatch((4, 4), fg_fraction=2)
+  with pytest.raises(ValueError, match='disagree'):
+    patches.sample_patch(np.zeros((5, 6, 1)), np.zeros((5, 7)), (4, 4), np.random.default_rng(0),
+                         foreground=False)
