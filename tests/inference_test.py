@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from unet_ds import inference
+from unet_ds import models
 
 
 class _Net(nn.Module):
@@ -136,3 +137,24 @@ def test_bad_arguments():
                                      tta_axes=(2,))
   with pytest.raises(ValueError, match='overlap'):
     inference.window_starts(10, 4, 1.0)
+
+
+def test_single_binary_logit_gives_two_class_probs():
+  logit = np.linspace(-3, 3, 16, dtype=np.float32).reshape(4, 4, 1)
+  probs = inference.sliding_window_predict(lambda x: x, logit, patch_size=(4, 4))
+  np.testing.assert_allclose(probs[..., 1], 1 / (1 + np.exp(-logit[..., 0])), rtol=1e-5)
+  np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-6)
+
+
+def test_unet_final_output_whole_image_window():
+  """The project's DS U-Net: a window covering the image gives softmax(final) exactly."""
+  model = models.get_model({'num_classes': 3, 'depth': 3, 'base_filters': 4,
+                            'ds': {'mode': 'deep'}})
+  image = _image((8, 8, 1))
+  # Random params from shapes: model.init's truncated-normal compiles take ~15 s on CPU.
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image[None], train=False))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(s.dtype), shapes)
+  predict = jax.jit(lambda x: model.apply(variables, x, train=False)[0])
+  probs = inference.sliding_window_predict(predict, image, patch_size=(8, 8))
+  np.testing.assert_allclose(probs, jax.nn.softmax(predict(image[None]), -1)[0], atol=1e-5)

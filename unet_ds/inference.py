@@ -52,9 +52,18 @@ def flip_combinations(tta_axes: Sequence[int]) -> list[tuple[int, ...]]:
   return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def logits_to_probs(logits: jax.Array) -> jax.Array:
+  """Softmax over classes; one binary logit channel becomes `[1 - sigmoid, sigmoid]`."""
+  logits = logits.astype(jnp.float32)
+  if logits.shape[-1] == 1:
+    p = jax.nn.sigmoid(logits)
+    return jnp.concatenate([1 - p, p], axis=-1)
+  return jax.nn.softmax(logits, axis=-1)
+
+
 def make_window_fn(predict_fn: PredictFn, weight: np.ndarray,
                    tta_axes: Sequence[int] = ()) -> Callable[[np.ndarray], jax.Array]:
-  """Jitted `[B, *patch, C] -> weight * mean_over_flips(softmax(logits))` `[B, *patch, K]`."""
+  """Jitted `[B, *patch, C] -> weight * mean_over_flips(probs)` `[B, *patch, K]`."""
   flips = flip_combinations(tta_axes)
   weight = jnp.asarray(weight)[None, ..., None]
 
@@ -64,7 +73,7 @@ def make_window_fn(predict_fn: PredictFn, weight: np.ndarray,
     for flip in flips:
       batch_axes = tuple(a + 1 for a in flip)
       x = jnp.flip(batch, batch_axes) if flip else batch
-      p = jax.nn.softmax(predict_fn(x).astype(jnp.float32), axis=-1)
+      p = logits_to_probs(predict_fn(x))
       probs = probs + (jnp.flip(p, batch_axes) if flip else p)
     return probs * (weight / len(flips))
 
@@ -91,7 +100,7 @@ def sliding_window_predict(predict_fn: PredictFn, image: np.ndarray, *, patch_si
       `predict_fn`, `sigma_scale` and `tta_axes` are then ignored.
 
   Returns:
-    float32 `[*spatial, K]`, summing to 1 over K.
+    float32 `[*spatial, K]`, summing to 1 over K (K = 2 for a single binary logit channel).
   """
   patch_size = tuple(int(p) for p in patch_size)
   rank = len(patch_size)
