@@ -1,0 +1,150 @@
+"""Tests for unet_ds.predict: folder prediction written back in the input format, folder eval."""
+import csv
+import json
+
+import jax.numpy as jnp
+import ml_collections
+import nibabel
+import numpy as np
+from PIL import Image
+import pytest
+
+from unet_ds import predict
+from unet_ds.data import io
+
+
+def _oracle(centres):
+  """Pointwise 'model': logit_k = -|x - centre_k|, so intensity c_k is predicted as class k."""
+  c = jnp.asarray(centres, jnp.float32)
+  return lambda x: -jnp.abs(x[..., :1] - c)
+
+
+def _config(name, path, patch, **data):
+  return ml_collections.ConfigDict({
+      'data': {'name': name, 'path': str(path), 'num_classes': 3, 'patch_size': patch,
+               'normalization': 'none', 'val_fraction': 0.5, **data},
+      'inference': {'overlap': 0.5, 'batch_size': 2, 'tta_axes': (0,), 'save_probs': True},
+  })
+
+
+def _msd_folder(root, n=4):
+  rng = np.random.default_rng(0)
+  (root / 'imagesTr').mkdir(parents=True)
+  (root / 'labelsTr').mkdir()
+  labels = {}
+  for i in range(n):
+    shape = (9 + i, 7, 6)
+    label = rng.integers(0, 3, shape).astype(np.uint8)
+    affine = np.diag([0.8, 1.2, 2.5, 1.0])
+    affine[:3, 3] = [i, 2, -3]
+    nibabel.save(nibabel.Nifti1Image((label * 10.0).astype(np.float32), affine),
+                 root / 'imagesTr' / f'c{i}.nii.gz')
+    nibabel.save(nibabel.Nifti1Image(label, affine), root / 'labelsTr' / f'c{i}.nii.gz')
+    labels[f'c{i}'] = (label, affine)
+  return labels
+
+
+def test_predict_nifti_folder_keeps_affine_and_header(tmp_path):
+  root = tmp_path / 'Task'
+  labels = _msd_folder(root)
+  config = _config('msd', root, (4, 4, 4))
+  predictor = predict.Predictor(_oracle([0, 10, 20]), config.data,
+                                predict.settings_from_config(config))
+  inputs = predict.find_inputs(str(root), config.data)  # falls back to imagesTr/
+  assert len(inputs) == 4
+  written = predict.predict_files(predictor, inputs, str(tmp_path / 'out'), log=lambda _: None)
+  for path in written:
+    cid = io.case_id(path)
+    out = nibabel.load(path)
+    label, affine = labels[cid]
+    np.testing.assert_allclose(out.affine, affine)
+    assert out.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), label)
+    probs = nibabel.load(tmp_path / 'out' / f'{cid}_probs.nii.gz')
+    assert probs.shape == label.shape + (3,)
+    np.testing.assert_allclose(probs.affine, affine)
+
+
+def test_eval_validation_split_writes_json_and_csv(tmp_path):
+  root = tmp_path / 'Task'
+  labels = _msd_folder(root)
+  config = _config('msd', root, (4, 4, 4))
+  # Intensity 20 (class 2) is nearer 10 than 40: class 2 is always predicted as class 1.
+  predictor = predict.Predictor(_oracle([0, 10, 40]), config.data,
+                                predict.settings_from_config(config))
+  cases = predict.find_labelled(str(root), config.data, 'validation')
+  assert len(cases) == 2 and set(c[0] for c in cases) < set(labels)
+  summary = predict.evaluate_cases(predictor, cases, str(tmp_path / 'ev'), log=lambda _: None)
+  expected_d1 = []
+  for cid, _, _ in cases:
+    label = labels[cid][0]
+    n1, n2 = (label == 1).sum(), (label == 2).sum()
+    expected_d1.append(2 * n1 / (2 * n1 + n2))
+  dice = summary['per_class']['dice']
+  assert dice[0] == pytest.approx(1.0) and dice[2] == pytest.approx(0.0)
+  assert dice[1] == pytest.approx(np.mean(expected_d1))
+  assert summary['mean_foreground_dice'] == pytest.approx(np.mean(expected_d1) / 2)
+  on_disk = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())
+  assert on_disk['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
+  assert on_disk['num_cases'] == 2 and [c['case_id'] for c in on_disk['cases']] == [
+      c[0] for c in cases]
+  rows = list(csv.reader(open(tmp_path / 'ev' / 'metrics.csv')))
+  assert rows[0][:3] == ['case_id', 'file', 'mean_foreground_dice'] and rows[-1][0] == 'mean'
+  assert len(rows) == 1 + 2 + 1
+  assert float(rows[-1][2]) == pytest.approx(summary['mean_foreground_dice'])
+
+
+def test_eval_perfect_and_wrong_models(tmp_path):
+  root = tmp_path / 'Task'
+  _msd_folder(root, n=2)
+  config = _config('msd', root, (8, 8, 8))
+  settings = predict.settings_from_config(config)
+  cases = predict.find_labelled(str(root), config.data)
+  perfect = predict.evaluate_cases(predict.Predictor(_oracle([0, 10, 20]), config.data, settings),
+                                   cases, str(tmp_path / 'a'), log=lambda _: None)
+  assert perfect['mean_foreground_dice'] == pytest.approx(1.0)
+  assert perfect['pooled']['mean_foreground_dice'] == pytest.approx(1.0)
+  swapped = predict.evaluate_cases(predict.Predictor(_oracle([0, 20, 10]), config.data, settings),
+                                   cases, str(tmp_path / 'b'), log=lambda _: None)
+  assert swapped['mean_foreground_dice'] == pytest.approx(0.0)
+  assert swapped['per_class']['dice'][0] == pytest.approx(1.0)
+
+
+def test_predict_png_writes_original_label_values(tmp_path):
+  root = tmp_path / 'em'
+  (root / 'image').mkdir(parents=True)
+  (root / 'label').mkdir()
+  rng = np.random.default_rng(0)
+  masks = {}
+  for i in range(3):
+    mask = np.where(rng.random((20, 13)) < 0.3, 0, 255).astype(np.uint8)  # 0 = membrane
+    Image.fromarray(mask).save(root / 'image' / f'{i}.png')  # image == mask: an easy oracle
+    Image.fromarray(mask).save(root / 'label' / f'{i}.png')
+    masks[str(i)] = mask
+  config = _config('folder2d', root, (8, 8), num_classes=2, label_map='0:1,255:0',
+                   val_cases='2')
+  predictor = predict.Predictor(_oracle([255, 0]), config.data,
+                                predict.settings_from_config(config))
+  written = predict.predict_files(predictor, predict.find_inputs(str(root / 'image'), config.data),
+                                  str(tmp_path / 'out'), log=lambda _: None)
+  for path in written:
+    np.testing.assert_array_equal(np.array(Image.open(path)), masks[io.case_id(path)])
+  assert np.load(tmp_path / 'out' / '0_probs.npy').shape == (20, 13, 2)
+  cases = predict.find_labelled(str(root), config.data, 'validation')
+  assert [c[0] for c in cases] == ['2']
+  summary = predict.evaluate_cases(predictor, cases, str(tmp_path / 'ev'), log=lambda _: None)
+  assert summary['mean_foreground_dice'] == pytest.approx(1.0)
+
+
+def test_bad_inputs(tmp_path):
+  config = _config('msd', tmp_path, (4, 4, 4))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(io.DataError, match='empty: empty folder'):
+    predict.find_inputs(str(tmp_path / 'empty'), config.data)
+  with pytest.raises(io.DataError, match='x.png: not a .nii.gz/.nii file'):
+    (tmp_path / 'x.png').write_bytes(b'')
+    predict.find_inputs(str(tmp_path / 'x.png'), config.data)
+  with pytest.raises(ValueError, match="config.data.name='synthetic'"):
+    predict.data_kind({'name': 'synthetic'})
+  with pytest.raises(ValueError, match='need 3 sizes'):
+    predict.Predictor(_oracle([0]), config.data, predict.Settings(patch_size=(4, 4)))
