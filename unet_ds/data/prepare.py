@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -20,8 +21,12 @@ import tensorflow_datasets as tfds
 from unet_ds.data import io
 from unet_ds.data import split as split_lib
 
-# Prepared data lands here when `data.data_dir` is unset.
-DEFAULT_DATA_DIR = os.path.join('~', 'tensorflow_datasets')
+
+
+def default_data_dir() -> str:
+  """Where prepared data goes when `data.data_dir` is unset (the synthetic data's convention):
+  $UNET_DS_DATA_DIR, else ~/.cache/unet_ds/tfds."""
+  return os.environ.get('UNET_DS_DATA_DIR') or os.path.expanduser('~/.cache/unet_ds/tfds')
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -80,8 +85,9 @@ class CaseSource:
   'case_id': str, 'file': str}` plus `'affine': float64 [4, 4]` for NIfTI data.
   """
 
-  def __init__(self, source: Any):
+  def __init__(self, source: Any, name: str):
     self._source = source
+    self._name = name
 
   def __len__(self) -> int:
     return len(self._source)
@@ -93,7 +99,8 @@ class CaseSource:
     return [_decode(r) for r in self._source.__getitems__(indices)]
 
   def __repr__(self) -> str:
-    return f'CaseSource({self._source!r}, len={len(self)})'
+    # Stable across processes: grain compares it when restoring an iterator state.
+    return f'CaseSource({self._name})'
 
 
 def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,11 +115,18 @@ def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
 def prepare_and_load(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: FolderConfig,
                      data_dir: str | None) -> dict[str, CaseSource]:
   """Prepares (once per config) and returns `{split: CaseSource}` for the non-empty splits."""
-  data_dir = os.path.abspath(os.path.expanduser(data_dir or DEFAULT_DATA_DIR))
+  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+  os.makedirs(data_dir, exist_ok=True)
   builder = builder_cls(config=config, data_dir=data_dir)
-  builder.download_and_prepare(file_format='array_record')
+  if not os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
+    # Several processes may start at once: one prepares, the others wait and then reuse it.
+    with open(os.path.join(data_dir, f'.{builder.name}.{config.name}.lock'), 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = builder_cls(config=config, data_dir=data_dir)
+      builder.download_and_prepare(file_format='array_record')
   sources = builder.as_data_source()
-  return {str(split): CaseSource(src) for split, src in sources.items()}
+  return {str(split): CaseSource(src, f'{builder.info.full_name}/{split}')
+          for split, src in sources.items()}
 
 
 def label_storage_dtype(num_classes: int, where: str) -> type:
