@@ -1,5 +1,6 @@
 """Shape and contract tests of the U-Net family: every DS mode x 2D/3D x depths, train and eval."""
 
+import functools
 import itertools
 
 import flax
@@ -24,10 +25,10 @@ def test_contract_shapes(mode, ndim, depth):
   size = 16
   x = jnp.ones((2,) + (size,) * ndim + (1,))
   model = _model(mode, depth, norm='batch', dropout=0.1)
-  variables = model.init(jax.random.key(0), x, train=False)
-  eval_out = model.apply(variables, x, train=False)
-  train_out, _ = model.apply(variables, x, train=True, mutable=['batch_stats'],
-                             rngs={'dropout': jax.random.key(1)})
+  variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)
+  eval_out = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+  train_out, _ = jax.jit(functools.partial(model.apply, train=True, mutable=['batch_stats']))(
+      variables, x, rngs={'dropout': jax.random.key(1)})
   for final, inter in (eval_out, train_out):
     assert isinstance(inter, tuple)
     assert final.shape == x.shape[:-1] + (3,)
@@ -60,7 +61,7 @@ def test_none_has_no_head_params_deep_gradients_reach_every_head():
   assert not _head_params(none.init(jax.random.key(0), x)['params'])
 
   deep = _model('deep', depth=4)
-  params = deep.init(jax.random.key(0), x)['params']
+  params = jax.jit(deep.init)(jax.random.key(0), x)['params']
   assert len(_head_params(params)) == 4  # 2 heads x (kernel, bias)
   w = losses.ds_weights('exp', (0, 1, 2))
 
@@ -68,7 +69,7 @@ def test_none_has_no_head_params_deep_gradients_reach_every_head():
     final, inter = deep.apply({'params': p}, x)
     return losses.deep_supervision_loss(final, inter, label, w, num_classes=3)[0]
 
-  grads = _head_params(jax.grad(loss_fn)(params))
+  grads = _head_params(jax.jit(jax.grad(loss_fn))(params))
   for name, g in grads.items():
     assert float(jnp.abs(g).sum()) > 0, name
 
@@ -101,8 +102,8 @@ def test_additive_final_depends_on_heads():
 def test_options_run(kw):
   x = jnp.ones((1, 16, 16, 16, 2))
   model = _model('hypercolumn', depth=3, **kw)
-  variables = model.init(jax.random.key(0), x)
-  final, inter = model.apply(variables, x)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  final, inter = jax.jit(model.apply)(variables, x)
   assert final.shape == (1, 16, 16, 16, 3) and len(inter) == 1
   assert final.dtype == jnp.float32
   assert bool(jnp.all(jnp.isfinite(final)))

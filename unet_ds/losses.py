@@ -53,7 +53,7 @@ def _sum_axes(x: jax.Array, batch: bool) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- per level
 
 def cross_entropy(logits: jax.Array, target: jax.Array, valid: jax.Array) -> jax.Array:
-  """Softmax cross-entropy, mean over valid voxels. `target` may be multi-hot (max-pooled)."""
+  """Softmax cross-entropy, mean over valid voxels. `target` may be soft (max-pooled)."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   per_voxel = -jnp.sum(target * logp, axis=-1)
   return jnp.sum(per_voxel * valid) / jnp.maximum(jnp.sum(valid), 1.0)
@@ -241,7 +241,7 @@ def deep_supervision_loss(final: jax.Array, intermediates: Sequence[jax.Array],
     elif downsample == 'nearest':
       losses.append(level_loss(out, targets.nearest(onehot, size), targets.nearest(valid, size)))
     else:
-      losses.append(level_loss(out, targets.maxpool(onehot, size),
+      losses.append(level_loss(out, targets.maxpool_onehot(onehot, size),
                                targets.maxpool(valid[..., None], size)[..., 0]))
   level_losses = jnp.stack(losses)
   return jnp.sum(weights * level_losses), {'level_losses': level_losses, 'ds_weights': weights}

@@ -36,8 +36,22 @@ def nearest(x: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
 
 
 def maxpool(x: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
-  """Max over each block of a `[B, *spatial, K]` one-hot target: small structures survive."""
+  """Max over each block of the spatial axes (starting at axis 1) of `x`."""
   nd = len(spatial_shape)
   f = factors(x.shape[1:1 + nd], spatial_shape)
   window = (1,) + f + (1,) * (x.ndim - 1 - nd)
-  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, 'VALID')
+  return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, window, window,
+                               'VALID')
+
+
+def maxpool_onehot(onehot: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
+  """Shrinks a `[B, *spatial, K]` one-hot target so that small structures survive.
+
+  A block is foreground if any of its voxels is (class 0 = background only where no foreground
+  is); blocks holding several foreground classes share the target between them, so every target
+  still sums to 1 (or 0 where every voxel is ignored).
+  """
+  pooled = maxpool(onehot, spatial_shape)
+  any_fg = jnp.max(pooled[..., 1:], axis=-1, keepdims=True)
+  pooled = jnp.concatenate([pooled[..., :1] * (1.0 - any_fg), pooled[..., 1:]], axis=-1)
+  return pooled / jnp.maximum(jnp.sum(pooled, axis=-1, keepdims=True), 1.0)
