@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from unet_ds.data import synthetic
 
@@ -117,3 +118,12 @@ def test_bad_parameters_raise_before_writing(tmp_path, override, match):
   with pytest.raises(ValueError, match=match):
     synthetic.load(**{**_TINY, **override}, data_dir=str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def test_shells_are_hollow_and_distinct_from_filled_shapes():
+  for i in range(4):
+    label = synthetic.generate_example(np.random.default_rng(i), (64, 64), 4)['label']
+    # Class 3 is a ring: filling its holes adds pixels; class 1 (ellipse) has no holes.
+    ring, ellipse = label == 3, label == 1
+    assert ndimage.binary_fill_holes(ring).sum() > 1.3 * ring.sum()
+    assert ndimage.binary_fill_holes(ellipse).sum() == ellipse.sum()

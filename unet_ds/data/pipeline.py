@@ -46,7 +46,9 @@ def make_train_loader(source: Sequence[Any], *, batch_size: int, seed: int, shar
     shard_index: this process's shard, e.g. `jax.process_index()`.
     shard_count: number of shards, e.g. `jax.process_count()`.
     transforms: grain `MapTransform`/`RandomMapTransform`s applied per example before batching.
-    worker_count: grain worker processes (0: in this process).
+    worker_count: grain worker processes (0: in this process). Each worker batches its own share of the
+      records, so the batch order depends on it; a saved state restores only with the same worker_count.
+      Transforms must then be picklable (defined at module level).
 
   Returns:
     A `grain.DataLoader`; `it = iter(loader)` yields batches, `it.get_state()` / `it.set_state(state)`

@@ -2,11 +2,13 @@
 
 Each example is a 2D image or 3D volume holding a few rotated objects, one foreground class per object:
 
-* the shape family depends on the class (ellipsoid, box, diamond = L1 ball, cycling with the class id) and
-  so does the size range;
+* the shape family depends on the class (ellipsoid, box, shell = hollow ellipsoid, cycling with the class
+  id) and so does the size range; the families stay distinct in 2D (ellipse, rectangle, ring);
 * the mean intensity rises with the class id, but per-object jitter, a smooth multiplicative bias field and
   gaussian noise make neighbouring classes overlap in intensity, so a model needs the shape (context) too;
 * every foreground class appears in every example (the first objects cover each class once).
+
+Image values: background ~ N(0, 0.2); class c has mean intensity 1 + 0.5 (c - 1) before the bias field.
 
 Generation is vectorised numpy and deterministic: example `i` of a split depends only on
 `(seed, split, i)`. The builder config name encodes every generation parameter and the builder VERSION the
@@ -25,17 +27,19 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+# The constants below define the data: change any of them, or the generator, and bump VERSION.
 # Shape families, cycled over the foreground classes (class c uses family (c - 1) % 3).
-_FAMILIES = ('ellipsoid', 'box', 'diamond')
+_FAMILIES = ('ellipsoid', 'box', 'shell')
 # Per-axis half-size range of each family as a fraction of the smallest side; roughly equal volumes
-# (ellipsoid 4.2abc, box 8abc, diamond 1.3abc in 3D), e.g. radii 4-8 voxels in a 32^3 volume.
-_HALF_SIZE = {'ellipsoid': (0.12, 0.25), 'box': (0.10, 0.19), 'diamond': (0.17, 0.34)}
+# (ellipsoid 4.2abc, box 8abc, shell 3.3abc in 3D), e.g. radii 4-8 voxels in a 32^3 volume.
+_HALF_SIZE = {'ellipsoid': (0.12, 0.25), 'box': (0.10, 0.19), 'shell': (0.15, 0.30)}
+_SHELL_INNER = 0.6  # Inner radius of a shell as a fraction of its outer radius.
 _HALF_SIZE_SCALE_2D = 0.7  # An ellipse covers far more of an image than an ellipsoid of a volume.
 _BASE_INTENSITY = 1.0  # Mean intensity of class 1; background is 0.
-_INTENSITY_STEP = 0.35  # Mean intensity increase per class id.
+_INTENSITY_STEP = 0.5  # Mean intensity increase per class id.
 _INTENSITY_JITTER = 0.12  # Std of an object's mean intensity around its class mean.
 _BIAS_AMPLITUDE = 0.25  # Multiplicative bias field lies in [1 - a, 1 + a].
-_NOISE_STD = 0.25  # Additive gaussian noise.
+_NOISE_STD = 0.2  # Additive gaussian noise.
 _CENTER_DRAWS = 8  # Candidate centers per object; the one farthest from the others wins.
 _SPLIT_CODES = {'train': 0, 'validation': 1}
 
@@ -142,12 +146,11 @@ def generate_example(rng: np.random.Generator, shape: Sequence[int],
     offsets = grid - center.astype(np.float32).reshape((ndim,) + (1,) * ndim)
     local = np.tensordot(_random_rotation(rng, ndim).T.astype(np.float32), offsets, axes=1)
     u = np.abs(local / half_sizes[i].astype(np.float32).reshape((ndim,) + (1,) * ndim))
-    if family == 'ellipsoid':
-      inside = (u**2).sum(0) <= 1.0
-    elif family == 'box':
+    if family == 'box':
       inside = u.max(0) <= 1.0
     else:
-      inside = u.sum(0) <= 1.0
+      r2 = (u**2).sum(0)
+      inside = r2 <= 1.0 if family == 'ellipsoid' else (r2 <= 1.0) & (r2 >= _SHELL_INNER**2)
     mean = _BASE_INTENSITY + _INTENSITY_STEP * (c - 1) + _INTENSITY_JITTER * rng.normal()
     label[inside] = c
     intensity[inside] = mean
@@ -185,8 +188,11 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
   """Synthetic multi-class shapes in 2D images or 3D volumes (see the module docstring)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Ellipsoids, boxes, diamonds; bias field; gaussian noise.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Ellipsoids, boxes, diamonds; bias field; gaussian noise 0.25.',
+      '1.1.0': 'Shells replace diamonds (distinct from boxes in 2D); intensity step 0.5, noise 0.2.',
+  }
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     if not isinstance(cfg, SyntheticConfig):
