@@ -1,0 +1,229 @@
+"""Base experiment configs, config-string arguments, and validation before any compute.
+
+Config files under `configs/` call `base_config(ndim)` and `apply_args(config, arg)`, so every
+file starts from the same fields and variants are small overrides. The config-file argument is a
+comma-separated list of `key=value` or bare flags: `configs/unet3d.py:ds=hypercolumn,smoke`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Mapping
+
+import ml_collections
+import numpy as np
+
+from unet_ds import losses
+from unet_ds import models
+from unet_ds import targets
+
+DATASETS = ('synthetic', 'msd', 'folder2d')
+OPTIMIZERS = ('adamw', 'sgd')
+LR_SCHEDULES = ('constant', 'cosine', 'poly')
+
+
+def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
+  """Every field of an experiment, with defaults for a small DS U-Net on synthetic data."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'synthetic'
+  c.data.ndim = ndim
+  c.data.shape = (32,) * ndim          # synthetic volume size (= training size)
+  c.data.num_classes = 3
+  c.data.in_channels = 1
+  c.data.num_train = 64
+  c.data.num_val = 16
+  c.data.seed = 0                     # data generation / split seed
+  c.data.data_dir = ''                # '' -> $UNET_DS_DATA_DIR or ~/.cache/unet_ds/tfds
+  c.data.worker_count = 0             # grain worker processes (keep fixed across resumes)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_classes = c.data.get_ref('num_classes')
+  c.model.depth = 4
+  c.model.base_filters = 8
+  c.model.filter_growth = 2
+  c.model.max_filters = 320
+  c.model.convs_per_block = 2
+  c.model.residual = False
+  c.model.norm = 'instance'
+  c.model.activation = 'leaky_relu'
+  c.model.dropout = 0.0
+  c.model.down = 'maxpool'
+  c.model.up = 'transpose'
+  c.model.conv_impl = 'auto'
+  c.model.dtype = 'float32'
+  c.model.remat = False
+  c.model.ds = ml_collections.ConfigDict()
+  c.model.ds.mode = 'deep'
+  c.model.ds.levels = ()              # () -> every decoder level below full resolution
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = 'dice_ce'
+  c.loss.ds_weights = 'exp'           # exp | nnunet | same | comma-separated floats '1,0.5,0.25'
+  c.loss.side_losses = False          # additive/hypercolumn: also train the heads ('deep' always does)
+  c.loss.ds_schedule = 'constant'     # side-weight decay: constant | linear | cosine
+  c.loss.ds_decay_steps = 0           # 0 -> train.steps
+  c.loss.ds_floor = 0.0
+  c.loss.target = 'downsample'        # downsample | upsample
+  c.loss.downsample = 'nearest'       # nearest | maxpool
+  c.loss.include_background = False
+  c.loss.batch_dice = True
+  c.loss.ignore_index = -1            # < 0: none
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adamw'
+  c.optim.lr = 3e-3
+  c.optim.schedule = 'cosine'         # constant | cosine (with warmup) | poly (nnU-Net, power 0.9)
+  c.optim.warmup_steps = 20
+  c.optim.weight_decay = 1e-4
+  c.optim.momentum = 0.99             # sgd (Nesterov, nnU-Net)
+  c.optim.poly_power = 0.9
+  c.optim.grad_clip = 12.0            # global norm; <= 0: off
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 300
+  c.train.batch_size = 2
+  c.train.eval_batch_size = 4
+  c.train.eval_every = 100
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+  c.train.max_to_keep = 2
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                    # devices on the data axis; -1: all
+  c.mesh.space = 1                    # devices splitting the first spatial axis
+  c.mesh.distributed = False          # call jax.distributed.initialize() (multi-host)
+  return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str | bool]:
+  """'ds=deep,smoke' -> {'ds': 'deep', 'smoke': True}."""
+  out = {}
+  for part in filter(None, (arg or '').split(',')):
+    key, sep, value = part.partition('=')
+    out[key.strip()] = value.strip() if sep else True
+  return out
+
+
+def smoke(c: ml_collections.ConfigDict) -> None:
+  """Tiny sizes for tests and quick checks: seconds on a CPU."""
+  c.data.shape = (16,) * c.data.ndim
+  c.data.num_train, c.data.num_val = 4, 2
+  c.model.depth, c.model.base_filters = 3, 4
+  c.train.steps, c.train.batch_size, c.train.eval_batch_size = 4, 2, 2
+  c.train.eval_every = c.train.checkpoint_every = 2
+  c.train.log_every = 1
+  c.optim.warmup_steps = 1
+
+
+def bench_ref(c: ml_collections.ConfigDict) -> None:
+  """The speed reference (MONAI DynUNet side by side): 4 levels 16-32-64-128, residual, IN,
+  deep DS with 2 heads, Dice+CE, SGD Nesterov, batch 2 x 64^3 x 1, 3 classes."""
+  c.data.shape = (64,) * c.data.ndim
+  c.data.num_classes, c.data.in_channels = 3, 1
+  c.model.update(depth=4, base_filters=16, filter_growth=2, residual=True, norm='instance')
+  c.model.ds.mode, c.model.ds.levels = 'deep', (1, 2)
+  c.loss.name = 'dice_ce'
+  c.optim.name, c.optim.lr, c.optim.schedule = 'sgd', 1e-2, 'poly'
+  c.train.batch_size = 2
+
+
+COMMON_ARGS: dict[str, Callable[[ml_collections.ConfigDict, Any], None]] = {
+    'ds': lambda c, v: setattr(c.model.ds, 'mode', v),
+    'smoke': lambda c, v: smoke(c),
+    'bench_ref': lambda c, v: bench_ref(c),
+    'seed': lambda c, v: setattr(c, 'seed', int(v)),
+}
+
+
+def apply_args(c: ml_collections.ConfigDict, arg: str | None,
+               extra: Mapping[str, Callable[[ml_collections.ConfigDict, Any], None]] | None = None
+               ) -> ml_collections.ConfigDict:
+  """Applies the config-file argument; an unknown argument is an error naming it."""
+  handlers = {**COMMON_ARGS, **(extra or {})}
+  for key, value in parse_arg(arg).items():
+    if key not in handlers:
+      raise ValueError(f'unknown config argument {key!r} in {arg!r}; known: {sorted(handlers)}')
+    handlers[key](c, value)
+  return c
+
+
+def weights_spec(spec: Any) -> str | tuple[float, ...]:
+  """`loss.ds_weights` as a scheme name or a tuple of floats ('1,0.5' or (1, 0.5))."""
+  if isinstance(spec, str) and spec in losses.WEIGHT_SCHEMES:
+    return spec
+  try:
+    values = tuple(float(v) for v in (spec.split(',') if isinstance(spec, str) else spec))
+  except (TypeError, ValueError):
+    raise ValueError(f'config.loss.ds_weights: {spec!r} is neither one of '
+                     f'{losses.WEIGHT_SCHEMES} nor a comma-separated list of floats') from None
+  return values
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
+  if value not in choices:
+    raise ValueError(f'config.{key}: must be one of {choices}, got {value!r}')
+
+
+def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
+  """Checks the whole config before any compute; returns the typed model config.
+
+  Every error names the config key at fault.
+  """
+  _check_choice(c.data.name, DATASETS, 'data.name')
+  model_cfg = models.model_config(c.model)
+  if c.data.ndim not in (2, 3):
+    raise ValueError(f'config.data.ndim: must be 2 or 3, got {c.data.ndim}')
+  binary = model_cfg.num_classes == 1 and c.data.num_classes == 2  # one sigmoid logit
+  if model_cfg.num_classes != c.data.num_classes and not binary:
+    raise ValueError(f'config.model.num_classes ({model_cfg.num_classes}) != config.data.'
+                     f'num_classes ({c.data.num_classes}) (1 is allowed for 2 data classes)')
+  _check_choice(c.loss.name, losses.LOSSES, 'loss.name')
+  if (c.loss.name == 'bce_dice') != (model_cfg.num_classes == 1):
+    raise ValueError('config.loss.name: bce_dice needs model.num_classes=1 (one foreground logit) '
+                     f'and other losses need >= 2; got {c.loss.name!r} with num_classes='
+                     f'{model_cfg.num_classes}')
+  _check_choice(c.loss.ds_schedule, losses.SCHEDULES, 'loss.ds_schedule')
+  _check_choice(c.loss.target, losses.TARGET_MODES, 'loss.target')
+  _check_choice(c.loss.downsample, targets.DOWNSAMPLE_METHODS, 'loss.downsample')
+  if not 0.0 <= c.loss.ds_floor <= 1.0:
+    raise ValueError(f'config.loss.ds_floor: must be in [0, 1], got {c.loss.ds_floor}')
+  try:
+    losses.output_weights(weights_spec(c.loss.ds_weights), model_cfg.head_levels,
+                          side_losses=side_losses(c))
+  except ValueError as e:
+    raise ValueError(f'config.loss.ds_weights: {e}') from None
+  _check_choice(c.optim.name, OPTIMIZERS, 'optim.name')
+  _check_choice(c.optim.schedule, LR_SCHEDULES, 'optim.schedule')
+  for key in ('steps', 'batch_size', 'eval_batch_size', 'eval_every', 'log_every',
+              'checkpoint_every', 'max_to_keep'):
+    if int(c.train[key]) < 1:
+      raise ValueError(f'config.train.{key}: must be >= 1, got {c.train[key]}')
+  shape = tuple(c.data.get('patch_size') or c.data.shape)
+  if len(shape) != c.data.ndim:
+    raise ValueError(f'config.data.shape/patch_size {shape} has {len(shape)} axes but '
+                     f'config.data.ndim is {c.data.ndim}')
+  m = model_cfg.size_multiple
+  if any(s % m for s in shape):
+    raise ValueError(f'config.data training shape {shape} must be divisible by {m} '
+                     f'(2^(model.depth-1), depth={model_cfg.depth})')
+  if c.mesh.space > 1 and (shape[0] // m) % c.mesh.space:
+    raise ValueError(f'config.mesh.space={c.mesh.space} must divide the lowest-resolution size '
+                     f'{shape[0] // m} of the first spatial axis')
+  return model_cfg
+
+
+def side_losses(c: ml_collections.ConfigDict) -> bool:
+  """Whether heads get their own losses: always for `deep`, on request for the fused forms."""
+  return c.model.ds.mode == 'deep' or bool(c.loss.side_losses)
+
+
+def to_json(c: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON (tuples become lists)."""
+  def default(o):
+    if isinstance(o, np.generic):
+      return o.item()
+    return str(o)
+  return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=default)

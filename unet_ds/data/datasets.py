@@ -1,0 +1,83 @@
+"""Dataset registry: `config.data` -> sources, per-example train transforms, eval examples.
+
+Synthetic data trains on whole volumes; real data (`msd`, `folder2d`) trains on random patches
+with foreground oversampling and augmentation, and is evaluated during training on centre
+pad/crops of `config.data.patch_size` (whole-volume sliding-window scores come from
+`--mode=eval`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import grain.python as grain
+import numpy as np
+
+from unet_ds.data import synthetic
+
+
+def get_sources(data_cfg: Any) -> dict[str, Any]:
+  """`{'train': source, 'validation': source}` for `config.data` (prepared on first use)."""
+  if data_cfg.name == 'synthetic':
+    return synthetic.load(ndim=data_cfg.ndim, shape=tuple(data_cfg.shape),
+                          num_classes=data_cfg.num_classes, num_train=data_cfg.num_train,
+                          num_val=data_cfg.num_val, seed=data_cfg.seed,
+                          data_dir=data_cfg.data_dir or synthetic.default_data_dir())
+  if data_cfg.name == 'msd':
+    from unet_ds.data import msd  # pylint: disable=g-import-not-at-top
+    return msd.load(data_cfg)
+  if data_cfg.name == 'folder2d':
+    from unet_ds.data import folder2d  # pylint: disable=g-import-not-at-top
+    return folder2d.load(data_cfg)
+  raise ValueError(f'config.data.name: unknown dataset {data_cfg.name!r}')
+
+
+def training_shape(data_cfg: Any) -> tuple[int, ...]:
+  """Spatial shape of training (and in-training eval) examples."""
+  return tuple(data_cfg.get('patch_size') or data_cfg.shape)
+
+
+class _Select(grain.MapTransform):
+  """Keeps only the arrays the model trains on (drops ids, affines, shapes)."""
+
+  def map(self, element: dict[str, Any]) -> dict[str, Any]:
+    return {'image': np.asarray(element['image'], np.float32),
+            'label': np.asarray(element['label'], np.int32)}
+
+
+def train_transforms(data_cfg: Any) -> Sequence[grain.Transformation]:
+  """Per-example transforms before batching (patches + augmentation for real data)."""
+  if data_cfg.name == 'synthetic':
+    return (_Select(),)
+  from unet_ds.data import augment  # pylint: disable=g-import-not-at-top
+  from unet_ds.data import patches  # pylint: disable=g-import-not-at-top
+  out = [_Select(), patches.RandomPatch(training_shape(data_cfg),
+                                        fg_fraction=float(data_cfg.get('fg_fraction', 1 / 3)))]
+  if data_cfg.get('augment', True):
+    out.extend(augment.make_augmentations(data_cfg.ndim))
+  return tuple(out)
+
+
+class _EvalSource:
+  """Fixed-shape view of a source for batched in-training evaluation."""
+
+  def __init__(self, source: Any, shape: tuple[int, ...] | None):
+    self._source, self._shape = source, shape
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ex = _Select().map(self._source[index])
+    if self._shape is not None:
+      from unet_ds.data import patches  # pylint: disable=g-import-not-at-top
+      ex = patches.center_pad_crop(ex, self._shape)
+    return ex
+
+  def __repr__(self) -> str:
+    return f'EvalSource({self._source!r}, {self._shape})'
+
+
+def eval_source(data_cfg: Any, source: Any) -> Any:
+  """Validation examples at the training shape (identity shapes for synthetic data)."""
+  return _EvalSource(source, None if data_cfg.name == 'synthetic' else training_shape(data_cfg))

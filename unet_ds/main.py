@@ -1,0 +1,60 @@
+"""Command line: `python -m unet_ds.main --config=configs/FILE.py[:ARGS] --workdir=DIR [--mode=...]`.
+
+Modes: `train` (resumes from the workdir's latest checkpoint), `eval` (scores the latest
+checkpoint on the validation split), `predict` / `eval` with `--input` (whole images or volumes
+with sliding windows, see `unet_ds.predict`). Any config field can be overridden:
+`--config.loss.ds_weights=exp --config.model.ds.mode=hypercolumn`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
+                                          'Experiment config file (path[:args]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs).')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
+_INPUT = flags.DEFINE_string('input', None, 'predict/eval: image/volume file or folder.')
+_OUTPUT = flags.DEFINE_string('output', None, 'predict/eval: output folder.')
+_PROBS = flags.DEFINE_bool('probabilities', False, 'predict: also write class probabilities.')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  if not _WORKDIR.value:
+    raise app.UsageError('--workdir is required')
+  from unet_ds import train  # pylint: disable=g-import-not-at-top  (after flags: fast --help)
+  config = _CONFIG.value
+  if _MODE.value == 'train':
+    summary = train.train_and_evaluate(config, _WORKDIR.value)
+    _print_summary(summary)
+  elif _MODE.value == 'eval' and not _INPUT.value:
+    summary = train.evaluate_checkpoint(config, _WORKDIR.value)
+    _print_summary(summary)
+  else:
+    from unet_ds import predict  # pylint: disable=g-import-not-at-top
+    predict.run(config, _WORKDIR.value, mode=_MODE.value, input_path=_INPUT.value,
+                output=_OUTPUT.value, probabilities=_PROBS.value)
+
+
+def _print_summary(summary: dict) -> None:
+  final = summary['final']
+  print(json.dumps({'step': summary['step'],
+                    'mean_foreground_dice': summary['mean_foreground_dice'],
+                    'dice_per_class': final['dice'],
+                    'heads_mean_foreground_dice': [h['mean_foreground_dice']
+                                                   for h in summary['heads']]}))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,60 @@
+"""Device mesh and shardings: batch over a `data` axis, optionally the first spatial axis over `space`.
+
+The train step is written once against a `Mesh('data', 'space')`; on one device both axes have
+size 1 and the same code runs unchanged. Parameters and optimiser state are replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def maybe_initialize_distributed(mesh_cfg: Any) -> None:
+  """Multi-host: `jax.distributed.initialize()` (coordinator etc. from the environment)."""
+  if mesh_cfg.get('distributed', False) and jax.process_count() == 1:
+    jax.distributed.initialize()
+
+
+def make_mesh(mesh_cfg: Any) -> Mesh:
+  """A ('data', 'space') mesh; `data=-1` uses every device not used by `space`."""
+  devices = jax.devices()
+  space = int(mesh_cfg.get('space', 1) or 1)
+  data = int(mesh_cfg.get('data', -1))
+  if data <= 0:
+    data = len(devices) // space
+  if data < 1 or data * space > len(devices):
+    raise ValueError(f'config.mesh: data={data} x space={space} needs {data * space} devices, '
+                     f'{len(devices)} available')
+  return Mesh(np.asarray(devices[:data * space]).reshape(data, space), ('data', 'space'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_spec(ndim: int, spatial: bool = True) -> P:
+  """PartitionSpec of a `[B, *spatial(, C)]` array with `ndim` dims."""
+  if not spatial or ndim < 2:
+    return P('data')
+  return P('data', 'space', *([None] * (ndim - 2)))
+
+
+def shard_batch(mesh: Mesh, batch: dict[str, Any]) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global arrays (each process holds its own rows)."""
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    sharding = NamedSharding(mesh, batch_spec(value.ndim, spatial=value.ndim > 1))
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out
+
+
+def check_batch_size(mesh: Mesh, batch_size: int, what: str) -> None:
+  data = mesh.shape['data']
+  if batch_size % data:
+    raise ValueError(f'config.train.{what}={batch_size} must be divisible by the {data} devices '
+                     "of the mesh's data axis")

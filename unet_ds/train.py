@@ -1,0 +1,329 @@
+"""Training and evaluation: pure jitted `train_step` / `eval_step` and `train_and_evaluate`.
+
+The step is written against a ('data', 'space') mesh from the start: the batch is sharded over
+`data` (and optionally the first spatial axis over `space`), the state is replicated, and the
+same code runs on 1 or N devices, one host or many.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from unet_ds import checkpoint
+from unet_ds import config_lib
+from unet_ds import logs
+from unet_ds import losses
+from unet_ds import metrics
+from unet_ds import models
+from unet_ds import optim
+from unet_ds import sharding
+from unet_ds.data import datasets
+from unet_ds.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key: checkpoints as a plain array
+
+  def variables(self) -> dict[str, Any]:
+    v = {'params': self.params}
+    if self.batch_stats:
+      v['batch_stats'] = self.batch_stats
+    return v
+
+
+@dataclasses.dataclass(frozen=True)
+class DSLoss:
+  """The configured DS loss: `(final, intermediates, label, step) -> (loss, aux)`."""
+  base_weights: tuple[float, ...]
+  level_loss: Callable[..., jax.Array]
+  num_classes: int
+  schedule: str = 'constant'
+  decay_steps: int = 1
+  floor: float = 0.0
+  target: str = 'downsample'
+  downsample: str = 'nearest'
+  ignore_index: int | None = None
+
+  @classmethod
+  def from_config(cls, c: ml_collections.ConfigDict, model_cfg: models.UNetConfig) -> 'DSLoss':
+    lc = c.loss
+    weights = losses.output_weights(config_lib.weights_spec(lc.ds_weights), model_cfg.head_levels,
+                                    side_losses=config_lib.side_losses(c))
+    return cls(
+        base_weights=tuple(float(w) for w in weights),
+        level_loss=losses.make_level_loss(lc.name, include_background=lc.include_background,
+                                          batch_dice=lc.batch_dice),
+        num_classes=max(int(c.data.num_classes), 2),
+        schedule=lc.ds_schedule, decay_steps=int(lc.ds_decay_steps or c.train.steps),
+        floor=float(lc.ds_floor), target=lc.target, downsample=lc.downsample,
+        ignore_index=None if lc.ignore_index < 0 else int(lc.ignore_index))
+
+  def weights(self, step: jax.Array) -> jax.Array:
+    return losses.scheduled_weights(np.asarray(self.base_weights), step, schedule=self.schedule,
+                                    decay_steps=self.decay_steps, floor=self.floor)
+
+  def __call__(self, final, intermediates, label, step) -> tuple[jax.Array, dict]:
+    return losses.deep_supervision_loss(
+        final, intermediates, label, self.weights(step), level_loss=self.level_loss,
+        num_classes=self.num_classes, target=self.target, downsample=self.downsample,
+        ignore_index=self.ignore_index)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
+                       input_shape: tuple[int, ...]) -> TrainState:
+  """Initial state from `seed` (pure; jit it with a replicated out-sharding)."""
+  rng = jax.random.PRNGKey(seed)
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init(init_rng, jnp.zeros(input_shape, jnp.float32), train=False)
+  params = variables['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    rng=state_rng)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               tx: optax.GradientTransformation, ds_loss: DSLoss
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on the coefficient-weighted DS loss; weights follow the step."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    variables = {**state.variables(), 'params': params}
+    (final, intermediates), updates = model.apply(
+        variables, batch['image'], train=True, mutable=['batch_stats'],
+        rngs={'dropout': dropout_rng})
+    loss, aux = ds_loss(final, intermediates, batch['label'], state.step)
+    return loss, (aux, updates)
+
+  (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  deltas, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, deltas),
+                            batch_stats=updates.get('batch_stats', state.batch_stats),
+                            opt_state=opt_state)
+  return new_state, {'loss': loss, 'level_losses': aux['level_losses'],
+                     'ds_weights': aux['ds_weights'], 'grad_norm': optax.global_norm(grads)}
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+              num_classes: int) -> jax.Array:
+  """`[1 + n_heads, 3, K]` confusion counts of the batch's real (masked-in) examples."""
+  final, intermediates = model.apply(state.variables(), batch['image'], train=False)
+  return metrics.output_counts(final, intermediates, batch['label'], num_classes,
+                               batch.get('mask'))
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config before the loop (no compute yet beyond state init)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: nn.Module
+  mesh: jax.sharding.Mesh
+  sources: dict[str, Any]
+  tx: optax.GradientTransformation
+  lr: optax.Schedule
+  ds_loss: DSLoss
+  num_classes: int
+
+  @classmethod
+  def build(cls, config: ml_collections.ConfigDict, workdir: str) -> 'Experiment':
+    model_cfg = config_lib.validate(config)  # every config error before any compute
+    sharding.maybe_initialize_distributed(config.mesh)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(mesh, config.train.batch_size, 'batch_size')
+    sharding.check_batch_size(mesh, config.train.eval_batch_size, 'eval_batch_size')
+    tx, lr = optim.make_optimizer(config.optim, config.train.steps)
+    return cls(config=config, workdir=os.path.abspath(workdir), model=models.get_model(model_cfg),
+               mesh=mesh, sources=datasets.get_sources(config.data), tx=tx, lr=lr,
+               ds_loss=DSLoss.from_config(config, model_cfg),
+               num_classes=max(int(config.data.num_classes), 2))
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    c = self.config
+    return (c.train.batch_size, *datasets.training_shape(c.data), c.data.in_channels)
+
+  def init_state(self) -> TrainState:
+    init = functools.partial(create_train_state, self.model, self.tx, int(self.config.seed),
+                             self.input_shape)
+    return jax.jit(init, out_shardings=sharding.replicated(self.mesh))()
+
+  def abstract_state(self) -> TrainState:
+    shapes = jax.eval_shape(functools.partial(create_train_state, self.model, self.tx,
+                                              int(self.config.seed), self.input_shape))
+    repl = sharding.replicated(self.mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+  def jit_train_step(self) -> Callable:
+    repl = sharding.replicated(self.mesh)
+    step = functools.partial(train_step, model=self.model, tx=self.tx, ds_loss=self.ds_loss)
+    # Batch shardings come from the global arrays; the state is replicated and donated.
+    return jax.jit(step, out_shardings=(repl, repl), donate_argnums=0)
+
+  def jit_eval_step(self) -> Callable:
+    step = functools.partial(eval_step, model=self.model, num_classes=self.num_classes)
+    return jax.jit(step, out_shardings=sharding.replicated(self.mesh))
+
+  def train_loader(self):
+    c = self.config
+    return pipeline.make_train_loader(
+        self.sources['train'], batch_size=c.train.batch_size // jax.process_count(),
+        seed=int(c.seed) % 2**32, shard_index=jax.process_index(),
+        shard_count=jax.process_count(), transforms=datasets.train_transforms(c.data),
+        worker_count=int(c.data.worker_count))
+
+  def evaluate(self, state: TrainState, eval_fn: Callable | None = None) -> dict[str, Any]:
+    """Scores on the whole validation split, from summed confusion counts."""
+    eval_fn = eval_fn or self.jit_eval_step()
+    c = self.config
+    source = datasets.eval_source(c.data, self.sources['validation'])
+    total = None
+    for batch in pipeline.make_eval_batches(
+        source, batch_size=c.train.eval_batch_size // jax.process_count(),
+        shard_index=jax.process_index(), shard_count=jax.process_count()):
+      counts = eval_fn(state, sharding.shard_batch(self.mesh, batch))
+      counts = np.asarray(counts, np.int64)
+      total = counts if total is None else total + counts
+    return metrics.summarize_outputs(total)
+
+
+def _check_finite(step: int, m: dict[str, np.ndarray]) -> None:
+  if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
+    raise FloatingPointError(
+        f'non-finite loss {float(m["loss"])} (grad norm {float(m["grad_norm"])}) at step {step}; '
+        'training stopped, the last good checkpoint is kept')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from the workdir's latest checkpoint), evaluates, writes logs and summary."""
+  exp = Experiment.build(config, workdir)
+  c = config
+  writer = logs.Writer(exp.workdir)
+  config_json = config_lib.to_json(c)
+  if writer.enabled:
+    with open(writer.path('config.json'), 'w') as f:
+      f.write(config_json)
+  ckpts = checkpoint.Checkpoints(os.path.join(exp.workdir, 'checkpoints'), c.train.max_to_keep)
+  data_iter = iter(exp.train_loader())
+  if ckpts.latest_step() is not None:
+    state, data_state, start = ckpts.restore(exp.abstract_state())
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    writer.truncate_after(start)
+  else:
+    state, start = exp.init_state(), 0
+
+  step_fn, eval_fn = exp.jit_train_step(), exp.jit_eval_step()
+  result = _train_loop(exp, state, start, data_iter, step_fn, eval_fn, ckpts, writer, config_json)
+  ckpts.wait()
+  ckpts.close()
+  writer.close()
+  return result
+
+
+def _train_loop(exp: Experiment, state: TrainState, start: int, data_iter: Iterator,
+                step_fn: Callable, eval_fn: Callable, ckpts: checkpoint.Checkpoints,
+                writer: logs.Writer, config_json: str) -> dict[str, Any]:
+  c = exp.config
+  t0 = time.time()
+  log = _StepLogger(exp, writer, start)
+  pending = None  # (step, device metrics): fetched one step late so dispatch stays async
+  for step in range(start + 1, c.train.steps + 1):
+    batch = sharding.shard_batch(exp.mesh, next(data_iter))
+    state, m = step_fn(state, batch)
+    if pending is not None:
+      log(*pending)
+    pending = (step, m)
+    save = step % c.train.checkpoint_every == 0 or step == c.train.steps
+    score = step % c.train.eval_every == 0 or step == c.train.steps
+    if save or score:  # never checkpoint or score a state whose step was not finite
+      log(*pending)
+      pending = None
+    if save:
+      ckpts.save(step, state, data_iter.get_state(), config_json)
+    if score:
+      log.last_eval = {'step': step, **exp.evaluate(state, eval_fn)}
+      writer.write_eval(log.last_eval)
+  log.close()
+  last_eval = log.last_eval
+  if last_eval is None:  # resumed a finished run: score the restored state
+    last_eval = {'step': int(state.step), **exp.evaluate(state, eval_fn)}
+  summary = {**last_eval, 'train_seconds': time.time() - t0,
+             'num_params': int(sum(p.size for p in jax.tree.leaves(state.params))),
+             'ds_mode': c.model.ds.mode, 'backend': jax.default_backend(),
+             'devices': jax.device_count()}
+  writer.write_json('summary.json', summary)
+  return summary
+
+
+class _StepLogger:
+  """Checks every step's loss is finite; writes every `log_every`-th step; drives the bar."""
+
+  def __init__(self, exp: Experiment, writer: logs.Writer, start: int):
+    self.exp, self.writer = exp, writer
+    self.last_eval: dict[str, Any] | None = None
+    self._clock = (time.time(), start)
+    c = exp.config
+    self._bar = tqdm.tqdm(total=c.train.steps, initial=start, disable=not writer.enabled,
+                          dynamic_ncols=True, desc='train')
+
+  def __call__(self, step: int, m: Any) -> None:
+    m = jax.tree.map(np.asarray, m)
+    _check_finite(step, m)
+    self._bar.update(step - self._bar.n)
+    c = self.exp.config
+    if step % c.train.log_every and step != c.train.steps:
+      return
+    now = time.time()
+    t, s = self._clock
+    self._clock = (now, step)
+    record = {'step': step, 'loss': float(m['loss']), 'level_losses': m['level_losses'],
+              'ds_weights': m['ds_weights'], 'lr': float(self.exp.lr(step - 1)),
+              'grad_norm': float(m['grad_norm']), 'steps_per_s': (step - s) / max(now - t, 1e-9)}
+    self.writer.write_train(record)
+    postfix = {'loss': f'{record["loss"]:.4f}'}
+    if self.last_eval is not None:
+      postfix['dice'] = f'{self.last_eval["mean_foreground_dice"]:.3f}'
+    self._bar.set_postfix(postfix)
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str
+                  ) -> tuple[Experiment, TrainState]:
+  """The experiment of `config` and the latest checkpointed state of `workdir`."""
+  exp = Experiment.build(config, workdir)
+  directory = os.path.join(exp.workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoints in {directory}: train first (--mode=train)')
+  ckpts = checkpoint.Checkpoints(directory, config.train.max_to_keep)
+  state, _, _ = ckpts.restore(exp.abstract_state())
+  ckpts.close()
+  return exp, state
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`--mode=eval`: scores the workdir's latest checkpoint on the validation split."""
+  exp, state = restore_state(config, workdir)
+  result = {'step': int(state.step), **exp.evaluate(state)}
+  logs.Writer(exp.workdir).write_json('eval_summary.json', result)
+  return result
