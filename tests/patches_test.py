@@ -79,3 +79,13 @@ def test_random_patch_output_and_validation():
   with pytest.raises(ValueError, match='disagree'):
     patches.sample_patch(np.zeros((5, 6, 1)), np.zeros((5, 7)), (4, 4), np.random.default_rng(0),
                          foreground=False)
+
+
+def test_pad_crop_source_fixed_shapes():
+  source = [{'image': np.ones((3 + i, 5, 1), np.float32), 'label': np.ones((3 + i, 5), np.int32),
+             'case_id': str(i)} for i in range(3)]
+  view = patches.PadCropSource(source, (4, 6))
+  assert len(view) == 3
+  shapes = {(view[i]['image'].shape, view[i]['label'].shape) for i in range(3)}
+  assert shapes == {((4, 6, 1), (4, 6))}
+  assert [int(view[i]['label'].sum()) for i in range(3)] == [15, 20, 20]

@@ -125,3 +125,24 @@ class CenterPadCrop(grain.MapTransform):
 
   def map(self, element: dict[str, Any]) -> dict[str, Any]:
     return center_pad_crop(element, self.shape)
+
+
+class PadCropSource:
+  """Random-access view of a source with every example `center_pad_crop`ped to `shape`.
+
+  Gives the fixed-shape `{'image', 'label'}` examples that eval batching needs from variable-size
+  cases; choose `shape` >= every case to score whole images (the padding is background).
+  """
+
+  def __init__(self, source: Sequence[dict[str, Any]], shape: Sequence[int]):
+    self._source = source
+    self._shape = tuple(int(s) for s in shape)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return center_pad_crop(self._source[index], self._shape)
+
+  def __repr__(self) -> str:
+    return f'PadCropSource({self._source!r}, {self._shape})'
