@@ -12,7 +12,8 @@ Each point trains into `ROOT/<point name>/` (names: `experiments.sweep.point_nam
   * before anything runs, each existing `ROOT/<name>/config.json` is checked against its point's
     overrides, so a sweep edited since the last launch cannot mix runs under the wrong name;
   * a failed point is reported and the next one runs (`--fail_fast` stops instead); the exit
-    status is 1 if any point failed.
+    status is 1 if any point failed. A point that exits 0 without `summary.json` (stopped on
+    purpose by `train.stop_at_step`) is not a failure: launching again continues it.
 `--print` prints the shell-quoted commands (for a cluster) and touches nothing. Extra
 `--config.key=value` flags go to every point; they may not set a key that the sweep sets.
 `ROOT/sweep.json` records the config, the extra flags and each point's name and command.
@@ -152,7 +153,11 @@ def subprocess_runner(argv: Sequence[str], workdir: pathlib.Path) -> int:
 
 def run(jobs: Sequence[Job], runner: Runner = subprocess_runner, python: str = sys.executable,
         fail_fast: bool = False, log: Callable[[str], None] = print) -> dict[str, str]:
-  """Runs unfinished jobs one after another; returns {name: 'skipped'|'done'|'failed'|'not run'}."""
+  """Runs unfinished jobs one after another.
+
+  Returns {name: status}, status one of 'skipped' (already finished), 'done', 'stopped' (exit 0
+  before the last step), 'failed', 'not run' (after a failure with fail_fast).
+  """
   check_workdirs(jobs)
   status = {job.name: 'not run' for job in jobs}
   for i, job in enumerate(jobs):
@@ -164,12 +169,14 @@ def run(jobs: Sequence[Job], runner: Runner = subprocess_runner, python: str = s
     log(f'{tag}: {"resuming" if job.workdir.exists() else "starting"} in {job.workdir}')
     job.workdir.mkdir(parents=True, exist_ok=True)
     code = runner(job.argv(python), job.workdir)
-    if code == 0 and job.finished:
-      status[job.name] = 'done'
+    if code == 0:
+      # Exit 0 without a summary: the run stopped early on purpose (train.stop_at_step).
+      status[job.name] = 'done' if job.finished else 'stopped'
+      if not job.finished:
+        log(f'{tag}: stopped before the last step (no {SUMMARY_FILE}); launch again to go on')
       continue
     status[job.name] = 'failed'
-    why = f'exit status {code}' if code else f'exit status 0 but no {SUMMARY_FILE}'
-    log(f'{tag}: FAILED ({why}); log: {job.workdir / LOG_FILE}')
+    log(f'{tag}: FAILED (exit status {code}); log: {job.workdir / LOG_FILE}')
     if fail_fast:
       break
   return status
@@ -215,9 +222,11 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
   write_manifest(pathlib.Path(args.root), args.config, extra, jobs)
   status = run(jobs, runner=runner, python=args.python or sys.executable,
                fail_fast=args.fail_fast, log=out)
-  counts = {s: sum(v == s for v in status.values()) for s in ('done', 'skipped', 'failed')}
+  counts = {s: sum(v == s for v in status.values())
+            for s in ('done', 'skipped', 'stopped', 'failed')}
   out(f'sweep {args.config}: {counts["done"]} ran, {counts["skipped"]} already finished, '
-      f'{counts["failed"]} failed, of {len(jobs)} points in {args.root}')
+      f'{counts["stopped"]} stopped early, {counts["failed"]} failed, of {len(jobs)} points in '
+      f'{args.root}')
   failed = [n for n, s in status.items() if s == 'failed']
   if failed:
     out('failed: ' + ' '.join(failed))

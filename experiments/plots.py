@@ -32,7 +32,7 @@ def dice_vs_step(variants: Mapping[str, Sequence[runs_lib.Run]], path: pathlib.P
   backend_agg.FigureCanvasAgg(fig)
   ax = fig.add_subplot()
   for label, runs in variants.items():
-    curves = [[(r['step'], r['mean_foreground_dice']) for r in run.evals] for run in runs]
+    curves = [run.eval_curve() for run in runs]
     steps, mean, std = stats.mean_curve(curves)
     if not steps.size:
       continue
@@ -70,8 +70,8 @@ def level_losses(variants: Mapping[str, Sequence[runs_lib.Run]],
       steps, mean, _ = stats.mean_curve(curves)
       ax.plot(steps, mean, label='final' if level == 0 else f'head {level}')
     if num_levels > 1:
-      steps, mean, _ = stats.mean_curve([[(r['step'], r['loss']) for r in run.metrics]
-                                         for run in runs])
+      steps, mean, _ = stats.mean_curve([[(r['step'], r['loss']) for r in run.metrics
+                                          if r['loss'] is not None] for run in runs])
       ax.plot(steps, mean, color='black', linestyle='--', linewidth=1, label='weighted total')
     ax.set_title(label, fontsize='small')
     ax.set_xlabel('step')

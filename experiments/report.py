@@ -83,8 +83,10 @@ class Report:
 
   @property
   def winners(self) -> list[Variant]:
-    best = max(v.dice[0] for v in self.variants)
-    return [v for v in self.variants if v.dice[0] == best]
+    """The variants with the highest mean final Dice (NaN means never win)."""
+    scored = [v for v in self.variants if not math.isnan(v.dice[0])]
+    best = max((v.dice[0] for v in scored), default=None)
+    return [v for v in scored if v.dice[0] == best]
 
 
 def build(root: str | pathlib.Path, target_dice: float = 0.8,
@@ -157,9 +159,9 @@ def _summarise(label: str, settings: dict[str, Any], config: dict[str, Any],
 
 
 def _steps_to_target(run: runs_lib.Run, target: float) -> int | None:
-  for row in run.evals:
-    if row['mean_foreground_dice'] >= target:
-      return int(row['step'])
+  for step, dice in run.eval_curve():
+    if dice >= target:
+      return step
   return None
 
 
@@ -195,6 +197,8 @@ def _compare_with_baselines(variants: list[Variant]) -> list[Variant]:
 def headline(report: Report) -> str:
   """One line: which variant won on mean final Dice, and whether that beats the baseline."""
   winners = report.winners
+  if not winners:
+    return 'No variant has a final Dice (all are NaN).'
   if len(report.variants) == 1:
     v = winners[0]
     return f'Only one variant ({v.label}): mean foreground Dice {_pm(v.dice, v.n)}.'

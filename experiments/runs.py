@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any, Sequence
 
@@ -48,15 +49,25 @@ class Run:
 
   @property
   def dice(self) -> float:
-    return float(self.summary['mean_foreground_dice'])
+    return number(self.summary['mean_foreground_dice'])
 
   @property
   def class_dice(self) -> list[float]:
-    return [float(d) for d in self.summary['final']['dice']]
+    return [number(d) for d in self.summary['final']['dice']]
 
   @property
   def head_dice(self) -> list[float]:
-    return [float(h['mean_foreground_dice']) for h in self.summary['heads']]
+    return [number(h['mean_foreground_dice']) for h in self.summary['heads']]
+
+  def eval_curve(self) -> list[tuple[int, float]]:
+    """(step, mean foreground Dice) of every eval with a number (NaN is logged as null)."""
+    return [(int(r['step']), float(r['mean_foreground_dice'])) for r in self.evals
+            if r['mean_foreground_dice'] is not None]
+
+
+def number(value: Any) -> float:
+  """A logged number as float; null (how the trainer logs NaN/Inf) becomes nan."""
+  return math.nan if value is None else float(value)
 
 
 @dataclasses.dataclass(frozen=True)

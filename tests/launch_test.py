@@ -109,7 +109,7 @@ def test_runs_skips_finished_and_resumes_interrupted(config_path, tmp_path):
   assert code == 0
   assert fake.calls == [(_NAMES[1], first_argv)]
   assert json.loads((root / _NAMES[1] / 'summary.json').read_text()) == {'resumed': True}
-  assert out[-1].startswith('sweep') and '1 ran, 3 already finished, 0 failed' in out[-1]
+  assert out[-1].startswith('sweep') and '1 ran, 3 already finished, 0 stopped early, 0 failed' in out[-1]
 
   # Third launch: nothing to do.
   fake.calls.clear()
@@ -171,3 +171,12 @@ def test_subprocess_runner_finds_the_checkout_from_any_directory(tmp_path, monke
   code = launch.subprocess_runner(
       [sys.executable, '-c', 'import experiments.launch; print("imported")'], tmp_path / 'w')
   assert code == 0 and 'imported' in capsys.readouterr().out
+
+
+def test_exit_zero_without_summary_is_stopped_not_failed(config_path, tmp_path):
+  def stop_early(argv, workdir):  # train.stop_at_step: checkpoint and exit 0, no summary.
+    (workdir / 'checkpoint').write_text('1')
+    return 0
+  jobs = launch.plan(config_path, tmp_path)
+  status = launch.run(jobs, runner=stop_early, log=lambda s: None)
+  assert set(status.values()) == {'stopped'}

@@ -37,7 +37,7 @@ def _make_run(root, name, mode, seed, dice, classes, heads=(), evals=(), lr=0.1,
   with open(workdir / 'eval.jsonl', 'w') as f:
     for step, d in evals:
       f.write(json.dumps({'step': step, 'mean_foreground_dice': d,
-                          'final': _metrics(d, [0.99, d, d]), 'heads': []}) + '\n')
+                          'final': _metrics(d, [0.99, d or 0.0, d or 0.0]), 'heads': []}) + '\n')
     f.write('\n')  # Blank lines are fine.
   if finished:
     summary = {'mean_foreground_dice': dice, 'step': 300, 'final': _metrics(dice, classes),
@@ -245,3 +245,23 @@ def test_stats_helpers():
   steps, mean, std = stats.mean_curve([[(1, 0.1), (2, 0.3)], [(1, 0.3)]])
   assert steps.tolist() == [1, 2] and mean.tolist() == pytest.approx([0.2, 0.3])
   assert std[0] == pytest.approx(math.sqrt(0.02)) and math.isnan(std[1])
+
+
+def test_null_numbers_from_the_trainer(tmp_path):
+  """The trainer logs NaN as null: such values are n/a, never a crash or a winner."""
+  root = tmp_path / 'r'
+  for seed in (0, 1):
+    _make_run(root, f'none{seed}', 'none', seed, 0.5, [0.9, 0.5, 0.5], evals=[(1, None), (2, 0.5)])
+    run = _make_run(root, f'deep{seed}', 'deep', seed, 0.6, [0.9, 0.6, 0.6], heads=(0.4,),
+                    evals=[(1, None), (2, 0.6)])
+  summary = json.loads((run / 'summary.json').read_text())
+  summary['final']['dice'][2] = None
+  (run / 'summary.json').write_text(json.dumps(summary))
+  rep = report.build(root, target_dice=0.55)
+  v = _by_label(rep)
+  deep = v['model.ds.mode=deep']
+  assert deep.steps_to_target == [2, 2] and v['model.ds.mode=none'].steps_to_target == [None, None]
+  assert deep.class_dice[1] == pytest.approx((0.6, 0.0)) and math.isnan(deep.class_dice[2][0])
+  assert [w.label for w in rep.winners] == ['model.ds.mode=deep']
+  row = [l for l in report.markdown(rep).splitlines() if l.startswith('| `model.ds.mode=deep')][0]
+  assert '| n/a |' in row
