@@ -87,7 +87,7 @@ def test_settings_change_the_prepared_copy(tmp_path):
   base = msd.make_config(msd.settings_from_config(_cfg(root, tmp_path)))
   same = msd.make_config(msd.settings_from_config(_cfg(root, tmp_path)))
   assert base.name == same.name and '_task99_' in base.name
-  for change in [{'split_seed': 1}, {'fold': 1, 'num_folds': 5}, {'normalization': 'minmax'},
+  for change in [{'seed': 1}, {'fold': 1, 'num_folds': 5}, {'normalization': 'minmax'},
                  {'clip_percentiles': (1, 99)}, {'label_map': '0:0,1:1,2:2'}]:
     other = msd.make_config(msd.settings_from_config(_cfg(root, tmp_path, **change)))
     assert other.name != base.name, change

@@ -1,7 +1,9 @@
 """Tests for unet_ds.predict: folder prediction written back in the input format, folder eval."""
 import csv
 import json
+import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import nibabel
@@ -9,7 +11,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from configs import folder2d as folder2d_config
+from unet_ds import checkpoint
+from unet_ds import config_lib
+from unet_ds import inference
+from unet_ds import models
+from unet_ds import optim
 from unet_ds import predict
+from unet_ds import train
+from unet_ds.data import folder2d
 from unet_ds.data import io
 
 
@@ -148,3 +158,63 @@ def test_bad_inputs(tmp_path):
     predict.data_kind({'name': 'synthetic'})
   with pytest.raises(ValueError, match='need 3 sizes'):
     predict.Predictor(_oracle([0]), config.data, predict.Settings(patch_size=(4, 4)))
+
+
+def _fake_run(config, workdir, step=7):
+  """A workdir as the trainer leaves it (config.json + orbax checkpoint), without training:
+  random weights from the state's shapes (model.init's compile alone takes ~15 s on CPU)."""
+  model = models.get_model(config_lib.validate(config))
+  tx, _ = optim.make_optimizer(config.optim, config.train.steps)
+  shapes = jax.eval_shape(lambda: train.create_train_state(
+      model, tx, 0, (1, *config.data.patch_size, 1)))
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), shapes)
+  state = state.replace(step=np.int32(step))
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config_lib.to_json(config))
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'))
+  ckpts.save(step, state, None, config_lib.to_json(config))
+  ckpts.wait()
+  ckpts.close()
+  return state, model
+
+
+def test_predict_and_eval_restore_the_run_from_its_workdir(tmp_path):
+  root = tmp_path / 'em'
+  (root / 'image').mkdir(parents=True)
+  (root / 'label').mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    mask = np.where(rng.random((20, 18)) < 0.3, 0, 255).astype(np.uint8)
+    Image.fromarray(mask).save(root / 'image' / f'{i}.png')
+    Image.fromarray(mask).save(root / 'label' / f'{i}.png')
+  config = folder2d_config.get_config(f'path={root},isbi,smoke')
+  config.data.val_cases = '3'
+  workdir = str(tmp_path / 'run')
+  state, model = _fake_run(config, workdir)
+
+  out = predict.run(None, workdir, mode='predict', input_path=str(root / 'image' / '1.png'),
+                    output=str(tmp_path / 'pred'), probabilities=True)
+  assert out['step'] == 7 and len(out['written']) == 1
+  pred = np.array(Image.open(out['written'][0]))
+  assert pred.shape == (20, 18) and set(np.unique(pred)) <= {0, 255}
+  probs = np.load(tmp_path / 'pred' / '1_probs.npy').astype(np.float32)
+  assert probs.shape == (20, 18, 2)
+  # The restored weights are the saved ones: same probabilities as the model applied directly.
+  example = folder2d.read_case(str(root / 'image' / '1.png'), None, num_classes=2)
+  direct = inference.sliding_window_predict(
+      lambda x: model.apply(state.variables(), x, train=False)[0], example['image'],
+      patch_size=config.data.patch_size, batch_size=2)
+  np.testing.assert_allclose(probs, direct, atol=2e-3)  # probabilities stored as float16
+
+  summary = predict.run(None, workdir, mode='eval', input_path=None,
+                        output=str(tmp_path / 'ev'))
+  assert summary['cases_selected'] == 'validation' and summary['num_cases'] == 1
+  on_disk = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())
+  assert on_disk['step'] == 7 and on_disk['cases'][0]['case_id'] == '3'
+  assert on_disk['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
+  assert (tmp_path / 'ev' / 'metrics.csv').exists() and (tmp_path / 'ev' / '3.png').exists()
+  with pytest.raises(FileNotFoundError, match='config.json not found'):
+    predict.run(None, str(tmp_path / 'nothing'), mode='predict', input_path=str(root),
+                output=str(tmp_path / 'x'))

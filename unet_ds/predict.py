@@ -7,6 +7,10 @@ PNG masks in the folder's own label values (the inverse of `data.label_map` when
 
 `--mode=eval` scores each labelled case and writes `metrics.json` (top-level
 `mean_foreground_dice`) and `metrics.csv` (one row per case) into the output folder.
+
+The model, its checkpoint and the data settings come from the run itself (`WORKDIR/config.json`),
+so predictions always use the normalisation and label mapping the model was trained with; only
+the `inference` group (window overlap, batch, TTA) is taken from `--config` when it has one.
 """
 from __future__ import annotations
 
@@ -17,11 +21,18 @@ import json
 import os
 from typing import Any
 
+from absl import logging
+import jax
+import ml_collections
 import nibabel
 import numpy as np
 
+from unet_ds import checkpoint
+from unet_ds import config_lib
 from unet_ds import inference
 from unet_ds import metrics
+from unet_ds import models
+from unet_ds import optim
 from unet_ds.data import folder2d
 from unet_ds.data import io
 from unet_ds.data import msd
@@ -274,3 +285,118 @@ def _json_safe(value: Any) -> Any:
   if isinstance(value, float) and np.isnan(value):
     return None
   return value
+
+
+# ----------------------------------------------------------------------------- the run's model
+
+def run_config(config: Any, workdir: str) -> ml_collections.ConfigDict:
+  """The run's saved config, with `inference` from `config` when it has that group."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: train a model in this workdir first '
+                            '(--mode=train)')
+  with open(path) as f:
+    saved = ml_collections.ConfigDict(_tuples(json.load(f)))
+  passed = config.get('inference') if config is not None else None
+  if passed is not None:
+    saved.inference = ml_collections.ConfigDict(passed.to_dict() if hasattr(passed, 'to_dict')
+                                                else dict(passed))
+  same_data = config is not None and 'data' in config and config.data.get('name') == saved.data.name
+  for group in ('model', 'data'):  # only worth a word when --config looks like the run's own
+    if same_data and group in config and _differs(config[group], saved[group]):
+      logging.warning('--config.%s differs from the run\'s; predicting with the run\'s saved '
+                      'config (%s)', group, path)
+  return saved
+
+
+def _tuples(value: Any) -> Any:
+  """JSON lists back to tuples (ConfigDict fields such as patch_size were tuples)."""
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def _differs(a: Any, b: Any) -> bool:
+  to = lambda c: json.loads(json.dumps(c.to_dict() if hasattr(c, 'to_dict') else c,  # noqa: E731
+                                       default=str, sort_keys=True))
+  return to(a) != to(b)
+
+
+def restore_predict_fn(config: ml_collections.ConfigDict, workdir: str
+                       ) -> tuple[inference.PredictFn, int]:
+  """(`x -> final logits` with the latest checkpoint's weights, its step).
+
+  Needs only the checkpoint and the config, not the training data.
+  """
+  from unet_ds import train  # pylint: disable=g-import-not-at-top  (train imports the data stack)
+  model_cfg = config_lib.validate(config)
+  model = models.get_model(model_cfg)
+  tx, _ = optim.make_optimizer(config.optim, config.train.steps)
+  patch = tuple(config.data.get('patch_size') or config.data.shape)
+  shapes = jax.eval_shape(lambda: train.create_train_state(
+      model, tx, int(config.seed), (1, *patch, int(config.data.in_channels))))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          shapes)
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f'no checkpoints in {directory}: train first (--mode=train)')
+  ckpts = checkpoint.Checkpoints(directory, int(config.train.max_to_keep))
+  state, _, step = ckpts.restore(abstract)
+  ckpts.close()
+  variables = state.variables()
+  return (lambda x: model.apply(variables, x, train=False)[0]), int(step)
+
+
+def run(config: Any, workdir: str, *, mode: str, input_path: str | None, output: str | None,
+        probabilities: bool = False, cases: str | None = None) -> dict[str, Any]:
+  """`--mode=predict|eval --input=... --output=...` on files, with the run's latest checkpoint.
+
+  Args:
+    config: the `--config` value (only its `inference` group is used).
+    workdir: the training run's folder.
+    mode: 'predict' (write label maps) or 'eval' (score labelled cases, write metrics).
+    input_path: predict: an image file or folder; eval: a labelled folder (MSD task folder or
+      image/ + label/ folder). Eval without it scores the run's validation cases on its own
+      data path.
+    output: the folder to write into.
+    probabilities: also write per-class probabilities.
+    cases: eval only: 'all', 'validation', 'train' or 'id,id'. Default: the held-out
+      'validation' cases when `input_path` is the run's own `data.path`, else 'all'.
+
+  Returns:
+    predict: `{'written': [paths], 'step'}`; eval: the metrics summary.
+  """
+  if mode not in ('predict', 'eval'):
+    raise ValueError(f'mode={mode!r}: predict.run handles predict and eval')
+  if not output:
+    raise ValueError(f'--output is required for --mode={mode} on files')
+  if mode == 'predict' and not input_path:
+    raise ValueError('--input is required for --mode=predict (an image file or folder)')
+  cfg = run_config(config, workdir)
+  settings = settings_from_config(cfg)
+  if probabilities:
+    settings = dataclasses.replace(settings, save_probs=True)
+  predict_fn, step = restore_predict_fn(cfg, workdir)
+  predictor = Predictor(predict_fn, cfg.data, settings)
+  if mode == 'predict':
+    written = predict_files(predictor, find_inputs(input_path, cfg.data), output)
+    return {'written': written, 'step': step}
+  own_path = os.path.abspath(os.path.expanduser(cfg.data.path))
+  input_path = input_path or own_path
+  if cases is None:
+    cases = 'validation' if os.path.abspath(input_path) == own_path else 'all'
+  selected = find_labelled(input_path, cfg.data, cases)
+  print(f'eval: {len(selected)} {cases} cases of {input_path}, checkpoint step {step}')
+  summary = evaluate_cases(predictor, selected, output, write_predictions=True)
+  summary = {'mean_foreground_dice': summary['mean_foreground_dice'], 'step': step,
+             'cases_selected': cases, 'input': os.path.abspath(input_path),
+             **{k: v for k, v in summary.items() if k != 'mean_foreground_dice'}}
+  with open(os.path.join(output, 'metrics.json'), 'w') as f:
+    json.dump(_json_safe(summary), f, indent=1)
+  print(json.dumps({'mean_foreground_dice': summary['mean_foreground_dice'],
+                    'per_class_dice': summary['per_class']['dice'], 'num_cases': len(selected),
+                    'step': step, 'output': os.path.abspath(output)}))
+  return summary

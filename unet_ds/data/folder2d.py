@@ -140,7 +140,7 @@ def load(data_cfg: Any) -> dict[str, prepare.CaseSource]:
 
   `data_cfg` keys: path, num_classes (required); image_dir ('image'), label_dir ('label'),
   in_channels, normalization, clip_percentiles, label_map ('value:class,...'), val_fraction,
-  val_cases, split_seed, num_folds, fold, data_dir (where prepared data goes).
+  val_cases, seed (split seed), num_folds, fold, data_dir (where prepared data goes).
   """
   settings = settings_from_config(data_cfg)
   return prepare.prepare_and_load(Folder2d, make_config(settings),

@@ -155,7 +155,7 @@ def load(data_cfg: Any) -> dict[str, prepare.CaseSource]:
 
   `data_cfg` keys: path, num_classes (required); in_channels, normalization ('zscore' | 'minmax' |
   'none'), clip_percentiles ((low, high) or ()), label_map ('value:class,...'), val_fraction,
-  val_cases ('id,id' or list), split_seed, num_folds, fold, data_dir (where prepared data goes).
+  val_cases ('id,id' or list), seed (split seed), num_folds, fold, data_dir (where prepared data goes).
   """
   settings = settings_from_config(data_cfg)
   return prepare.prepare_and_load(MsdFolder, make_config(settings),

@@ -169,7 +169,7 @@ def common_settings(data_cfg: Any, what: str) -> dict[str, Any]:
       'label_map': sorted(label_map.items()) if label_map else [],
       'val_fraction': float(cfg_get(data_cfg, 'val_fraction', 0.2)),
       'val_cases': list(split_lib.parse_case_list(cfg_get(data_cfg, 'val_cases'))),
-      'split_seed': int(cfg_get(data_cfg, 'split_seed', 0)),
+      'split_seed': int(cfg_get(data_cfg, 'seed', 0)),  # config.data.seed: the split seed
       'num_folds': int(cfg_get(data_cfg, 'num_folds', 0)),
       'fold': int(cfg_get(data_cfg, 'fold', 0)),
   }
