@@ -145,3 +145,35 @@ def test_load_reads_config_file_and_checks_points(tmp_path):
     sweep.load(str(nosweep))
   with pytest.raises(FileNotFoundError, match='missing.py'):
     sweep.load(str(tmp_path / 'missing.py'))
+
+
+@pytest.mark.parametrize('config_arg, count, first, last', [
+    ('configs/ablation_synthetic.py', 12, 'mode=none,seed=0', 'mode=hypercolumn,seed=2'),
+    ('configs/ablation_synthetic.py:smoke', 4, 'mode=none,seed=0', 'mode=deep,seed=1'),
+    ('configs/ablation_synthetic.py:weights', 21, 'mode=none,seed=0',
+     'mode=deep,ds_weights=same,ds_schedule=linear,seed=2'),
+    ('configs/ablation_synthetic.py:weights,smoke', 3, 'mode=none,seed=0',
+     'mode=deep,ds_weights=same,ds_schedule=linear,seed=0'),
+    ('configs/ablation_synthetic.py:seeds=2,steps=60,side', 8, 'mode=none,seed=0',
+     'mode=hypercolumn,seed=1'),
+    ('configs/ablation_hippocampus.py:path=/data/hip', 12, 'mode=none,seed=0',
+     'mode=hypercolumn,seed=2'),
+])
+def test_ablation_configs(config_arg, count, first, last, monkeypatch):
+  from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+  config, points = sweep.load(config_arg)
+  names = sweep.point_names(points)
+  assert (len(points), names[0], names[-1]) == (count, first, last)
+  for point in points:  # Every point is a valid experiment (checked before any compute).
+    config_lib.validate(sweep.apply_overrides(config, point))
+  if 'steps=60' in config_arg:
+    assert (config.train.steps, config.train.eval_every, config.loss.side_losses) == (60, 10, True)
+
+
+def test_hippocampus_ablation_needs_a_path(monkeypatch):
+  monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+  with pytest.raises(ValueError, match='needs the task folder'):
+    sweep.load('configs/ablation_hippocampus.py')
+  config, _ = sweep.load('configs/ablation_hippocampus.py:path=/data/hip,fold=1')
+  assert (config.data.name, config.data.path, config.data.fold) == ('msd', '/data/hip', 1)
