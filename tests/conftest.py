@@ -5,3 +5,19 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+# One compilation cache for the whole session: tests that rebuild the same program (resume,
+# restore, eval) reuse the compiled executable instead of paying XLA again.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="unet_ds_jax_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  """One synthetic-data dir for the session (generated once per parameter set)."""
+  return str(tmp_path_factory.mktemp("tfds"))

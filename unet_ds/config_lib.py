@@ -90,6 +90,7 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.train.log_every = 10
   c.train.checkpoint_every = 100
   c.train.max_to_keep = 2
+  c.train.stop_at_step = 0            # > 0: checkpoint and stop there (a job slice); rerun resumes
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # devices on the data axis; -1: all

@@ -48,6 +48,9 @@ def main(argv):
 
 
 def _print_summary(summary: dict) -> None:
+  if 'final' not in summary:  # stopped early (train.stop_at_step): nothing scored yet
+    print(json.dumps(summary))
+    return
   final = summary['final']
   print(json.dumps({'step': summary['step'],
                     'mean_foreground_dice': summary['mean_foreground_dice'],

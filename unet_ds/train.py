@@ -232,11 +232,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, start = exp.init_state(), 0
 
   step_fn, eval_fn = exp.jit_train_step(), exp.jit_eval_step()
-  result = _train_loop(exp, state, start, data_iter, step_fn, eval_fn, ckpts, writer, config_json)
-  ckpts.wait()
-  ckpts.close()
-  writer.close()
-  return result
+  try:
+    return _train_loop(exp, state, start, data_iter, step_fn, eval_fn, ckpts, writer,
+                       config_json)
+  finally:  # on any error too: finish the async saves, so the last good checkpoint is complete
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
 
 
 def _train_loop(exp: Experiment, state: TrainState, start: int, data_iter: Iterator,
@@ -246,13 +248,14 @@ def _train_loop(exp: Experiment, state: TrainState, start: int, data_iter: Itera
   t0 = time.time()
   log = _StepLogger(exp, writer, start)
   pending = None  # (step, device metrics): fetched one step late so dispatch stays async
-  for step in range(start + 1, c.train.steps + 1):
+  last = c.train.steps if c.train.stop_at_step <= 0 else min(c.train.stop_at_step, c.train.steps)
+  for step in range(start + 1, last + 1):
     batch = sharding.shard_batch(exp.mesh, next(data_iter))
     state, m = step_fn(state, batch)
     if pending is not None:
       log(*pending)
     pending = (step, m)
-    save = step % c.train.checkpoint_every == 0 or step == c.train.steps
+    save = step % c.train.checkpoint_every == 0 or step == last
     score = step % c.train.eval_every == 0 or step == c.train.steps
     if save or score:  # never checkpoint or score a state whose step was not finite
       log(*pending)
@@ -263,6 +266,8 @@ def _train_loop(exp: Experiment, state: TrainState, start: int, data_iter: Itera
       log.last_eval = {'step': step, **exp.evaluate(state, eval_fn)}
       writer.write_eval(log.last_eval)
   log.close()
+  if last < c.train.steps:
+    return {'step': last, 'stopped_early': True}
   last_eval = log.last_eval
   if last_eval is None:  # resumed a finished run: score the restored state
     last_eval = {'step': int(state.step), **exp.evaluate(state, eval_fn)}

@@ -227,9 +227,11 @@ def _scatter_taps(y: jax.Array, g: jax.Array, strides: tuple[int, ...],
   m0 = tuple(lo // s for lo, s in zip(lows, strides))
   m1 = tuple(-(-(lo + n) // s) for lo, n, s in zip(lows, out_size, strides))
   y_pads = [(u - 1 - a, b - n) for u, a, b, n in zip(taps, m0, m1, y.shape[1:-1])]
-  # Negative pads crop: rows of y that only land outside the wanted window.
-  y = lax.pad(y, jnp.zeros((), y.dtype), [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in y_pads] + [
-      (0, 0, 0)])
+  # Negative pads crop rows of y that only land outside the wanted window; the conv pads the
+  # rest (cheaper than padding y here: no padded copy of the volume).
+  y = lax.pad(y, jnp.zeros((), y.dtype), [(0, 0, 0)] + [(min(lo, 0), min(hi, 0), 0)
+                                                        for lo, hi in y_pads] + [(0, 0, 0)])
+  conv_pads = tuple((max(lo, 0), max(hi, 0)) for lo, hi in y_pads)
   rows = tuple(b - a for a, b in zip(m0, m1))
   # Kernel of the phase conv: kg[v, ci, r, co] = g[r + s * (U - 1 - v)] (zero where t >= k).
   kg = jnp.pad(g, [(0, u * s - k) for u, s, k in zip(taps, strides, ksize)] + [(0, 0)] * 2)
@@ -243,7 +245,7 @@ def _scatter_taps(y: jax.Array, g: jax.Array, strides: tuple[int, ...],
   perm = [2 * a for a in range(rank)] + [2 * rank] + [2 * a + 1 for a in range(rank)] + [
       2 * rank + 1]
   kg = kg.transpose(perm).reshape(taps + (c_in, math.prod(strides) * c_out))
-  z = _conv(y, kg, (1,) * rank, ((0, 0),) * rank)  # [N, *rows, prod(s) * C_out]
+  z = _conv(y, kg, (1,) * rank, conv_pads)  # [N, *rows, prod(s) * C_out]
   n = z.shape[0]
   z = z.reshape((n,) + rows + tuple(strides) + (c_out,))
   # Interleave phases: [N, m_0, r_0, m_1, r_1, ..., C] -> [N, m_0 * s_0 + r_0, ..., C].

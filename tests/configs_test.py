@@ -1,0 +1,84 @@
+"""Every config file and argument loads and validates; bad configs fail before any compute."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from unet_ds import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+ARGS = [None, 'smoke', 'ds=none,smoke', 'ds=deep', 'ds=additive,smoke', 'ds=hypercolumn,smoke',
+        'bench_ref', 'seed=3']
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _needs_path(c):
+  return c.data.name in ('msd', 'folder2d')
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIG_FILES if not p.endswith('__init__.py')],
+                         ids=os.path.basename)
+def test_every_config_and_arg_validates(path):
+  module = _load(path)
+  args = getattr(module, 'ARGS', ARGS)  # a config file may declare its own argument set
+  for arg in args:
+    try:
+      c = module.get_config(arg)
+    except ValueError as e:  # an arg this file does not take must say so clearly
+      assert 'unknown config argument' in str(e), (path, arg, e)
+      continue
+    config_lib.validate(c)
+    assert c.model.num_classes in (c.data.num_classes, 1)
+
+
+def test_arg_parsing_and_unknown_arg():
+  assert config_lib.parse_arg('ds=deep,smoke') == {'ds': 'deep', 'smoke': True}
+  with pytest.raises(ValueError, match="unknown config argument 'smok'"):
+    config_lib.apply_args(config_lib.base_config(3), 'smok')
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('model.ds.mode', 'deeper', 'ds.mode must be one of'),
+    ('loss.ds_weights', '1,0.5,0.25,0.1', r'config.loss.ds_weights: .*4 values'),
+    ('loss.ds_weights', 'linear', 'neither one of'),
+    ('loss.name', 'focal', 'config.loss.name'),
+    ('optim.name', 'lamb', 'config.optim.name'),
+    ('loss.ds_schedule', 'step', 'config.loss.ds_schedule'),
+    ('train.steps', 0, 'config.train.steps'),
+    ('data.shape', (20, 16, 16), r'\(20, 16, 16\) must be divisible by 8'),
+    ('loss.name', 'bce_dice', 'bce_dice needs model.num_classes=1'),
+    ('mesh.space', 3, 'config.mesh.space=3 must divide'),
+])
+def test_validation_errors_name_the_key(key, value, match):
+  c = config_lib.base_config(3)
+  group, _, field = key.rpartition('.')
+  node = c
+  for part in group.split('.'):
+    node = node[part]
+  node[field] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(c)
+
+
+def test_cli_unknown_key_and_bad_value_fail_before_compute(tmp_path):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  cmd = [sys.executable, '-m', 'unet_ds.main', '--config=configs/unet3d.py:smoke',
+         f'--workdir={tmp_path / "w"}']
+  bad_key = subprocess.run(cmd + ['--config.loss.weights=exp'], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+  assert bad_key.returncode != 0 and 'weights' in bad_key.stderr
+  bad_value = subprocess.run(cmd + ['--config.model.norm=layer'], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+  assert bad_value.returncode != 0 and 'norm must be one of' in bad_value.stderr
+  assert not (tmp_path / 'w').exists()  # nothing was created, nothing ran

@@ -1,0 +1,155 @@
+"""End-to-end training tests on tiny synthetic data: every DS mode, resume, checkpoints, sharding."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unet_ds import checkpoint
+from unet_ds import config_lib
+from unet_ds import sharding
+from unet_ds import train
+
+
+def _smoke(data_dir, ndim=3, mode='deep', **train_kw):
+  c = config_lib.apply_args(config_lib.base_config(ndim), f'ds={mode},smoke')
+  c.data.data_dir = data_dir
+  c.mesh.data = 1
+  c.train.update(train_kw)
+  return c
+
+
+def _lines(path):
+  with open(path) as f:
+    return [json.loads(l) for l in f]
+
+
+@pytest.mark.parametrize('ndim', [2, 3])
+@pytest.mark.parametrize('mode', ['none', 'deep', 'additive', 'hypercolumn'])
+def test_one_step_train_and_evaluate_every_mode(tmp_path, data_dir, ndim, mode):
+  c = _smoke(data_dir, ndim, mode, steps=1, eval_every=1, checkpoint_every=1)
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert summary['step'] == 1
+  assert 0.0 <= summary['mean_foreground_dice'] <= 1.0
+  n_heads = 0 if mode == 'none' else 1
+  assert len(summary['heads']) == n_heads
+  (record,) = _lines(tmp_path / 'metrics.jsonl')
+  assert len(record['level_losses']) == len(record['ds_weights']) == 1 + n_heads
+  assert np.isfinite(record['loss'])
+  if mode in ('additive', 'hypercolumn'):  # one loss unless side losses are asked for
+    assert record['ds_weights'][1:] == [0.0] * n_heads
+  (ev,) = _lines(tmp_path / 'eval.jsonl')
+  assert ev['step'] == 1 and len(ev['final']['dice']) == 3
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['model']['ds']['mode'] == mode
+  assert json.loads((tmp_path / 'summary.json').read_text())['step'] == 1
+
+
+def test_loss_falls_when_overfitting_one_batch(data_dir):
+  c = _smoke(data_dir, 2, 'deep')
+  c.optim.update(lr=1e-2, schedule='constant', warmup_steps=0)
+  exp = train.Experiment.build(c, '/tmp/unused')
+  state = exp.init_state()
+  batch = next(iter(exp.train_loader()))
+  batch = sharding.shard_batch(exp.mesh, batch)
+  step = exp.jit_train_step()
+  losses = []
+  for _ in range(40):
+    state, m = step(state, batch)
+    losses.append(float(m['loss']))
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_checkpoint_round_trip(tmp_path, data_dir):
+  exp = train.Experiment.build(_smoke(data_dir, 2), str(tmp_path))
+  state = exp.init_state()
+  ckpts = checkpoint.Checkpoints(str(tmp_path / 'ck'), 2)
+  ckpts.save(7, state, b'{"pos": 3}', config_lib.to_json(exp.config))
+  ckpts.wait()
+  restored, data_state, step = ckpts.restore(exp.abstract_state())
+  assert step == 7 and data_state == b'{"pos": 3}'
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+  ckpts.close()
+
+
+def test_resume_equals_uninterrupted(tmp_path, data_dir):
+  kw = dict(steps=4, eval_every=4, checkpoint_every=2)
+  straight = train.train_and_evaluate(_smoke(data_dir, 2, **kw), str(tmp_path / 'a'))
+  part = train.train_and_evaluate(_smoke(data_dir, 2, stop_at_step=2, **kw), str(tmp_path / 'b'))
+  assert part == {'step': 2, 'stopped_early': True}
+  resumed = train.train_and_evaluate(_smoke(data_dir, 2, **kw), str(tmp_path / 'b'))
+  _, state_a = train.restore_state(_smoke(data_dir, 2, **kw), str(tmp_path / 'a'))
+  _, state_b = train.restore_state(_smoke(data_dir, 2, **kw), str(tmp_path / 'b'))
+  assert int(state_a.step) == int(state_b.step) == 4
+  for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
+    np.testing.assert_array_equal(a, b)
+  assert straight['final'] == resumed['final']
+  # The log of the resumed run is the same sequence of steps and losses.
+  la, lb = _lines(tmp_path / 'a' / 'metrics.jsonl'), _lines(tmp_path / 'b' / 'metrics.jsonl')
+  assert [r['step'] for r in lb] == [1, 2, 3, 4]
+  np.testing.assert_array_equal([r['loss'] for r in la], [r['loss'] for r in lb])
+
+
+def test_eval_mode_scores_latest_checkpoint(tmp_path, data_dir):
+  c = _smoke(data_dir, 2, steps=2, eval_every=2, checkpoint_every=2)
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  again = train.evaluate_checkpoint(c, str(tmp_path))
+  assert again['step'] == 2 and again['final'] == summary['final']
+  with pytest.raises(FileNotFoundError, match='no checkpoints'):
+    train.evaluate_checkpoint(c, str(tmp_path / 'empty'))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, monkeypatch):
+  c = _smoke(data_dir, 2, steps=6, eval_every=6, checkpoint_every=2)
+  real = train.Experiment.train_loader
+
+  class Poisoned:
+    """The real iterator, with NaN images in the 3rd batch."""
+
+    def __init__(self, it):
+      self._it, self._n = it, 0
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      self._n += 1
+      batch = next(self._it)
+      return {**batch, 'image': np.full_like(batch['image'], np.nan)} if self._n == 3 else batch
+
+    def get_state(self):
+      return self._it.get_state()
+
+  def poisoned(exp):
+    return Poisoned(iter(real(exp)))
+
+  monkeypatch.setattr(train.Experiment, 'train_loader', poisoned)
+  with pytest.raises(FloatingPointError, match='at step 3'):
+    train.train_and_evaluate(c, str(tmp_path))
+  ckpts = checkpoint.Checkpoints(str(tmp_path / 'checkpoints'))
+  assert ckpts.latest_step() == 2
+  ckpts.close()
+  assert not (tmp_path / 'summary.json').exists()
+
+
+def test_data_parallel_step_matches_single_device(data_dir):
+  assert jax.device_count() >= 4
+  results = []
+  for devices in (1, 4):
+    c = _smoke(data_dir, 3, 'deep', batch_size=4, eval_batch_size=4)
+    c.mesh.data = devices
+    exp = train.Experiment.build(c, '/tmp/unused')
+    state = exp.init_state()
+    batch = sharding.shard_batch(exp.mesh, next(iter(exp.train_loader())))
+    assert len(batch['image'].sharding.device_set) == devices
+    state, m = exp.jit_train_step()(state, batch)
+    results.append((float(m['loss']), jax.tree.map(np.asarray, state.params)))
+  (loss1, p1), (loss4, p4) = results
+  np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,205 @@
+"""Times the jitted train step and inference forward of any config; prints one JSON line.
+
+  python -m unet_ds.bench --config=configs/unet3d.py:bench_ref [--steps=10] [--warmup=2]
+      [--config.model.conv_impl=native] [--config.model.dtype=bfloat16] [--mode=train|infer|both]
+
+The batch is random (image ~ N(0, 1), labels uniform over the classes), built on the host once
+and placed like the trainer places its batches, so no dataset is prepared or read. Compile time
+is reported apart from the step times (median / min / max over `--steps` after `--warmup`).
+FLOPs are the model's: XLA's cost analysis of the same step lowered with the native ops (the CPU
+fast path computes the same math; its scans would be undercounted by the compiled analysis).
+Memory: peak host RSS, and the device's peak bytes in use where the backend reports them.
+
+Compare with MONAI's DynUNet on the same shapes with `benchmarks/monai_dynunet.py` (optional
+extra: torch and monai in their own venv); run both under the same allocator (README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/unet3d.py:bench_ref',
+                                          'Experiment config file (path[:args]).',
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_MODE = flags.DEFINE_enum('mode', 'both', ['train', 'infer', 'both'], 'What to time.')
+_PEAK = flags.DEFINE_float('peak_flops', 0.0, 'Device peak FLOP/s for `fraction_of_peak`; '
+                           '0: a known value for the device kind and dtype, if any.')
+
+# Dense peaks (FLOP/s) of devices we have measured on, by (device_kind substring, dtype).
+_KNOWN_PEAKS = {
+    ('H100', 'bfloat16'): 989e12,   # SXM, dense tensor cores
+    ('H100', 'float32'): 67e12,     # SXM, non-tensor fp32
+    ('H200', 'bfloat16'): 989e12,
+    ('H200', 'float32'): 67e12,
+}
+
+
+def known_peak(device_kind: str, dtype: str) -> float | None:
+  for (kind, dt), peak in _KNOWN_PEAKS.items():
+    if kind in device_kind and dt == dtype:
+      return peak
+  return None
+
+
+def _stats(seconds: list[float], prefix: str) -> dict[str, float]:
+  return {f'{prefix}_median': statistics.median(seconds), f'{prefix}_min': min(seconds),
+          f'{prefix}_max': max(seconds)}
+
+
+def _time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> tuple[float, list[float]]:
+  """(compile + first call seconds, per-call seconds of `steps` calls after `warmup`)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return first, times
+
+
+def _flops(lowered: Any) -> float | None:
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  (backends without an analysis)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
+        peak_flops: float = 0.0) -> dict[str, Any]:
+  """Builds the model, optimiser and DS loss of `config`, times them; returns the JSON record."""
+  import jax  # pylint: disable=g-import-not-at-top  (after flags)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
+  from unet_ds import models  # pylint: disable=g-import-not-at-top
+  from unet_ds import optim  # pylint: disable=g-import-not-at-top
+  from unet_ds import sharding  # pylint: disable=g-import-not-at-top
+  from unet_ds import train  # pylint: disable=g-import-not-at-top
+  from unet_ds.data import datasets  # pylint: disable=g-import-not-at-top
+  from unet_ds.models import layers  # pylint: disable=g-import-not-at-top
+
+  if steps < 1 or warmup < 0:
+    raise ValueError(f'bench: need steps >= 1 and warmup >= 0, got {steps}, {warmup}')
+  model_cfg = config_lib.validate(config)
+  sharding.maybe_initialize_distributed(config.mesh)
+  mesh = sharding.make_mesh(config.mesh)
+  batch_size = int(config.train.batch_size)
+  sharding.check_batch_size(mesh, batch_size, 'batch_size')
+  shape = tuple(datasets.training_shape(config.data))
+  num_classes = max(int(config.data.num_classes), 2)
+  tx, _ = optim.make_optimizer(config.optim, int(config.train.steps))
+  ds_loss = train.DSLoss.from_config(config, model_cfg)
+  input_shape = (batch_size, *shape, int(config.data.in_channels))
+
+  rng = np.random.default_rng(0)
+  host_batch = {
+      'image': rng.standard_normal(input_shape, dtype=np.float32),
+      'label': rng.integers(0, num_classes, (batch_size, *shape), dtype=np.int32),
+  }
+  batch = sharding.shard_batch(mesh, host_batch)
+
+  def build(impl: str):
+    model = models.get_model(dataclasses.replace(model_cfg, conv_impl=impl))
+    step = functools.partial(train.train_step, model=model, tx=tx, ds_loss=ds_loss)
+    return model, step
+
+  impl = layers.resolve_impl(model_cfg.conv_impl)
+  model, step = build(model_cfg.conv_impl)
+  repl = sharding.replicated(mesh)
+  init = functools.partial(train.create_train_state, model, tx, int(config.seed), input_shape)
+  state = jax.jit(init, out_shardings=repl)()
+  native_model, native_step = build('native')
+
+  dev = jax.devices()[0]
+  record: dict[str, Any] = {
+      'backend': jax.default_backend(), 'device_kind': dev.device_kind,
+      'num_devices': jax.device_count(), 'conv_impl': impl, 'dtype': model_cfg.dtype,
+      'remat': model_cfg.remat, 'batch_size': batch_size, 'shape': list(shape),
+      'timed_steps': steps,
+  }
+  voxels = batch_size * math.prod(shape)
+  peak = peak_flops or known_peak(dev.device_kind, model_cfg.dtype)
+
+  if mode in ('train', 'both'):
+    record['train_flops_per_step'] = _flops(
+        jax.jit(native_step).lower(state, batch))
+    train_fn = jax.jit(step, out_shardings=(repl, repl), donate_argnums=0)
+    t = time.perf_counter()
+    compiled = train_fn.lower(state, batch).compile()
+    record['compile_s'] = time.perf_counter() - t
+    holder = {'state': state}
+
+    def one_step():
+      holder['state'], m = compiled(holder['state'], batch)
+      return m
+
+    first, times = _time_calls(one_step, steps, warmup)
+    record['first_step_s'] = first
+    record.update(_stats(times, 'step_s'))
+    record['voxels_per_s'] = voxels / record['step_s_median']
+    if record['train_flops_per_step']:
+      record['achieved_flops_per_s'] = record['train_flops_per_step'] / record['step_s_median']
+      if peak:
+        record['fraction_of_peak'] = record['achieved_flops_per_s'] / peak
+    state = holder['state']
+
+  if mode in ('infer', 'both'):
+    def forward(m, variables, x):
+      return m.apply(variables, x, train=False)
+
+    variables = state.variables()
+    record['infer_flops'] = _flops(
+        jax.jit(functools.partial(forward, native_model)).lower(variables, batch['image']))
+    infer_fn = jax.jit(functools.partial(forward, model))
+    t = time.perf_counter()
+    compiled_infer = infer_fn.lower(variables, batch['image']).compile()
+    record['infer_compile_s'] = time.perf_counter() - t
+    _, times = _time_calls(lambda: compiled_infer(variables, batch['image']), steps, warmup)
+    record.update(_stats(times, 'infer_s'))
+    record['infer_voxels_per_s'] = voxels / record['infer_s_median']
+    if record['infer_flops']:
+      record['infer_achieved_flops_per_s'] = record['infer_flops'] / record['infer_s_median']
+
+  if peak:
+    record['peak_flops_per_s'] = peak
+  record['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  try:
+    mem = dev.memory_stats() or {}
+  except Exception:  # pylint: disable=broad-except
+    mem = {}
+  if 'peak_bytes_in_use' in mem:
+    record['device_peak_mb'] = mem['peak_bytes_in_use'] / 2**20
+  record['config'] = json.loads(config_lib.to_json(config))
+  return record
+
+
+def main(argv):
+  del argv
+  record = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value, mode=_MODE.value,
+               peak_flops=_PEAK.value)
+  print(json.dumps(record))
+
+
+if __name__ == '__main__':
+  app.run(main)
