@@ -141,7 +141,7 @@ def test_data_parallel_step_matches_single_device(data_dir):
   assert jax.device_count() >= 4
   results = []
   for devices in (1, 4):
-    c = _smoke(data_dir, 3, 'deep', batch_size=4, eval_batch_size=4)
+    c = _smoke(data_dir, 2, 'deep', batch_size=4, eval_batch_size=4)
     c.mesh.data = devices
     exp = train.Experiment.build(c, '/tmp/unused')
     state = exp.init_state()
