@@ -51,7 +51,7 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True)
 class DSLoss:
-  """The configured DS loss: `(final, intermediates, label, step) -> (loss, aux)`."""
+  """The configured DS loss: per-level loss, resolution matching and the weight schedule."""
   base_weights: tuple[float, ...]
   level_loss: Callable[..., jax.Array]
   num_classes: int
@@ -80,11 +80,6 @@ class DSLoss:
     return losses.scheduled_weights(np.asarray(self.base_weights), step, schedule=self.schedule,
                                     decay_steps=self.decay_steps, floor=self.floor)
 
-  def __call__(self, final, intermediates, label, step) -> tuple[jax.Array, dict]:
-    return losses.deep_supervision_loss(
-        final, intermediates, label, self.weights(step), level_loss=self.level_loss,
-        num_classes=self.num_classes, target=self.target, downsample=self.downsample,
-        ignore_index=self.ignore_index)
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
@@ -100,17 +95,26 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               tx: optax.GradientTransformation, ds_loss: DSLoss
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on the coefficient-weighted DS loss; weights follow the step."""
+               tx: optax.GradientTransformation, ds_loss: DSLoss,
+               weights: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on the coefficient-weighted DS loss.
+
+  The DS weights follow the step through `ds_loss`'s schedule, unless `weights` ([1 + n_heads])
+  are given (vmapped multi-run training passes each run's own).
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  if weights is None:
+    weights = ds_loss.weights(state.step)
 
   def loss_fn(params):
     variables = {**state.variables(), 'params': params}
     (final, intermediates), updates = model.apply(
         variables, batch['image'], train=True, mutable=['batch_stats'],
         rngs={'dropout': dropout_rng})
-    loss, aux = ds_loss(final, intermediates, batch['label'], state.step)
+    loss, aux = losses.deep_supervision_loss(
+        final, intermediates, batch['label'], weights, level_loss=ds_loss.level_loss,
+        num_classes=ds_loss.num_classes, target=ds_loss.target, downsample=ds_loss.downsample,
+        ignore_index=ds_loss.ignore_index)
     return loss, (aux, updates)
 
   (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
