@@ -96,6 +96,14 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.mesh.data = -1                    # devices on the data axis; -1: all
   c.mesh.space = 1                    # devices splitting the first spatial axis
   c.mesh.distributed = False          # call jax.distributed.initialize() (multi-host)
+
+  # K runs trained together in one vmapped program (unet_ds.multirun); per-run lists: () = same.
+  c.multirun = ml_collections.ConfigDict()
+  c.multirun.k = 0                    # 0 or 1: off
+  c.multirun.seeds = ()               # () -> seed, seed + 1, ...
+  c.multirun.ds_weights = ()          # per run, as loss.ds_weights ('exp', '1,0.5,0.25', ...)
+  c.multirun.ds_schedule = ()         # per run, as loss.ds_schedule
+  c.multirun.ds_floor = ()            # per run, as loss.ds_floor
   return c
 
 
@@ -213,7 +221,60 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
   if c.mesh.space > 1 and (shape[0] // m) % c.mesh.space:
     raise ValueError(f'config.mesh.space={c.mesh.space} must divide the lowest-resolution size '
                      f'{shape[0] // m} of the first spatial axis')
+  _validate_multirun(c, model_cfg)
   return model_cfg
+
+
+MULTIRUN_LISTS = ('seeds', 'ds_weights', 'ds_schedule', 'ds_floor')
+
+
+def _validate_multirun(c: ml_collections.ConfigDict, model_cfg: models.UNetConfig) -> None:
+  """`config.multirun`: list lengths, per-run values and distinct runs (see unet_ds.multirun)."""
+  mr = c.get('multirun')
+  if mr is None:
+    return
+  k = mr.k
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+    raise ValueError(f'config.multirun.k: must be an int >= 0 (0 or 1: off), got {k!r}')
+  for key in MULTIRUN_LISTS:
+    values = mr.get(key) or ()
+    if isinstance(values, str) or not isinstance(values, (tuple, list)):
+      raise ValueError(f'config.multirun.{key}: must be a tuple (one value per run), '
+                       f'got {values!r}')
+    if values and k <= 1:
+      raise ValueError(f'config.multirun.{key} has {len(values)} values but multirun.k={k} '
+                       '(multi-run is off); set multirun.k to the number of runs')
+    if values and len(values) != k:
+      raise ValueError(f'config.multirun.{key}: has {len(values)} values {tuple(values)}, '
+                       f'needs multirun.k={k} (or none: same for every run)')
+  if k <= 1:
+    return
+  for i, seed in enumerate(mr.seeds or [c.seed + i for i in range(k)]):
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+      raise ValueError(f'config.multirun.seeds[{i}] (default: seed + {i}): must be an int in '
+                       f'[0, 2**31), got {seed!r}')
+  for i, spec in enumerate(mr.ds_weights):
+    try:
+      losses.output_weights(weights_spec(spec), model_cfg.head_levels, side_losses=side_losses(c))
+    except ValueError as e:
+      raise ValueError(f'config.multirun.ds_weights[{i}]: {e}') from None
+  for i, schedule in enumerate(mr.ds_schedule):
+    _check_choice(schedule, losses.SCHEDULES, f'multirun.ds_schedule[{i}]')
+  for i, floor in enumerate(mr.ds_floor):
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0.0 <= floor <= 1.0:
+      raise ValueError(f'config.multirun.ds_floor[{i}]: must be a number in [0, 1], got {floor!r}')
+
+  def pick(key, i, default):
+    return mr[key][i] if mr[key] else default
+  runs = [(int(pick('seeds', i, c.seed + i)),
+           weights_spec(pick('ds_weights', i, c.loss.ds_weights)),
+           pick('ds_schedule', i, c.loss.ds_schedule), float(pick('ds_floor', i, c.loss.ds_floor)))
+          for i in range(k)]
+  for i, run in enumerate(runs):
+    if run in runs[:i]:
+      raise ValueError(f'config.multirun: runs {runs.index(run)} and {i} are the same run '
+                       '(seed, ds_weights, ds_schedule, ds_floor) = '
+                       f'{run!r}; give them distinct seeds or DS settings')
 
 
 def side_losses(c: ml_collections.ConfigDict) -> bool:

@@ -33,10 +33,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  from unet_ds import train  # pylint: disable=g-import-not-at-top  (after flags: fast --help)
+  from unet_ds import multirun, train  # pylint: disable=g-import-not-at-top  (fast --help)
   config = _CONFIG.value
   if _MODE.value == 'train':
-    summary = train.train_and_evaluate(config, _WORKDIR.value)
+    trainer = multirun if config.get('multirun', {}).get('k', 0) > 1 else train  # K runs, 1 program
+    summary = trainer.train_and_evaluate(config, _WORKDIR.value)
     _print_summary(summary)
   elif _MODE.value == 'eval' and not _INPUT.value:
     summary = train.evaluate_checkpoint(config, _WORKDIR.value)

@@ -1,0 +1,389 @@
+"""One-program multi-run training: K runs of one architecture trained together by `jax.vmap`.
+
+The runs share the model, optimiser, data and loss form; they differ in seed (initial parameters,
+dropout and the order of their data) and in the DS loss weights, schedule and floor, set per run by
+`config.multirun` (`k`, `seeds`, `ds_weights`, `ds_schedule`, `ds_floor`). Their train states are
+stacked along a leading run axis, their batches too (`[K, B, ...]`, each from its own loader seeded
+as its single run would be), and one jitted step vmaps `train.train_step` over them, with each run's
+DS weights computed inside the step from its step count and its own arrays. So K small runs fill a
+device that one of them would leave idle, with one compilation instead of K.
+
+Each run writes `WORKDIR/<run name>/{config.json,metrics.jsonl,eval.jsonl,summary.json}` exactly as
+`train.train_and_evaluate` would for that run alone (its config has its own seed and DS settings and
+multi-run off), so `experiments.report WORKDIR` reads them as ordinary runs. The stacked state and
+the K data-iterator positions are checkpointed together in `WORKDIR/checkpoints`; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+import re
+import time
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from unet_ds import checkpoint
+from unet_ds import config_lib
+from unet_ds import logs
+from unet_ds import losses
+from unet_ds import metrics
+from unet_ds import sharding
+from unet_ds import train
+from unet_ds.data import datasets
+from unet_ds.data import pipeline
+
+_UNSAFE_CHARS = re.compile(r'[^A-Za-z0-9._+=,-]')
+
+
+# ----------------------------------------------------------------------------- runs
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One member run: its directory name and its resolved single-run config (multi-run off)."""
+  name: str
+  config: ml_collections.ConfigDict
+
+
+def _format(value: Any) -> str:
+  if isinstance(value, float):
+    return repr(value)
+  if isinstance(value, (tuple, list)):
+    return '_'.join(_format(v) for v in value)
+  return str(value).replace(',', '_')
+
+
+def _weights_string(spec: Any) -> str:
+  """A per-run `ds_weights` value as `loss.ds_weights` holds it (a scheme or 'a,b,c')."""
+  return spec if isinstance(spec, str) else ','.join(repr(float(w)) for w in spec)
+
+
+def member_runs(config: ml_collections.ConfigDict) -> list[Run]:
+  """The K runs of `config.multirun` (validated), named by seed and the per-run DS settings.
+
+  A name lists `seed` and every setting given per run, in the order seeds, ds_weights,
+  ds_schedule, ds_floor: e.g. `seed=1` or `seed=0,ds_weights=1_0.5_0.25` (commas inside a value
+  become `_`). Names are deterministic and, as runs must differ, unique.
+  """
+  config_lib.validate(config)
+  mr = config.multirun
+  k = int(mr.k)
+  if k < 2:
+    raise ValueError(f'config.multirun.k={k}: multi-run needs k >= 2 (train.train_and_evaluate '
+                     'trains a single run)')
+  runs = []
+  for i in range(k):
+    c = copy.deepcopy(config)
+    c.seed = int(mr.seeds[i]) if mr.seeds else int(config.seed) + i
+    parts = {'seed': c.seed}
+    if mr.ds_weights:
+      c.loss.ds_weights = _weights_string(mr.ds_weights[i])
+      parts['ds_weights'] = c.loss.ds_weights
+    if mr.ds_schedule:
+      c.loss.ds_schedule = mr.ds_schedule[i]
+      parts['ds_schedule'] = c.loss.ds_schedule
+    if mr.ds_floor:
+      c.loss.ds_floor = float(mr.ds_floor[i])
+      parts['ds_floor'] = c.loss.ds_floor
+    c.multirun.k = 0
+    for key in config_lib.MULTIRUN_LISTS:
+      c.multirun[key] = ()
+    name = _UNSAFE_CHARS.sub('_', ','.join(f'{key}={_format(v)}' for key, v in parts.items()))
+    runs.append(Run(name=name, config=c))
+  names = [r.name for r in runs]
+  if len(set(names)) != len(names):
+    raise ValueError(f'config.multirun: runs share a directory name: {names}')
+  return runs
+
+
+# ----------------------------------------------------------------------------- the step
+
+@flax.struct.dataclass
+class RunWeights:
+  """Per-run DS weight settings, stacked `[K, ...]` (one run's slice inside the vmapped step)."""
+  base: jax.Array      # [K, 1 + n_heads] base weights
+  schedule: jax.Array  # [K] int32: index into losses.SCHEDULES
+  floor: jax.Array     # [K] float32
+
+  @classmethod
+  def from_losses(cls, ds_losses: Sequence[train.DSLoss]) -> 'RunWeights':
+    return cls(base=jnp.asarray([l.base_weights for l in ds_losses], jnp.float32),
+               schedule=jnp.asarray([losses.SCHEDULES.index(l.schedule) for l in ds_losses],
+                                    jnp.int32),
+               floor=jnp.asarray([l.floor for l in ds_losses], jnp.float32))
+
+
+def scheduled_weights(run: RunWeights, step: jax.Array, *, decay_steps: int) -> jax.Array:
+  """One run's DS weights at `step`: `losses.scheduled_weights` with a traced schedule choice.
+
+  Every schedule's side-weight scale is computed and the run's is picked with jnp ops, so runs
+  with different schedules stay in one program.
+  """
+  scales = jnp.stack([
+      losses.side_weight_scale(step, schedule=s, decay_steps=decay_steps, floor=run.floor)
+      for s in losses.SCHEDULES])
+  return run.base.at[1:].multiply(scales[run.schedule])
+
+
+def multi_train_step(states: train.TrainState, batches: dict[str, jax.Array],
+                     run_weights: RunWeights, *, model: Any, tx: optax.GradientTransformation,
+                     ds_loss: train.DSLoss) -> tuple[train.TrainState, dict[str, jax.Array]]:
+  """`train.train_step` vmapped over stacked states, batches `[K, B, ...]` and run weights."""
+  def one(state, batch, run):
+    weights = scheduled_weights(run, state.step, decay_steps=ds_loss.decay_steps)
+    return train.train_step(state, batch, model=model, tx=tx, ds_loss=ds_loss, weights=weights)
+  return jax.vmap(one)(states, batches, run_weights)
+
+
+def multi_eval_step(states: train.TrainState, batch: dict[str, jax.Array], *, model: Any,
+                    num_classes: int) -> jax.Array:
+  """`[K, 1 + n_heads, 3, C]` confusion counts: every run scores the same batch."""
+  step = functools.partial(train.eval_step, model=model, num_classes=num_classes)
+  return jax.vmap(step, in_axes=(0, None))(states, batch)
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+@dataclasses.dataclass
+class MultiExperiment:
+  """The shared experiment (model, optimiser, mesh, data) and the K runs trained with it."""
+  exp: train.Experiment
+  runs: list[Run]
+  run_weights: RunWeights
+
+  @classmethod
+  def build(cls, config: ml_collections.ConfigDict, workdir: str) -> 'MultiExperiment':
+    runs = member_runs(config)  # every config error before any compute
+    exp = train.Experiment.build(runs[0].config, workdir)
+    model_cfg = config_lib.validate(runs[0].config)
+    ds_losses = [train.DSLoss.from_config(r.config, model_cfg) for r in runs]
+    return cls(exp=exp, runs=runs, run_weights=RunWeights.from_losses(ds_losses))
+
+  @property
+  def k(self) -> int:
+    return len(self.runs)
+
+  def run_experiment(self, index: int) -> train.Experiment:
+    """The shared experiment seen with run `index`'s config (its seed, its DS loss)."""
+    run = self.runs[index]
+    model_cfg = config_lib.validate(run.config)
+    return dataclasses.replace(self.exp, config=run.config,
+                               workdir=os.path.join(self.exp.workdir, run.name),
+                               ds_loss=train.DSLoss.from_config(run.config, model_cfg))
+
+  def _init_fn(self) -> Callable[[jax.Array], train.TrainState]:
+    exp = self.exp
+    init = functools.partial(train.create_train_state, exp.model, exp.tx,
+                             input_shape=exp.input_shape)
+    return jax.vmap(lambda seed: init(seed=seed))
+
+  def _seeds(self) -> jax.Array:
+    return jnp.asarray([int(r.config.seed) for r in self.runs], jnp.int32)
+
+  def init_state(self) -> train.TrainState:
+    return jax.jit(self._init_fn(), out_shardings=sharding.replicated(self.exp.mesh))(self._seeds())
+
+  def abstract_state(self) -> train.TrainState:
+    shapes = jax.eval_shape(self._init_fn(), self._seeds())
+    repl = sharding.replicated(self.exp.mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+
+  def jit_train_step(self) -> Callable:
+    exp = self.exp
+    repl = sharding.replicated(exp.mesh)
+    step = functools.partial(multi_train_step, model=exp.model, tx=exp.tx, ds_loss=exp.ds_loss)
+    return jax.jit(step, out_shardings=(repl, repl), donate_argnums=0)
+
+  def jit_eval_step(self) -> Callable:
+    step = functools.partial(multi_eval_step, model=self.exp.model,
+                             num_classes=self.exp.num_classes)
+    return jax.jit(step, out_shardings=sharding.replicated(self.exp.mesh))
+
+  def train_loaders(self) -> list[Any]:
+    """Each run's loader, exactly as its single run builds it (seeded with the run's seed)."""
+    return [self.run_experiment(i).train_loader() for i in range(self.k)]
+
+  def shard_batches(self, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+    """K host-local batches -> global `[K, B, ...]` arrays, B sharded as in a single run."""
+    out = {}
+    for key in batches[0]:
+      value = np.stack([np.asarray(b[key]) for b in batches])
+      spec = sharding.batch_spec(value.ndim - 1, spatial=value.ndim > 2)
+      out[key] = jax.make_array_from_process_local_data(
+          NamedSharding(self.exp.mesh, P(None, *spec)), value)
+    return out
+
+  def evaluate(self, states: train.TrainState, eval_fn: Callable | None = None
+               ) -> list[dict[str, Any]]:
+    """Each run's scores on the whole validation split (`train.Experiment.evaluate` per run)."""
+    eval_fn = eval_fn or self.jit_eval_step()
+    exp, c = self.exp, self.exp.config
+    source = datasets.eval_source(c.data, exp.sources['validation'])
+    total = None
+    for batch in pipeline.make_eval_batches(
+        source, batch_size=c.train.eval_batch_size // jax.process_count(),
+        shard_index=jax.process_index(), shard_count=jax.process_count()):
+      counts = np.asarray(eval_fn(states, sharding.shard_batch(exp.mesh, batch)), np.int64)
+      total = counts if total is None else total + counts
+    return [metrics.summarize_outputs(t) for t in total]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _Iterators:
+  """The K data iterators; their positions checkpoint as one JSON list (bytes)."""
+
+  def __init__(self, loaders: Sequence[Any], names: Sequence[str]):
+    self._iters = [iter(l) for l in loaders]
+    self._names = list(names)
+
+  def __next__(self) -> list[dict[str, np.ndarray]]:
+    return [next(it) for it in self._iters]
+
+  def get_state(self) -> bytes:
+    return json.dumps([{'run': n, 'iterator': it.get_state().decode()}
+                       for n, it in zip(self._names, self._iters)]).encode()
+
+  def set_state(self, state: bytes, where: str) -> None:
+    saved = json.loads(state.decode())
+    names = [s['run'] for s in saved]
+    if names != self._names:
+      raise ValueError(f'{where} holds the runs {names}, but config.multirun gives {self._names}; '
+                       'use a new workdir for different runs')
+    for it, s in zip(self._iters, saved):
+      it.set_state(s['iterator'].encode())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains the K runs of `config.multirun` together (resuming), evaluates, writes per-run logs.
+
+  Returns `{'step', 'runs': {name: summary}}` (or `{'step', 'stopped_early': True}` when
+  `train.stop_at_step` stopped it), each summary as `train.train_and_evaluate` returns it.
+  """
+  mexp = MultiExperiment.build(config, workdir)
+  exp = mexp.exp
+  writers = [logs.Writer(os.path.join(exp.workdir, r.name)) for r in mexp.runs]
+  for run, writer in zip(mexp.runs, writers):
+    if writer.enabled:
+      with open(writer.path('config.json'), 'w') as f:
+        f.write(config_lib.to_json(run.config))
+  config_json = config_lib.to_json(config)
+  if jax.process_index() == 0:  # what the workdir holds: the runs and the config that made them
+    with open(os.path.join(exp.workdir, 'multirun.json'), 'w') as f:
+      json.dump({'runs': [r.name for r in mexp.runs], 'config': json.loads(config_json)}, f,
+                indent=2)
+  ckpts = checkpoint.Checkpoints(os.path.join(exp.workdir, 'checkpoints'),
+                                 config.train.max_to_keep)
+  data_iter = _Iterators(mexp.train_loaders(), [r.name for r in mexp.runs])
+  if ckpts.latest_step() is not None:
+    states, data_state, start = ckpts.restore(mexp.abstract_state())
+    if data_state is not None:
+      data_iter.set_state(data_state, f'checkpoint {start} in {ckpts.directory}')
+    for writer in writers:
+      writer.truncate_after(start)
+  else:
+    states, start = mexp.init_state(), 0
+
+  try:
+    return _train_loop(mexp, states, start, data_iter, ckpts, writers, config_json)
+  finally:  # on any error too: finish the async saves, so the last good checkpoint is complete
+    ckpts.wait()
+    ckpts.close()
+    for writer in writers:
+      writer.close()
+
+
+def _train_loop(mexp: MultiExperiment, states: train.TrainState, start: int,
+                data_iter: _Iterators, ckpts: checkpoint.Checkpoints,
+                writers: Sequence[logs.Writer], config_json: str) -> dict[str, Any]:
+  c = mexp.exp.config
+  step_fn, eval_fn = mexp.jit_train_step(), mexp.jit_eval_step()
+  t0 = time.time()
+  log = _StepLogger(mexp, writers, start)
+  pending = None  # (step, device metrics): fetched one step late so dispatch stays async
+  last = c.train.steps if c.train.stop_at_step <= 0 else min(c.train.stop_at_step, c.train.steps)
+  for step in range(start + 1, last + 1):
+    states, m = step_fn(states, mexp.shard_batches(next(data_iter)), mexp.run_weights)
+    if pending is not None:
+      log(*pending)
+    pending = (step, m)
+    save = step % c.train.checkpoint_every == 0 or step == last
+    score = step % c.train.eval_every == 0 or step == c.train.steps
+    if save or score:  # never checkpoint or score a state whose step was not finite
+      log(*pending)
+      pending = None
+    if save:
+      ckpts.save(step, states, data_iter.get_state(), config_json)
+    if score:
+      log.last_evals = [{'step': step, **e} for e in mexp.evaluate(states, eval_fn)]
+      for writer, record in zip(writers, log.last_evals):
+        writer.write_eval(record)
+  log.close()
+  if last < c.train.steps:
+    return {'step': last, 'stopped_early': True}
+  last_evals = log.last_evals
+  if last_evals is None:  # resumed a finished run: score the restored states
+    last_evals = [{'step': int(states.step[0]), **e} for e in mexp.evaluate(states, eval_fn)]
+  seconds = time.time() - t0
+  num_params = int(sum(p[0].size for p in jax.tree.leaves(states.params)))
+  summaries = {}
+  for i, (run, writer) in enumerate(zip(mexp.runs, writers)):
+    summaries[run.name] = {
+        **last_evals[i], 'train_seconds': seconds, 'num_params': num_params,
+        'ds_mode': c.model.ds.mode, 'backend': jax.default_backend(),
+        'devices': jax.device_count(), 'multirun': {'k': mexp.k, 'index': i, 'name': run.name}}
+    writer.write_json('summary.json', summaries[run.name])
+  return {'step': last_evals[0]['step'], 'runs': summaries}
+
+
+class _StepLogger:
+  """Checks every run's loss is finite each step; writes every `log_every`-th step per run."""
+
+  def __init__(self, mexp: MultiExperiment, writers: Sequence[logs.Writer], start: int):
+    self.mexp, self.writers = mexp, writers
+    self.last_evals: list[dict[str, Any]] | None = None
+    self._clock = (time.time(), start)
+    c = mexp.exp.config
+    self._bar = tqdm.tqdm(total=c.train.steps, initial=start, disable=not writers[0].enabled,
+                          dynamic_ncols=True, desc=f'train x{mexp.k}')
+
+  def __call__(self, step: int, m: Any) -> None:
+    m = jax.tree.map(np.asarray, m)
+    for i, run in enumerate(self.mexp.runs):
+      if not (np.isfinite(m['loss'][i]) and np.isfinite(m['grad_norm'][i])):
+        raise FloatingPointError(
+            f'non-finite loss {float(m["loss"][i])} (grad norm {float(m["grad_norm"][i])}) of run '
+            f'{run.name!r} (multirun index {i}) at step {step}; training of all {self.mexp.k} '
+            'runs stopped, the last good checkpoint is kept')
+    self._bar.update(step - self._bar.n)
+    c = self.mexp.exp.config
+    if step % c.train.log_every and step != c.train.steps:
+      return
+    now = time.time()
+    t, s = self._clock
+    self._clock = (now, step)
+    common = {'lr': float(self.mexp.exp.lr(step - 1)),
+              'steps_per_s': (step - s) / max(now - t, 1e-9)}  # each run advances every step
+    for i, writer in enumerate(self.writers):
+      writer.write_train({'step': step, 'loss': float(m['loss'][i]),
+                          'level_losses': m['level_losses'][i], 'ds_weights': m['ds_weights'][i],
+                          'lr': common['lr'], 'grad_norm': float(m['grad_norm'][i]),
+                          'steps_per_s': common['steps_per_s']})
+    postfix = {'loss': ' '.join(f'{float(l):.3f}' for l in m['loss'])}
+    if self.last_evals is not None:
+      postfix['dice'] = ' '.join(f'{e["mean_foreground_dice"]:.3f}' for e in self.last_evals)
+    self._bar.set_postfix(postfix)
+
+  def close(self) -> None:
+    self._bar.close()
