@@ -77,6 +77,72 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int]) -
   return _scatter_taps(x, flipped, strides, out_size, (0,) * rank)
 
 
+def max_pool(x: jax.Array, window: Sequence[int]) -> jax.Array:
+  """Non-overlapping max pool (stride == window, VALID), equal to `flax.linen.max_pool`.
+
+  Values and gradient match XLA's: the gradient of each window goes to its first maximum in
+  row-major window order, as `select_and_scatter` does. XLA:CPU expands that gradient into
+  several whole-volume index arrays; here it is one elementwise pass over a reshaped view.
+
+  Args:
+    x: [N, *spatial, C].
+    window: one window size per spatial dim.
+
+  Returns:
+    [N, *(spatial // window), C].
+  """
+  window = tuple(int(w) for w in window)
+  if len(window) != x.ndim - 2 or min(window, default=0) < 1:
+    raise ValueError(f'fast_ops.max_pool: need one positive window size per spatial dim of x '
+                     f'{x.shape}, got {window}')
+  if any(n < w for n, w in zip(x.shape[1:-1], window)):
+    raise ValueError(f'fast_ops.max_pool: window {window} larger than x {x.shape}')
+  # VALID drops the remainder.
+  x = x[(slice(None),) + tuple(slice(0, n - n % w) for n, w in zip(x.shape[1:-1], window))
+        + (slice(None),)]
+  return _max_pool(x, window)
+
+
+def _windows(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  """[N, *spatial, C] -> [N, s0 // w0, w0, s1 // w1, w1, ..., C] (a free reshape)."""
+  shape = [x.shape[0]]
+  for n, w in zip(x.shape[1:-1], window):
+    shape += [n // w, w]
+  return x.reshape(shape + [x.shape[-1]])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  rank = len(window)
+  return jnp.max(_windows(x, window), axis=tuple(2 + 2 * a for a in range(rank)))
+
+
+def _max_pool_fwd(x, window):
+  y = _max_pool(x, window)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, res, dy):
+  x, y = res
+  rank = len(window)
+  win_axes = tuple(2 + 2 * a for a in range(rank))
+  xw = _windows(x, window)
+  is_max = xw == jnp.expand_dims(y, win_axes)
+  # Keep only the first maximum in row-major window order: count the maxima before each
+  # position, axis by axis from the last window axis (exclusive prefix sums).
+  before = jnp.zeros(xw.shape, jnp.int32)
+  count = is_max.astype(jnp.int32)
+  for axis in reversed(win_axes):
+    before = before + jnp.cumsum(count, axis=axis) - count  # broadcasts over later axes
+    count = jnp.sum(count, axis=axis, keepdims=True)
+  first = is_max & (before == 0)
+  dx = jnp.where(first, jnp.expand_dims(dy, win_axes), jnp.zeros((), dy.dtype))
+  return (dx.reshape(x.shape),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
 def _check_conv_args(x: jax.Array, kernel: jax.Array,
                      strides: Sequence[int]) -> tuple[int, ...]:
   """Validates shapes before any compute; returns the strides as a tuple of ints."""
@@ -122,13 +188,60 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Pads)
 
 
 def _pointwise(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...]) -> jax.Array:
-  """1x1(x1) conv: a strided subsample and a matmul over channels (autodiff is fast)."""
+  """1x1(x1) conv: a strided subsample and a matmul over channels."""
   if any(s != 1 for s in strides):
     x = x[(slice(None),) + tuple(slice(None, None, s) for s in strides)]
-  kmat = kernel.reshape(kernel.shape[-2:])
-  out_dtype = _out_dtype(x, kernel)
-  y = jnp.einsum('...c,co->...o', x, kmat, preferred_element_type=_acc_dtype(out_dtype))
+  return _channel_matmul(x, kernel.reshape(kernel.shape[-2:]))
+
+
+def _matmul_last(x: jax.Array, w: jax.Array) -> jax.Array:
+  out_dtype = _out_dtype(x, w)
+  y = jnp.einsum('...c,co->...o', x, w, preferred_element_type=_acc_dtype(out_dtype))
   return y.astype(out_dtype)
+
+
+@jax.custom_vjp
+def _channel_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """[..., C] @ [C, O]; its weight gradient avoids XLA's whole-volume transpose."""
+  return _matmul_last(x, w)
+
+
+def _channel_matmul_fwd(x, w):
+  return _matmul_last(x, w), (x, w)
+
+
+def _channel_matmul_bwd(res, dy):
+  x, w = res
+  dx = _matmul_last(dy, w.T).astype(x.dtype)
+  dw = _gram(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])).astype(w.dtype)
+  return dx, dw
+
+
+_channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
+
+
+def _gram(a: jax.Array, b: jax.Array, rows: int = 8192) -> jax.Array:
+  """a.T @ b for tall a [M, P], b [M, Q], summed over row chunks in a scan.
+
+  XLA:CPU lays such a product out by transposing a whole operand in memory, a strided pass over
+  the volume that costs more than the matmul; chunks keep every transpose in cache.
+  """
+  m = a.shape[0]
+  acc_dtype = _acc_dtype(jnp.result_type(a.dtype, b.dtype))
+  if m <= rows:
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
+  chunks = -(-m // rows)
+  if chunks * rows != m:
+    a = jnp.pad(a, ((0, chunks * rows - m), (0, 0)))
+    b = jnp.pad(b, ((0, chunks * rows - m), (0, 0)))
+
+  def step(acc, ab):
+    return acc + lax.dot_general(ab[0], ab[1], (((0,), (0,)), ((), ())),
+                                 preferred_element_type=acc_dtype), None
+
+  acc0 = jnp.zeros((a.shape[1], b.shape[1]), acc_dtype)
+  acc, _ = lax.scan(step, acc0, (a.reshape(chunks, rows, -1), b.reshape(chunks, rows, -1)))
+  return acc
 
 
 def _conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Pads) -> jax.Array:
@@ -257,6 +370,49 @@ def _scatter_taps(y: jax.Array, g: jax.Array, strides: tuple[int, ...],
 
 def _kernel_grad3d(x: jax.Array, dy: jax.Array, kshape: Sequence[int],
                    strides: tuple[int, ...], pads: Pads) -> jax.Array:
+  if all(s == 1 for s in strides):
+    return _kernel_grad3d_flat(x, dy, kshape, pads)
+  return _kernel_grad3d_im2col(x, dy, kshape, strides, pads)
+
+
+def _kernel_grad3d_flat(x: jax.Array, dy: jax.Array, kshape: Sequence[int],
+                        pads: Pads) -> jax.Array:
+  """Stride-1 kernel gradient with in-plane shifts as contiguous slices of flattened slabs.
+
+  On a padded slab flattened to L = Hp * Wp rows, tap (i, j) is the row offset i * Wp + j, so
+  `dk[t, i, j] = sum_l slab_p[l + i * Wp + j] (x) dy_p-t[l]` with dy laid on the same padded grid
+  (zeros off the output): one matmul per in-plane tap over a contiguous slice, all depth taps
+  at once (dy slabs p - t stacked on channels). No im2col copy with scattered writes.
+  """
+  kd, kh, kw, c, o = kshape
+  n, d_out, h_out, w_out, _ = dy.shape
+  xp = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
+  _, d_pad, h_pad, w_pad, _ = xp.shape
+  length = h_pad * w_pad
+  reach = (kh - 1) * w_pad + (kw - 1)
+  xp = jnp.pad(xp.reshape(n, d_pad, length, c), ((0, 0), (0, 0), (0, reach), (0, 0)))
+  # dy on the padded grid at the top-left; depth padded so that slab p reads dy[p - t] for all t.
+  dy_grid = jnp.pad(dy, ((0, 0), (kd - 1, kd - 1), (0, h_pad - h_out), (0, w_pad - w_out),
+                         (0, 0))).reshape(n, d_out + 2 * (kd - 1), length, o)
+  acc_dtype = _acc_dtype(jnp.result_type(x.dtype, dy.dtype))
+  contract_rows = (((0,), (0,)), ((), ()))
+
+  def step(acc, p):
+    slab = lax.dynamic_index_in_dim(xp, p, axis=1, keepdims=False)  # [N, L + reach, C]
+    g = lax.dynamic_slice_in_dim(dy_grid, p, kd, axis=1)[:, ::-1]  # tap t <- dy[p - t]
+    g = jnp.moveaxis(g, 1, 2).reshape(n * length, kd * o)
+    taps = [lax.dot_general(slab[:, i * w_pad + j:i * w_pad + j + length].reshape(n * length, c),
+                            g, contract_rows, preferred_element_type=acc_dtype)
+            for i in range(kh) for j in range(kw)]
+    return acc + jnp.stack(taps), None
+
+  acc0 = jnp.zeros((kh * kw, c, kd * o), acc_dtype)
+  acc, _ = lax.scan(step, acc0, jnp.arange(d_pad))
+  return acc.reshape(kh, kw, c, kd, o).transpose(3, 0, 1, 2, 4)
+
+
+def _kernel_grad3d_im2col(x: jax.Array, dy: jax.Array, kshape: Sequence[int],
+                          strides: tuple[int, ...], pads: Pads) -> jax.Array:
   """dk[t, i, j] = sum x_pad[n, d*sd + t, h*sh + i, w*sw + j] (x) dy[n, d, h, w].
 
   A scan over the padded input's depth slabs p: slab p pairs with dy[(p - t) / sd] for every
