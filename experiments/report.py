@@ -137,7 +137,10 @@ def _summarise(label: str, settings: dict[str, Any], config: dict[str, Any],
                target_dice: float, is_baseline: bool, ignore: Sequence[str]) -> Variant:
   seeds = [tuple(sorted((k, v) for k, v in r.config.items() if _is_seed_key(k) and k not in ignore))
            for r in runs]
-  order = sorted(range(len(runs)), key=lambda i: repr(seeds[i]))
+  try:
+    order = sorted(range(len(runs)), key=lambda i: seeds[i])
+  except TypeError:  # seed values of mixed types
+    order = sorted(range(len(runs)), key=lambda i: repr(seeds[i]))
   runs, seeds = [runs[i] for i in order], [seeds[i] for i in order]
   for a, b in zip(seeds, seeds[1:]):
     if a == b:
