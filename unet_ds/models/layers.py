@@ -22,11 +22,16 @@ _KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal
 
 
 def resolve_impl(impl: str) -> str:
-  """Maps a configured `conv_impl` to a concrete one ('auto' picks by backend)."""
+  """Maps a configured `conv_impl` to a concrete one ('auto' picks by backend).
+
+  'auto' is 'cpu_fast' on the CPU backend, where XLA's 3D and input-dilated convolutions are
+  slow and `fast_ops` computes the same values and gradients several times faster (DESIGN.md
+  §5), and 'native' on GPU/TPU, where the native ops are the fast ones.
+  """
   if impl not in IMPLS:
     raise ValueError(f'conv_impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
-    return 'native'
+    return 'cpu_fast' if jax.default_backend() == 'cpu' else 'native'
   return impl
 
 

@@ -1,0 +1,177 @@
+"""The CPU fast path equals the native ops: values and gradients, 2D/3D, shapes, strides, dtypes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from unet_ds.models import fast_ops
+from unet_ds.models import layers
+
+
+def _dn(rank):
+  return layers.dimension_numbers(rank)
+
+
+def _native_conv(strides, padding):
+  return lambda x, k: lax.conv_general_dilated(x, k, strides, padding,
+                                               dimension_numbers=_dn(x.ndim - 2))
+
+
+def _fast_conv(strides, padding):
+  return lambda x, k: fast_ops.conv(x, k, strides=strides, padding=padding)
+
+
+def _native_transpose(strides):
+  return lambda x, k: lax.conv_transpose(x, k, strides, 'VALID', dimension_numbers=_dn(x.ndim - 2))
+
+
+def _fast_transpose(strides):
+  return lambda x, k: fast_ops.conv_transpose(x, k, strides=strides)
+
+
+def _assert_same_op(native, fast, x_shape, k_shape, rtol=1e-5, dtype=jnp.float32, seed=0):
+  """Same output shape and values, and same VJP w.r.t. input and kernel."""
+  kx, kk, kd = jax.random.split(jax.random.key(seed), 3)
+  x = jax.random.normal(kx, x_shape, dtype)
+  k = jax.random.normal(kk, k_shape, dtype)
+  y0, vjp0 = jax.vjp(native, x, k)
+  y1, vjp1 = jax.jit(lambda x, k: jax.vjp(fast, x, k))(x, k)
+  assert y1.shape == y0.shape and y1.dtype == y0.dtype
+  dy = jax.random.normal(kd, y0.shape, dtype)
+  for a, b in zip((y0,) + vjp0(dy), (y1,) + vjp1(dy)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert a.shape == b.shape
+    scale = max(np.abs(a).max(), 1e-6)
+    np.testing.assert_allclose(b / scale, a / scale, rtol=0, atol=rtol)
+
+
+CONV_CASES = [
+    # x shape, kernel shape, strides, padding
+    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (1, 1, 1), 'SAME'),
+    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2), 'SAME'),
+    ((1, 8, 9, 10, 2), (3, 3, 3, 2, 5), (2, 1, 2), 'SAME'),
+    ((1, 6, 5, 7, 2), (5, 5, 5, 2, 3), (1, 1, 1), 'SAME'),
+    ((1, 8, 9, 10, 2), (1, 1, 1, 2, 3), (1, 1, 1), 'SAME'),
+    ((1, 9, 8, 7, 2), (1, 1, 1, 2, 3), (2, 2, 2), 'SAME'),
+    ((1, 8, 9, 10, 2), (1, 3, 3, 2, 3), (1, 2, 2), 'SAME'),
+    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (1, 1, 1), 'VALID'),
+    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2), 'VALID'),
+    ((1, 4, 4, 4, 16), (3, 3, 3, 16, 8), (1, 1, 1), 'SAME'),
+    ((2, 7, 6, 3), (3, 3, 3, 4), (1, 1), 'SAME'),
+    ((2, 7, 6, 3), (3, 3, 3, 4), (2, 2), 'SAME'),
+    ((2, 9, 6, 3), (4, 4, 3, 4), (3, 2), 'SAME'),
+    ((2, 9, 6, 3), (1, 1, 3, 4), (2, 2), 'SAME'),
+]
+
+
+@pytest.mark.parametrize('x_shape,k_shape,strides,padding', CONV_CASES)
+def test_conv_matches_native(x_shape, k_shape, strides, padding):
+  _assert_same_op(_native_conv(strides, padding), _fast_conv(strides, padding), x_shape, k_shape)
+
+
+TRANSPOSE_CASES = [
+    ((2, 3, 4, 5, 3), (2, 2, 2, 3, 4), (2, 2, 2)),   # the U-Net's upsampling
+    ((1, 5, 3, 4, 6), (2, 2, 2, 6, 2), (2, 2, 2)),
+    ((2, 3, 4, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2)),   # k > s: overlapping taps
+    ((2, 3, 4, 5, 3), (3, 2, 1, 3, 4), (1, 2, 3)),   # k < s on one axis
+    ((2, 3, 4, 3), (2, 2, 3, 4), (2, 2)),
+    ((2, 3, 4, 3), (4, 3, 3, 4), (2, 3)),
+]
+
+
+@pytest.mark.parametrize('x_shape,k_shape,strides', TRANSPOSE_CASES)
+def test_conv_transpose_matches_native(x_shape, k_shape, strides):
+  _assert_same_op(_native_transpose(strides), _fast_transpose(strides), x_shape, k_shape)
+
+
+def test_conv_transpose_matches_flax_module():
+  x = jax.random.normal(jax.random.key(0), (1, 3, 4, 5, 2))
+  module = nn.ConvTranspose(3, (2, 2, 2), strides=(2, 2, 2), padding='VALID', use_bias=False)
+  variables = module.init(jax.random.key(1), x)
+  y = fast_ops.conv_transpose(x, variables['params']['kernel'], strides=(2, 2, 2))
+  np.testing.assert_allclose(y, module.apply(variables, x), atol=1e-5)
+  # Each input voxel lands on its own 2x2x2 block, through the spatially flipped kernel.
+  kernel = variables['params']['kernel']
+  np.testing.assert_allclose(y[0, 1, 0, 2], x[0, 0, 0, 1] @ kernel[0, 1, 1], atol=1e-5)
+
+
+def test_bfloat16_inputs_match_native():
+  _assert_same_op(_native_conv((1, 1, 1), 'SAME'), _fast_conv((1, 1, 1), 'SAME'),
+                  (1, 6, 6, 6, 4), (3, 3, 3, 4, 4), rtol=2e-2, dtype=jnp.bfloat16)
+  _assert_same_op(_native_transpose((2, 2, 2)), _fast_transpose((2, 2, 2)),
+                  (1, 3, 3, 3, 4), (2, 2, 2, 4, 4), rtol=2e-2, dtype=jnp.bfloat16)
+
+
+def test_kernel_grad_chunks_long_rows():
+  # More rows than one chunk of the weight-gradient scan (8192), and not a multiple of it.
+  _assert_same_op(_native_conv((1, 1, 1), 'SAME'), _fast_conv((1, 1, 1), 'SAME'),
+                  (1, 21, 21, 21, 3), (1, 1, 1, 3, 2))
+
+
+@pytest.mark.parametrize('shape,window', [
+    ((2, 8, 6, 4, 3), (2, 2, 2)),
+    ((2, 9, 7, 5, 3), (2, 2, 2)),   # odd sizes: VALID drops the remainder
+    ((1, 8, 6, 3), (2, 2)),
+    ((1, 9, 9, 2), (3, 3)),
+    ((1, 8, 6, 4, 2), (2, 3, 1)),
+])
+@pytest.mark.parametrize('ties', [False, True])
+def test_max_pool_matches_flax(shape, window, ties):
+  x = jax.random.normal(jax.random.key(0), shape)
+  if ties:  # many equal maxima: the gradient must go to the first one, as select_and_scatter
+    x = jnp.round(x)
+  y0, vjp0 = jax.vjp(lambda x: nn.max_pool(x, window, strides=window), x)
+  y1, vjp1 = jax.vjp(lambda x: fast_ops.max_pool(x, window), x)
+  dy = jax.random.normal(jax.random.key(1), y0.shape)
+  np.testing.assert_array_equal(y1, y0)
+  np.testing.assert_array_equal(vjp1(dy)[0], vjp0(dy)[0])
+
+
+def test_second_order_grad_runs():
+  # custom VJPs stay differentiable (e.g. for gradient penalties): compare with native.
+  x = jax.random.normal(jax.random.key(0), (1, 4, 5, 6, 2))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 2))
+
+  def gnorm(conv):
+    return lambda k: jnp.sum(jax.grad(lambda x: jnp.sum(conv(x, k) ** 2))(x) ** 2)
+
+  g0 = jax.grad(gnorm(_native_conv((1, 1, 1), 'SAME')))(k)
+  g1 = jax.grad(gnorm(_fast_conv((1, 1, 1), 'SAME')))(k)
+  np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-4 * float(jnp.abs(g0).max()))
+
+
+@pytest.mark.parametrize('x_shape,k_shape,strides,match', [
+    ((2, 4, 4, 4), (3, 3, 3, 4, 4), (1, 1, 1), 'rank of x'),
+    ((2, 4, 4, 4, 3), (3, 3, 3, 2, 4), (1, 1, 1), 'C_in 2'),
+    ((2, 4, 4, 4, 3), (3, 3, 3, 3, 4), (1, 1), 'one positive stride'),
+    ((2, 4, 4, 3), (3, 3, 3, 4), (0, 1), 'one positive stride'),
+    ((4, 4, 3), (3, 3, 3, 4), (1, 1), '2 or 3 spatial dims'),
+])
+def test_bad_shapes_raise_before_compute(x_shape, k_shape, strides, match):
+  with pytest.raises(ValueError, match=match):
+    fast_ops.conv(jnp.zeros(x_shape), jnp.zeros(k_shape), strides=strides)
+
+
+def test_bad_padding_and_pool_window_raise():
+  with pytest.raises(ValueError, match='padding'):
+    fast_ops.conv(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), strides=(1, 1),
+                  padding='CIRCULAR')
+  with pytest.raises(ValueError, match='larger than the input'):
+    fast_ops.conv(jnp.zeros((1, 2, 4, 1)), jnp.zeros((3, 3, 1, 1)), strides=(1, 1),
+                  padding='VALID')
+  with pytest.raises(ValueError, match='window'):
+    fast_ops.max_pool(jnp.zeros((1, 4, 4, 1)), (2, 2, 2))
+
+
+def test_layers_route_cpu_fast_and_resolve_auto():
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 4, 2))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 3))
+  np.testing.assert_allclose(layers.conv(x, k, (1, 1, 1), 'cpu_fast'),
+                             layers.conv(x, k, (1, 1, 1), 'native'), atol=1e-5)
+  expected = 'cpu_fast' if jax.default_backend() == 'cpu' else 'native'
+  assert layers.resolve_impl('auto') == expected
+  with pytest.raises(ValueError, match='conv_impl'):
+    layers.resolve_impl('fast')
