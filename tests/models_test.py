@@ -26,7 +26,7 @@ def test_contract_shapes(mode, ndim, depth):
   x = jnp.ones((2,) + (size,) * ndim + (1,))
   model = _model(mode, depth, norm='batch', dropout=0.1)
   # Abstract evaluation: the full trace (shapes, dtypes, structure) without compiling.
-  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0, impl='rbg'), x)
   eval_out = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
   train_out, _ = jax.eval_shape(
       functools.partial(model.apply, train=True, mutable=['batch_stats'],
@@ -47,7 +47,7 @@ def test_levels_select_heads_and_order():
   model = models.get_model(dict(num_classes=2, depth=5, base_filters=2,
                                 ds={'mode': 'deep', 'levels': (3, 1)}))
   x = jnp.ones((1, 32, 32, 1))
-  _, inter = jax.eval_shape(lambda x: model.apply(model.init(jax.random.key(0), x), x), x)
+  _, inter = jax.eval_shape(lambda x: model.apply(model.init(jax.random.key(0, impl='rbg'), x), x), x)
   assert [h.shape[1] for h in inter] == [16, 4]  # highest -> lowest resolution
 
 
@@ -57,13 +57,13 @@ def _head_params(params):
 
 
 def test_none_has_no_head_params_deep_gradients_reach_every_head():
-  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  x = jax.random.normal(jax.random.key(0, impl='rbg'), (2, 16, 16, 1))
   label = (x[..., 0] > 0).astype(jnp.int32) + (x[..., 0] > 1).astype(jnp.int32)
   none = _model('none')
-  assert not _head_params(none.init(jax.random.key(0), x)['params'])
+  assert not _head_params(none.init(jax.random.key(0, impl='rbg'), x)['params'])
 
   deep = _model('deep', depth=4)
-  params = jax.jit(deep.init)(jax.random.key(0), x)['params']
+  params = jax.jit(deep.init)(jax.random.key(0, impl='rbg'), x)['params']
   assert len(_head_params(params)) == 4  # 2 heads x (kernel, bias)
   w = losses.ds_weights('exp', (0, 1, 2))
 
@@ -77,9 +77,9 @@ def test_none_has_no_head_params_deep_gradients_reach_every_head():
 
 
 def test_additive_final_depends_on_heads():
-  x = jax.random.normal(jax.random.key(0), (1, 16, 16, 1))
+  x = jax.random.normal(jax.random.key(0, impl='rbg'), (1, 16, 16, 1))
   model = _model('additive', depth=4)
-  params = model.init(jax.random.key(0), x)['params']
+  params = model.init(jax.random.key(0, impl='rbg'), x)['params']
   final, _ = model.apply({'params': params}, x)
   bumped = jax.tree.map(lambda a: a, params)
   bumped = flax.core.unfreeze(bumped) if hasattr(flax.core, 'unfreeze') else bumped
@@ -89,7 +89,7 @@ def test_additive_final_depends_on_heads():
   np.testing.assert_allclose(final2 - final, 1.0, atol=1e-5)
   # The deep form's final does not depend on its heads.
   deep = _model('deep', depth=4)
-  p = deep.init(jax.random.key(0), x)['params']
+  p = deep.init(jax.random.key(0, impl='rbg'), x)['params']
   f1, _ = deep.apply({'params': p}, x)
   p['ds']['head_l2']['Conv_0']['bias'] += 1.0
   f2, _ = deep.apply({'params': p}, x)
@@ -104,7 +104,7 @@ def test_additive_final_depends_on_heads():
 def test_options_run(kw):
   x = jnp.ones((1, 8, 8, 8, 2))
   model = _model('hypercolumn', depth=3, **kw)
-  variables = jax.jit(model.init)(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0, impl='rbg'), x)
   final, inter = jax.jit(model.apply)(variables, x)
   assert final.shape == (1, 8, 8, 8, 3) and len(inter) == 1
   assert final.dtype == jnp.float32
@@ -122,7 +122,7 @@ def test_bad_spatial_size_is_a_clear_error():
   model = _model('deep', depth=4)
   x = jnp.ones((1, 20, 16, 16, 1))
   with pytest.raises(ValueError, match=r'\(20, 16, 16\) must be divisible by 8.*\(24, 16, 16\)'):
-    model.init(jax.random.key(0), x)
+    model.init(jax.random.key(0, impl='rbg'), x)
 
 
 @pytest.mark.parametrize('cfg,match', [

@@ -85,8 +85,10 @@ class DSLoss:
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
                        input_shape: tuple[int, ...]) -> TrainState:
   """Initial state from `seed` (pure; jit it with a replicated out-sharding)."""
-  rng = jax.random.PRNGKey(seed)
-  init_rng, state_rng = jax.random.split(rng)
+  # Parameters are drawn with the RngBitGenerator PRNG: XLA:CPU compiles a U-Net's init ~8x
+  # faster than with threefry (seconds instead of a minute for a tiny model).
+  init_rng = jax.random.key(seed, impl='rbg')
+  state_rng = jax.random.PRNGKey(seed)  # dropout stream
   variables = model.init(init_rng, jnp.zeros(input_shape, jnp.float32), train=False)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
