@@ -1,5 +1,7 @@
 """The CPU fast path equals the native ops: values and gradients, 2D/3D, shapes, strides, dtypes."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,11 @@ import pytest
 
 from unet_ds.models import fast_ops
 from unet_ds.models import layers
+
+
+def _normal(shape, seed=0):
+  # numpy, not jax.random: XLA takes seconds to compile a large jax.random.normal.
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def _dn(rank):
@@ -34,14 +41,21 @@ def _fast_transpose(strides):
 
 def _assert_same_op(native, fast, x_shape, k_shape, rtol=1e-5, dtype=jnp.float32, seed=0):
   """Same output shape and values, and same VJP w.r.t. input and kernel."""
-  kx, kk, kd = jax.random.split(jax.random.key(seed), 3)
-  x = jax.random.normal(kx, x_shape, dtype)
-  k = jax.random.normal(kk, k_shape, dtype)
-  y0, vjp0 = jax.vjp(native, x, k)
-  y1, vjp1 = jax.jit(lambda x, k: jax.vjp(fast, x, k))(x, k)
-  assert y1.shape == y0.shape and y1.dtype == y0.dtype
-  dy = jax.random.normal(kd, y0.shape, dtype)
-  for a, b in zip((y0,) + vjp0(dy), (y1,) + vjp1(dy)):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+  k = jnp.asarray(rng.standard_normal(k_shape), dtype)
+  out = jax.eval_shape(native, x, k)
+  dy = jnp.asarray(rng.standard_normal(out.shape), dtype)
+
+  @functools.partial(jax.jit, static_argnames='op')
+  def value_and_vjp(x, k, dy, *, op):
+    y, vjp = jax.vjp(op, x, k)
+    return (y,) + vjp(dy)
+
+  expected = value_and_vjp(x, k, dy, op=native)
+  got = value_and_vjp(x, k, dy, op=fast)
+  assert got[0].shape == out.shape and got[0].dtype == out.dtype
+  for a, b in zip(expected, got):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     assert a.shape == b.shape
     scale = max(np.abs(a).max(), 1e-6)
@@ -51,19 +65,14 @@ def _assert_same_op(native, fast, x_shape, k_shape, rtol=1e-5, dtype=jnp.float32
 CONV_CASES = [
     # x shape, kernel shape, strides, padding
     ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (1, 1, 1), 'SAME'),
-    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2), 'SAME'),
-    ((1, 8, 9, 10, 2), (3, 3, 3, 2, 5), (2, 1, 2), 'SAME'),
+    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2), 'SAME'),    # odd sizes, strided
+    ((1, 8, 9, 10, 2), (3, 3, 3, 2, 5), (2, 1, 2), 'SAME'),   # strides differ per axis
     ((1, 6, 5, 7, 2), (5, 5, 5, 2, 3), (1, 1, 1), 'SAME'),
-    ((1, 8, 9, 10, 2), (1, 1, 1, 2, 3), (1, 1, 1), 'SAME'),
-    ((1, 9, 8, 7, 2), (1, 1, 1, 2, 3), (2, 2, 2), 'SAME'),
-    ((1, 8, 9, 10, 2), (1, 3, 3, 2, 3), (1, 2, 2), 'SAME'),
-    ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (1, 1, 1), 'VALID'),
+    ((1, 9, 8, 7, 2), (1, 1, 1, 2, 3), (2, 2, 2), 'SAME'),    # strided 1x1x1 projection
+    ((1, 8, 9, 10, 2), (1, 3, 3, 2, 3), (1, 2, 2), 'SAME'),   # anisotropic kernel
     ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2), 'VALID'),
-    ((1, 4, 4, 4, 16), (3, 3, 3, 16, 8), (1, 1, 1), 'SAME'),
-    ((2, 7, 6, 3), (3, 3, 3, 4), (1, 1), 'SAME'),
-    ((2, 7, 6, 3), (3, 3, 3, 4), (2, 2), 'SAME'),
+    ((2, 7, 6, 3), (3, 3, 3, 4), (2, 2), 'SAME'),             # 2D strided: sub-pixel input grad
     ((2, 9, 6, 3), (4, 4, 3, 4), (3, 2), 'SAME'),
-    ((2, 9, 6, 3), (1, 1, 3, 4), (2, 2), 'SAME'),
 ]
 
 
@@ -74,10 +83,8 @@ def test_conv_matches_native(x_shape, k_shape, strides, padding):
 
 TRANSPOSE_CASES = [
     ((2, 3, 4, 5, 3), (2, 2, 2, 3, 4), (2, 2, 2)),   # the U-Net's upsampling
-    ((1, 5, 3, 4, 6), (2, 2, 2, 6, 2), (2, 2, 2)),
     ((2, 3, 4, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2)),   # k > s: overlapping taps
     ((2, 3, 4, 5, 3), (3, 2, 1, 3, 4), (1, 2, 3)),   # k < s on one axis
-    ((2, 3, 4, 3), (2, 2, 3, 4), (2, 2)),
     ((2, 3, 4, 3), (4, 3, 3, 4), (2, 3)),
 ]
 
@@ -88,7 +95,7 @@ def test_conv_transpose_matches_native(x_shape, k_shape, strides):
 
 
 def test_conv_transpose_matches_flax_module():
-  x = jax.random.normal(jax.random.key(0), (1, 3, 4, 5, 2))
+  x = _normal((1, 3, 4, 5, 2))
   module = nn.ConvTranspose(3, (2, 2, 2), strides=(2, 2, 2), padding='VALID', use_bias=False)
   variables = module.init(jax.random.key(1), x)
   y = fast_ops.conv_transpose(x, variables['params']['kernel'], strides=(2, 2, 2))
@@ -101,8 +108,6 @@ def test_conv_transpose_matches_flax_module():
 def test_bfloat16_inputs_match_native():
   _assert_same_op(_native_conv((1, 1, 1), 'SAME'), _fast_conv((1, 1, 1), 'SAME'),
                   (1, 6, 6, 6, 4), (3, 3, 3, 4, 4), rtol=2e-2, dtype=jnp.bfloat16)
-  _assert_same_op(_native_transpose((2, 2, 2)), _fast_transpose((2, 2, 2)),
-                  (1, 3, 3, 3, 4), (2, 2, 2, 4, 4), rtol=2e-2, dtype=jnp.bfloat16)
 
 
 def test_kernel_grad_chunks_long_rows():
@@ -120,26 +125,26 @@ def test_kernel_grad_chunks_long_rows():
 ])
 @pytest.mark.parametrize('ties', [False, True])
 def test_max_pool_matches_flax(shape, window, ties):
-  x = jax.random.normal(jax.random.key(0), shape)
+  x = _normal(shape)
   if ties:  # many equal maxima: the gradient must go to the first one, as select_and_scatter
     x = jnp.round(x)
   y0, vjp0 = jax.vjp(lambda x: nn.max_pool(x, window, strides=window), x)
   y1, vjp1 = jax.vjp(lambda x: fast_ops.max_pool(x, window), x)
-  dy = jax.random.normal(jax.random.key(1), y0.shape)
+  dy = _normal(seed=1, shape=y0.shape)
   np.testing.assert_array_equal(y1, y0)
   np.testing.assert_array_equal(vjp1(dy)[0], vjp0(dy)[0])
 
 
-def test_second_order_grad_runs():
-  # custom VJPs stay differentiable (e.g. for gradient penalties): compare with native.
-  x = jax.random.normal(jax.random.key(0), (1, 4, 5, 6, 2))
-  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 2))
+def test_second_order_grad_matches_native():
+  # The custom VJPs stay differentiable (e.g. for gradient penalties).
+  x = _normal((1, 4, 5, 6, 2))
+  k = _normal(seed=1, shape=(3, 3, 3, 2, 2))
 
-  def gnorm(conv):
-    return lambda k: jnp.sum(jax.grad(lambda x: jnp.sum(conv(x, k) ** 2))(x) ** 2)
+  def grad_of_grad_norm(conv):
+    return jax.jit(jax.grad(lambda k: jnp.sum(jax.grad(lambda x: jnp.sum(conv(x, k) ** 2))(x) ** 2)))
 
-  g0 = jax.grad(gnorm(_native_conv((1, 1, 1), 'SAME')))(k)
-  g1 = jax.grad(gnorm(_fast_conv((1, 1, 1), 'SAME')))(k)
+  g0 = grad_of_grad_norm(_native_conv((1, 1, 1), 'SAME'))(k)
+  g1 = grad_of_grad_norm(_fast_conv((1, 1, 1), 'SAME'))(k)
   np.testing.assert_allclose(g1, g0, rtol=1e-4, atol=1e-4 * float(jnp.abs(g0).max()))
 
 
@@ -167,8 +172,8 @@ def test_bad_padding_and_pool_window_raise():
 
 
 def test_layers_route_cpu_fast_and_resolve_auto():
-  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 4, 2))
-  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 2, 3))
+  x = _normal((1, 4, 4, 4, 2))
+  k = _normal(seed=1, shape=(3, 3, 3, 2, 3))
   np.testing.assert_allclose(layers.conv(x, k, (1, 1, 1), 'cpu_fast'),
                              layers.conv(x, k, (1, 1, 1), 'native'), atol=1e-5)
   expected = 'cpu_fast' if jax.default_backend() == 'cpu' else 'native'
