@@ -1,0 +1,110 @@
+"""MONAI DynUNet train step and inference on the shapes of `configs/unet3d.py:bench_ref`.
+
+An optional side-by-side for `python -m unet_ds.bench`: torch and monai are not project
+dependencies; install them in a separate venv (see README, "Speed"):
+
+  python3 -m venv /work/monai_venv && /work/monai_venv/bin/pip install torch monai
+  /work/monai_venv/bin/python benchmarks/monai_dynunet.py [--steps=10] [--size=64]
+
+Reference model: 3D, 1 input channel, 3 classes, 4 levels 16-32-64-128 (strides 1-2-2-2, 3^3
+kernels, k2/s2 transposed-conv upsampling), residual blocks, instance norm, deep supervision with
+2 heads (MONAI's `DeepSupervisionLoss` around `DiceCELoss`), SGD Nesterov (momentum 0.99),
+batch 2 x 64^3. Prints one JSON line with the same step-time keys as `unet_ds.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+from monai import losses
+from monai.networks import nets
+
+
+def build(num_classes: int = 3, filters=(16, 32, 64, 128), deep_supr_num: int = 2):
+  model = nets.DynUNet(
+      spatial_dims=3, in_channels=1, out_channels=num_classes,
+      kernel_size=[3] * len(filters), strides=[1] + [2] * (len(filters) - 1),
+      upsample_kernel_size=[2] * (len(filters) - 1), filters=list(filters),
+      norm_name='instance', res_block=True, deep_supervision=True,
+      deep_supr_num=deep_supr_num)
+  loss = losses.DeepSupervisionLoss(
+      losses.DiceCELoss(to_onehot_y=True, softmax=True), weight_mode='exp')
+  opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True,
+                        weight_decay=1e-4)
+  return model, loss, opt
+
+
+def _stats(seconds, prefix):
+  return {f'{prefix}_median': statistics.median(seconds), f'{prefix}_min': min(seconds),
+          f'{prefix}_max': max(seconds)}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--steps', type=int, default=10)
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--size', type=int, default=64)
+  parser.add_argument('--batch', type=int, default=2)
+  parser.add_argument('--threads', type=int, default=0, help='torch threads; 0: default')
+  parser.add_argument('--device', default='cpu')
+  args = parser.parse_args()
+  if args.threads:
+    torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  device = torch.device(args.device)
+  model, loss_fn, opt = build()
+  model.to(device)
+  shape = (args.batch, 1) + (args.size,) * 3
+  image = torch.randn(shape, device=device)
+  label = torch.randint(0, 3, shape, device=device)
+
+  def sync():
+    if device.type == 'cuda':
+      torch.cuda.synchronize()
+
+  def train_step():
+    opt.zero_grad(set_to_none=True)
+    out = model(image)  # [B, 1 + deep_supr_num, C, *spatial] in training mode
+    loss = loss_fn(torch.unbind(out, dim=1), label)
+    loss.backward()
+    opt.step()
+    return loss
+
+  model.train()
+  times = []
+  for i in range(args.warmup + args.steps):
+    sync()
+    t = time.perf_counter()
+    train_step()
+    sync()
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t)
+  record = {'framework': 'monai', 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+            'device': str(device), 'batch_size': args.batch, 'shape': [args.size] * 3,
+            'timed_steps': args.steps}
+  record.update(_stats(times, 'step_s'))
+  record['voxels_per_s'] = args.batch * args.size ** 3 / record['step_s_median']
+
+  model.eval()
+  times = []
+  with torch.inference_mode():
+    for i in range(args.warmup + args.steps):
+      sync()
+      t = time.perf_counter()
+      model(image)
+      sync()
+      if i >= args.warmup:
+        times.append(time.perf_counter() - t)
+  record.update(_stats(times, 'infer_s'))
+  record['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  record['params'] = sum(p.numel() for p in model.parameters())
+  print(json.dumps(record))
+
+
+if __name__ == '__main__':
+  main()
