@@ -22,14 +22,17 @@ Each point trains into `ROOT/<point name>/` (names: `experiments.sweep.point_nam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, Iterator, Sequence
 
 from experiments import sweep
 
@@ -220,8 +223,9 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
   except (ValueError, FileNotFoundError) as e:
     parser.exit(2, f'error: {e}\n')
   write_manifest(pathlib.Path(args.root), args.config, extra, jobs)
-  status = run(jobs, runner=runner, python=args.python or sys.executable,
-               fail_fast=args.fail_fast, log=out)
+  with _exit_on_sigterm():
+    status = run(jobs, runner=runner, python=args.python or sys.executable,
+                 fail_fast=args.fail_fast, log=out)
   counts = {s: sum(v == s for v in status.values())
             for s in ('done', 'skipped', 'stopped', 'failed')}
   out(f'sweep {args.config}: {counts["done"]} ran, {counts["skipped"]} already finished, '
@@ -231,6 +235,20 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
   if failed:
     out('failed: ' + ' '.join(failed))
   return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+  """`kill` of the launcher stops the running point too (the runner terminates its child on
+  SystemExit as on Ctrl-C) instead of leaving it training on its own."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _child_env() -> dict[str, str]:

@@ -2,8 +2,12 @@
 
 import json
 import pathlib
+import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -180,3 +184,27 @@ def test_exit_zero_without_summary_is_stopped_not_failed(config_path, tmp_path):
   jobs = launch.plan(config_path, tmp_path)
   status = launch.run(jobs, runner=stop_early, log=lambda s: None)
   assert set(status.values()) == {'stopped'}
+
+
+def test_killing_the_launcher_stops_the_running_point(config_path, tmp_path):
+  # A stand-in interpreter that records its pid and trains "forever".
+  fake_python = tmp_path / 'fake_python'
+  fake_python.write_text(f'#!/bin/sh\necho $$ > {tmp_path}/child.pid\nexec sleep 60\n')
+  fake_python.chmod(0o755)
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  launcher = subprocess.Popen(
+      [sys.executable, '-m', 'experiments.launch', f'--config={config_path}',
+       f'--root={tmp_path / "runs"}', f'--python={fake_python}'],
+      cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  pid_file = tmp_path / 'child.pid'
+  for _ in range(300):
+    if pid_file.exists() and pid_file.read_text().strip():
+      break
+    time.sleep(0.1)
+  child = int(pid_file.read_text())
+  launcher.send_signal(signal.SIGTERM)
+  assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+  with pytest.raises(ProcessLookupError):
+    for _ in range(100):  # The child is terminated (and reaped by the launcher).
+      os.kill(child, 0)
+      time.sleep(0.1)
