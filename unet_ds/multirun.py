@@ -136,6 +136,16 @@ def scheduled_weights(run: RunWeights, step: jax.Array, *, decay_steps: int) -> 
   return run.base.at[1:].multiply(scales[run.schedule])
 
 
+def create_train_states(model: Any, tx: optax.GradientTransformation, seeds: jax.Array, *,
+                        input_shape: tuple[int, ...]) -> train.TrainState:
+  """`train.create_train_state` of each seed in `seeds [K]` (int32), stacked (pure; jit it).
+
+  A loop (`lax.map`), not `vmap`: the parameters are drawn with the 'rbg' PRNG, whose bits under
+  vmap differ from the unbatched ones, and each run must start exactly as its single run would.
+  """
+  return jax.lax.map(lambda seed: train.create_train_state(model, tx, seed, input_shape), seeds)
+
+
 def multi_train_step(states: train.TrainState, batches: dict[str, jax.Array],
                      run_weights: RunWeights, *, model: Any, tx: optax.GradientTransformation,
                      ds_loss: train.DSLoss) -> tuple[train.TrainState, dict[str, jax.Array]]:
@@ -151,6 +161,17 @@ def multi_eval_step(states: train.TrainState, batch: dict[str, jax.Array], *, mo
   """`[K, 1 + n_heads, 3, C]` confusion counts: every run scores the same batch."""
   step = functools.partial(train.eval_step, model=model, num_classes=num_classes)
   return jax.vmap(step, in_axes=(0, None))(states, batch)
+
+
+def shard_stacked(mesh: jax.sharding.Mesh, batches: Sequence[dict[str, np.ndarray]]
+                  ) -> dict[str, jax.Array]:
+  """K host-local batches -> global `[K, B, ...]` arrays, B sharded as in a single run."""
+  out = {}
+  for key in batches[0]:
+    value = np.stack([np.asarray(b[key]) for b in batches])
+    spec = sharding.batch_spec(value.ndim - 1, spatial=value.ndim > 2)
+    out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, P(None, *spec)), value)
+  return out
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -183,10 +204,8 @@ class MultiExperiment:
                                ds_loss=train.DSLoss.from_config(run.config, model_cfg))
 
   def _init_fn(self) -> Callable[[jax.Array], train.TrainState]:
-    exp = self.exp
-    init = functools.partial(train.create_train_state, exp.model, exp.tx,
-                             input_shape=exp.input_shape)
-    return jax.vmap(lambda seed: init(seed=seed))
+    return functools.partial(create_train_states, self.exp.model, self.exp.tx,
+                             input_shape=self.exp.input_shape)
 
   def _seeds(self) -> jax.Array:
     return jnp.asarray([int(r.config.seed) for r in self.runs], jnp.int32)
@@ -215,14 +234,7 @@ class MultiExperiment:
     return [self.run_experiment(i).train_loader() for i in range(self.k)]
 
   def shard_batches(self, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
-    """K host-local batches -> global `[K, B, ...]` arrays, B sharded as in a single run."""
-    out = {}
-    for key in batches[0]:
-      value = np.stack([np.asarray(b[key]) for b in batches])
-      spec = sharding.batch_spec(value.ndim - 1, spatial=value.ndim > 2)
-      out[key] = jax.make_array_from_process_local_data(
-          NamedSharding(self.exp.mesh, P(None, *spec)), value)
-    return out
+    return shard_stacked(self.exp.mesh, batches)
 
   def evaluate(self, states: train.TrainState, eval_fn: Callable | None = None
                ) -> list[dict[str, Any]]:
