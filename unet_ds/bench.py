@@ -148,6 +148,8 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
     t = time.perf_counter()
     compiled = train_fn.lower(state, batch).compile()
     record['compile_s'] = time.perf_counter() - t
+    if not record['train_flops_per_step'] and impl == 'native':
+      record['train_flops_per_step'] = _flops(compiled)  # e.g. GPU: only the compiled analysis
     holder = {'state': state}
 
     def one_step():
@@ -175,6 +177,8 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
     t = time.perf_counter()
     compiled_infer = infer_fn.lower(variables, batch['image']).compile()
     record['infer_compile_s'] = time.perf_counter() - t
+    if not record['infer_flops'] and impl == 'native':
+      record['infer_flops'] = _flops(compiled_infer)
     _, times = _time_calls(lambda: compiled_infer(variables, batch['image']), steps, warmup)
     record.update(_stats(times, 'infer_s'))
     record['infer_voxels_per_s'] = voxels / record['infer_s_median']
