@@ -6,10 +6,11 @@
 Prints one JSON line. Batches are random (like `unet_ds.bench`), built once on the host, so no
 dataset is read. The K runs are `config.multirun`'s (seeds `seed, seed+1, ...` unless given; any
 per-run DS settings apply). "Together" times the jitted `multirun.multi_train_step` on stacked
-`[K, B, ...]` batches; "one by one" times each run's own jitted `train.train_step` (the program
-`train.train_and_evaluate` runs). The two are interleaved `--repeats` times, so load from other
+`[K, B, ...]` batches, both ways (`together_vmap`: batched ops; `together_map`: a loop over the
+runs in the program; `config.multirun.vectorize`); "one by one" times each run's own jitted
+`train.train_step` (the program `train.train_and_evaluate` runs). The two are interleaved `--repeats` times, so load from other
 processes hits both alike, and the best repeat is reported: `run_steps_per_s` counts one step of
-one run (a together step is K run-steps). Compilation is timed apart: once together, once per
+one run (a together step is K run-steps). Compilation is timed apart: once per together program, once per
 distinct run program one by one. Process CPU seconds are reported too (steadier on a shared CPU).
 """
 
@@ -33,6 +34,8 @@ _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per repeat, per run.')
 _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Interleaved repeats; the best is reported.')
 
+VECTORIZE = ('vmap', 'map')  # config.multirun.vectorize
+
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
   """(wall, process CPU) seconds of `fn()` (which blocks until its results are ready)."""
@@ -44,6 +47,7 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
 def run(config: Any, k: int, steps: int = 5, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
   """Times K runs of `config` together and one by one; returns the JSON record."""
   import jax  # pylint: disable=g-import-not-at-top  (after flags)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
   from unet_ds import models  # pylint: disable=g-import-not-at-top
@@ -74,17 +78,20 @@ def run(config: Any, k: int, steps: int = 5, warmup: int = 1, repeats: int = 3) 
   repl = sharding.replicated(mesh)
   seeds = np.asarray([r.config.seed for r in runs], np.int32)
 
-  # Together: one program for the K runs.
+  # Together: one program for the K runs, vmapped (batched ops) or a loop over the runs.
   run_weights = multirun.RunWeights.from_losses(ds_losses)
   stacked = multirun.shard_stacked(mesh, host_batches)
   init = functools.partial(multirun.create_train_states, model, tx, input_shape=input_shape)
-  holder = {'together': jax.jit(init, out_shardings=repl)(seeds)}
-  step = jax.jit(functools.partial(multirun.multi_train_step, model=model, tx=tx,
-                                   ds_loss=ds_losses[0]), out_shardings=(repl, repl),
-                 donate_argnums=0)
-  t = time.perf_counter()
-  together = step.lower(holder['together'], stacked, run_weights).compile()
-  compile_together = time.perf_counter() - t
+  first = jax.jit(init, out_shardings=repl)(seeds)
+  together, compile_s, holder = {}, {}, {}  # holder: the states, replaced as steps donate them
+  for vectorize in VECTORIZE:
+    holder[vectorize] = jax.tree.map(jnp.copy, first)
+    step = jax.jit(functools.partial(multirun.multi_train_step, model=model, tx=tx,
+                                     ds_loss=ds_losses[0], vectorize=vectorize),
+                   out_shardings=(repl, repl), donate_argnums=0)
+    t = time.perf_counter()
+    together[vectorize] = step.lower(first, stacked, run_weights).compile()
+    compile_s[vectorize] = time.perf_counter() - t
 
   # One by one: each run's own program (runs with equal DS settings share one).
   batches = [sharding.shard_batch(mesh, b) for b in host_batches]
@@ -93,7 +100,7 @@ def run(config: Any, k: int, steps: int = 5, warmup: int = 1, repeats: int = 3) 
   for i, ds_loss in enumerate(ds_losses):
     key = (ds_loss.base_weights, ds_loss.schedule, ds_loss.floor)
     # Run i's own initial state (create_train_state of its seed) is slice i of the stacked one.
-    holder[i] = jax.tree.map(lambda x, i=i: jax.device_put(x[i], repl), holder['together'])
+    holder[i] = jax.tree.map(lambda x, i=i: jax.device_put(x[i], repl), first)
     if key not in compiled_for:
       fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx, ds_loss=ds_loss),
                    out_shardings=(repl, repl), donate_argnums=0)
@@ -102,22 +109,26 @@ def run(config: Any, k: int, steps: int = 5, warmup: int = 1, repeats: int = 3) 
       compile_singles += time.perf_counter() - t
     singles.append(compiled_for[key])
 
-  def run_together(n: int) -> None:
+  def run_together(n: int, vectorize: str) -> None:
+    m = None
     for _ in range(n):
-      holder['together'], m = together(holder['together'], stacked, run_weights)
+      holder[vectorize], m = together[vectorize](holder[vectorize], stacked, run_weights)
     jax.block_until_ready(m)
 
   def run_one_by_one(n: int) -> None:
+    m = None
     for i, fn in enumerate(singles):
       for _ in range(n):
         holder[i], m = fn(holder[i], batches[i])
       jax.block_until_ready(m)
 
-  run_together(warmup)
-  run_one_by_one(warmup)
-  best = {'together': (float('inf'), 0.0), 'one_by_one': (float('inf'), 0.0)}
+  timers = {f'together_{v}': functools.partial(run_together, vectorize=v) for v in VECTORIZE}
+  timers['one_by_one'] = run_one_by_one
+  best = {name: (float('inf'), 0.0) for name in timers}
+  for fn in timers.values():
+    fn(warmup)
   for _ in range(repeats):
-    for name, fn in (('together', run_together), ('one_by_one', run_one_by_one)):
+    for name, fn in timers.items():
       best[name] = min(best[name], _timed(lambda fn=fn: fn(steps)))
 
   run_steps = k * steps
@@ -127,15 +138,15 @@ def run(config: Any, k: int, steps: int = 5, warmup: int = 1, repeats: int = 3) 
       'device_kind': dev.device_kind, 'num_devices': jax.device_count(),
       'batch_size': batch_size, 'shape': list(shape), 'timed_steps_per_run': steps,
       'repeats': repeats,
-      'together': {'compile_s': compile_together, 'seconds': best['together'][0],
-                   'cpu_seconds': best['together'][1],
-                   'run_steps_per_s': run_steps / best['together'][0]},
-      'one_by_one': {'compile_s': compile_singles, 'programs': len(compiled_for),
-                     'seconds': best['one_by_one'][0], 'cpu_seconds': best['one_by_one'][1],
-                     'run_steps_per_s': run_steps / best['one_by_one'][0]},
   }
-  record['speedup'] = record['together']['run_steps_per_s'] / record['one_by_one'][
-      'run_steps_per_s']
+  for name, (seconds, cpu_seconds) in best.items():
+    record[name] = {'seconds': seconds, 'cpu_seconds': cpu_seconds,
+                    'run_steps_per_s': run_steps / seconds}
+  for v in VECTORIZE:
+    record[f'together_{v}']['compile_s'] = compile_s[v]
+    record[f'speedup_{v}'] = (record[f'together_{v}']['run_steps_per_s']
+                              / record['one_by_one']['run_steps_per_s'])
+  record['one_by_one'].update(compile_s=compile_singles, programs=len(compiled_for))
   record['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   record['config'] = json.loads(config_lib.to_json(config))
   return record

@@ -12,6 +12,7 @@ from unet_ds import checkpoint
 from unet_ds import config_lib
 from unet_ds import losses
 from unet_ds import multirun
+from unet_ds import sharding
 from unet_ds import train
 
 # Two runs differing in seed and in every per-run DS setting.
@@ -105,10 +106,13 @@ def test_multirun_equals_runs_one_by_one_and_resumes(tmp_path, data_dir):
   assert json.loads((tmp_path / 'm' / 'multirun.json').read_text())['runs'] == _NAMES
 
 
-def test_per_run_weights_change_the_loss(data_dir):
+@pytest.mark.parametrize('vectorize', ['vmap', 'map'])
+def test_per_run_weights_change_the_loss(data_dir, vectorize):
   # Same seed (same init, same batches), different DS weights: same level losses, other total.
   runs = [dict(_RUNS[0], seed=0), dict(_RUNS[1], seed=0)]
-  mexp = multirun.MultiExperiment.build(_multi(data_dir, runs), '/tmp/unused')
+  c = _multi(data_dir, runs)
+  c.multirun.vectorize = vectorize
+  mexp = multirun.MultiExperiment.build(c, '/tmp/unused')
   states = mexp.init_state()
   batches = [next(iter(l)) for l in mexp.train_loaders()]
   np.testing.assert_array_equal(batches[0]['image'], batches[1]['image'])
@@ -123,6 +127,14 @@ def test_per_run_weights_change_the_loss(data_dir):
   # Run 1's side weight decays linearly over the 4 steps, from 1 to its floor 0.25.
   np.testing.assert_allclose(m['ds_weights'][1], [0.5, 0.5 * (0.25 + 0.75 * 0.5)], rtol=1e-6)
   np.testing.assert_allclose(m['ds_weights'][0], [2 / 3, 1 / 3], rtol=1e-6)
+  # Each run's losses are those of its own single-run step on the same batches.
+  for i in range(2):
+    exp = mexp.run_experiment(i)
+    state, single_step = exp.init_state(), exp.jit_train_step()
+    for _ in range(3):
+      state, single = single_step(state, sharding.shard_batch(exp.mesh, batches[i]))
+    np.testing.assert_allclose(m['loss'][i], single['loss'], rtol=1e-5)
+    np.testing.assert_allclose(m['level_losses'][i], single['level_losses'], rtol=1e-5)
 
 
 @pytest.mark.parametrize('schedule', losses.SCHEDULES)
@@ -199,6 +211,7 @@ def test_run_names_and_configs(data_dir):
     (dict(k=2, seeds=(4, 4)), r'multirun: runs 0 and 1 are the same run'),
     (dict(k=2, seeds=(4, 4), ds_weights=('1,0.5', '1.0,0.50')), r'runs 0 and 1 are the same'),
     (dict(k=-1), r'multirun.k: must be an int >= 0'),
+    (dict(k=2, vectorize='pmap'), r'multirun.vectorize: must be one of'),
 ])
 def test_bad_multirun_config_errors_before_compute(data_dir, overrides, match):
   c = _smoke(data_dir)

@@ -104,6 +104,7 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.multirun.ds_weights = ()          # per run, as loss.ds_weights ('exp', '1,0.5,0.25', ...)
   c.multirun.ds_schedule = ()         # per run, as loss.ds_schedule
   c.multirun.ds_floor = ()            # per run, as loss.ds_floor
+  c.multirun.vectorize = 'vmap'       # vmap (batched ops) | map (a loop over runs, in one program)
   return c
 
 
@@ -226,6 +227,7 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
 
 
 MULTIRUN_LISTS = ('seeds', 'ds_weights', 'ds_schedule', 'ds_floor')
+MULTIRUN_VECTORIZE = ('vmap', 'map')
 
 
 def _validate_multirun(c: ml_collections.ConfigDict, model_cfg: models.UNetConfig) -> None:
@@ -247,6 +249,7 @@ def _validate_multirun(c: ml_collections.ConfigDict, model_cfg: models.UNetConfi
     if values and len(values) != k:
       raise ValueError(f'config.multirun.{key}: has {len(values)} values {tuple(values)}, '
                        f'needs multirun.k={k} (or none: same for every run)')
+  _check_choice(mr.get('vectorize', 'vmap'), MULTIRUN_VECTORIZE, 'multirun.vectorize')
   if k <= 1:
     return
   for i, seed in enumerate(mr.seeds or [c.seed + i for i in range(k)]):

@@ -8,6 +8,11 @@ as its single run would be), and one jitted step vmaps `train.train_step` over t
 DS weights computed inside the step from its step count and its own arrays. So K small runs fill a
 device that one of them would leave idle, with one compilation instead of K.
 
+`config.multirun.vectorize='map'` runs the same step as a loop over the runs inside the program
+instead (`lax.map`): one compilation and the same results, at about the speed of the runs one by
+one. That is the better choice on XLA:CPU for 3D models, where vmapped convolutions (different
+kernels per run) become grouped convolutions that run several times slower than K plain ones.
+
 Each run writes `WORKDIR/<run name>/{config.json,metrics.jsonl,eval.jsonl,summary.json}` exactly as
 `train.train_and_evaluate` would for that run alone (its config has its own seed and DS settings and
 multi-run off), so `experiments.report WORKDIR` reads them as ordinary runs. The stacked state and
@@ -96,7 +101,7 @@ def member_runs(config: ml_collections.ConfigDict) -> list[Run]:
     if mr.ds_floor:
       c.loss.ds_floor = float(mr.ds_floor[i])
       parts['ds_floor'] = c.loss.ds_floor
-    c.multirun.k = 0
+    c.multirun.k, c.multirun.vectorize = 0, 'vmap'  # the single run's config: multi-run off
     for key in config_lib.MULTIRUN_LISTS:
       c.multirun[key] = ()
     name = _UNSAFE_CHARS.sub('_', ','.join(f'{key}={_format(v)}' for key, v in parts.items()))
@@ -146,21 +151,32 @@ def create_train_states(model: Any, tx: optax.GradientTransformation, seeds: jax
   return jax.lax.map(lambda seed: train.create_train_state(model, tx, seed, input_shape), seeds)
 
 
+def _over_runs(fn: Callable[..., Any], vectorize: str, *args: Any) -> Any:
+  """`fn` applied to each run's slice of `args` (stacked on axis 0): vmapped, or a loop."""
+  if vectorize == 'vmap':
+    return jax.vmap(fn)(*args)
+  if vectorize == 'map':  # one run after another inside the program: each run's ops unbatched
+    return jax.lax.map(lambda a: fn(*a), args)
+  raise ValueError(f"config.multirun.vectorize: must be 'vmap' or 'map', got {vectorize!r}")
+
+
 def multi_train_step(states: train.TrainState, batches: dict[str, jax.Array],
                      run_weights: RunWeights, *, model: Any, tx: optax.GradientTransformation,
-                     ds_loss: train.DSLoss) -> tuple[train.TrainState, dict[str, jax.Array]]:
-  """`train.train_step` vmapped over stacked states, batches `[K, B, ...]` and run weights."""
+                     ds_loss: train.DSLoss, vectorize: str = 'vmap'
+                     ) -> tuple[train.TrainState, dict[str, jax.Array]]:
+  """`train.train_step` over stacked states, batches `[K, B, ...]` and run weights."""
   def one(state, batch, run):
     weights = scheduled_weights(run, state.step, decay_steps=ds_loss.decay_steps)
     return train.train_step(state, batch, model=model, tx=tx, ds_loss=ds_loss, weights=weights)
-  return jax.vmap(one)(states, batches, run_weights)
+  return _over_runs(one, vectorize, states, batches, run_weights)
 
 
 def multi_eval_step(states: train.TrainState, batch: dict[str, jax.Array], *, model: Any,
-                    num_classes: int) -> jax.Array:
+                    num_classes: int, vectorize: str = 'vmap') -> jax.Array:
   """`[K, 1 + n_heads, 3, C]` confusion counts: every run scores the same batch."""
-  step = functools.partial(train.eval_step, model=model, num_classes=num_classes)
-  return jax.vmap(step, in_axes=(0, None))(states, batch)
+  def one(state):
+    return train.eval_step(state, batch, model=model, num_classes=num_classes)
+  return _over_runs(one, vectorize, states)
 
 
 def shard_stacked(mesh: jax.sharding.Mesh, batches: Sequence[dict[str, np.ndarray]]
@@ -221,12 +237,14 @@ class MultiExperiment:
   def jit_train_step(self) -> Callable:
     exp = self.exp
     repl = sharding.replicated(exp.mesh)
-    step = functools.partial(multi_train_step, model=exp.model, tx=exp.tx, ds_loss=exp.ds_loss)
+    step = functools.partial(multi_train_step, model=exp.model, tx=exp.tx, ds_loss=exp.ds_loss,
+                             vectorize=exp.config.multirun.vectorize)
     return jax.jit(step, out_shardings=(repl, repl), donate_argnums=0)
 
   def jit_eval_step(self) -> Callable:
     step = functools.partial(multi_eval_step, model=self.exp.model,
-                             num_classes=self.exp.num_classes)
+                             num_classes=self.exp.num_classes,
+                             vectorize=self.exp.config.multirun.vectorize)
     return jax.jit(step, out_shardings=sharding.replicated(self.exp.mesh))
 
   def train_loaders(self) -> list[Any]:
