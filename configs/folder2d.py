@@ -42,7 +42,7 @@ def get_config(arg=None):
   c.loss.name = 'dice_ce'
   c.loss.ds_weights = 'nnunet'
   c.optim.lr = 3e-3
-  c.train.steps = 300
+  c.train.steps = 500                   # ISBI: membrane Dice ~0.80 on slices 25-29
   c.train.batch_size = 2
   c.train.eval_batch_size = 2
   c.train.eval_every = c.train.checkpoint_every = 100
