@@ -2,8 +2,8 @@
 EM membranes (binary: membrane vs cell).
 
   python -m unet_ds.main --config=configs/folder2d.py:path=/data/isbi/train,isbi --workdir=runs/em
-  python -m unet_ds.main --config=configs/folder2d.py --workdir=runs/em --mode=eval --output=runs/em/ev
-  python -m unet_ds.main --config=configs/folder2d.py --workdir=runs/em --mode=predict \
+  python -m unet_ds.main --workdir=runs/em --mode=eval --input=/data/isbi/train --output=runs/em/ev
+  python -m unet_ds.main --workdir=runs/em --mode=predict \
       --input=/data/isbi/test --output=runs/em/pred
 
 Args: path=DIR (or --config.data.path), classes=K, channels=C, isbi (membrane = class 1 from the

@@ -2,8 +2,9 @@
 hippocampus (3 classes, volumes ~36x51x36) on a few CPU cores.
 
   python -m unet_ds.main --config=configs/msd.py:path=/data/Task04_Hippocampus --workdir=runs/hip
-  python -m unet_ds.main --config=configs/msd.py --workdir=runs/hip --mode=eval --output=runs/hip/ev
-  python -m unet_ds.main --config=configs/msd.py --workdir=runs/hip --mode=predict \
+  python -m unet_ds.main --workdir=runs/hip --mode=eval --input=/data/Task04_Hippocampus \
+      --output=runs/hip/ev   # the run's own data path: its held-out validation cases
+  python -m unet_ds.main --workdir=runs/hip --mode=predict \
       --input=/data/Task04_Hippocampus/imagesTs --output=runs/hip/pred
 
 Args: path=DIR (or --config.data.path), classes=K, channels=C, fold=N (of 5; default: a seeded

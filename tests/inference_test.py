@@ -1,4 +1,4 @@
-"""Tests for unet_ds.inference: sliding window == direct forward where it must, flip TTA, weights."""
+"""Tests for unet_ds.inference: sliding window == direct forward where it must, flip TTA."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

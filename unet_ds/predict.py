@@ -1,4 +1,4 @@
-"""Whole-image prediction and evaluation on folders of user files (`--mode=predict` / `--mode=eval`).
+"""Whole-image prediction and evaluation of user files (`--mode=predict` / `--mode=eval`).
 
 Inputs are read and normalised exactly as the run's dataset was prepared (`config.data`), predicted
 by sliding window over the whole image (`inference.py`, the model's `final` output only), and

@@ -136,7 +136,8 @@ class MsdFolder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # data is local
     s = self.builder_config.settings
-    splits = prepare.split_case_list(find_cases(s['path'], num_classes=s['num_classes'], in_channels=s['in_channels']), s)
+    cases = find_cases(s['path'], num_classes=s['num_classes'], in_channels=s['in_channels'])
+    splits = prepare.split_case_list(cases, s)
     self._channels = [s['in_channels'] or None]  # every case must match the first one read
     return {name: self._generate_examples(cases) for name, cases in splits.items()}
 
@@ -155,7 +156,8 @@ def load(data_cfg: Any) -> dict[str, prepare.CaseSource]:
 
   `data_cfg` keys: path, num_classes (required); in_channels, normalization ('zscore' | 'minmax' |
   'none'), clip_percentiles ((low, high) or ()), label_map ('value:class,...'), val_fraction,
-  val_cases ('id,id' or list), seed (split seed), num_folds, fold, data_dir (where prepared data goes).
+  val_cases ('id,id' or list), seed (split seed), num_folds, fold, data_dir (where prepared data
+  goes).
   """
   settings = settings_from_config(data_cfg)
   return prepare.prepare_and_load(MsdFolder, make_config(settings),
