@@ -1,8 +1,9 @@
 """Command line: `python -m unet_ds.main --config=configs/FILE.py[:ARGS] --workdir=DIR [--mode=...]`.
 
-Modes: `train` (resumes from the workdir's latest checkpoint), `eval` (scores the latest
-checkpoint on the validation split), `predict` / `eval` with `--input` (whole images or volumes
-with sliding windows, see `unet_ds.predict`). Any config field can be overridden:
+Modes: `train` (resumes from the workdir's latest checkpoint); `eval` alone scores the latest
+checkpoint on the validation split as during training; `predict`, and `eval` with `--output`
+(and optionally `--input`), run whole images or volumes with sliding windows and write files
+(see `unet_ds.predict`). predict/eval use the run's own saved `config.json`. Any config field can be overridden:
 `--config.loss.ds_weights=exp --config.model.ds.mode=hypercolumn`.
 """
 
@@ -39,13 +40,19 @@ def main(argv):
     trainer = multirun if config.get('multirun', {}).get('k', 0) > 1 else train  # K runs, 1 program
     summary = trainer.train_and_evaluate(config, _WORKDIR.value)
     _print_summary(summary)
-  elif _MODE.value == 'eval' and not _INPUT.value:
-    summary = train.evaluate_checkpoint(config, _WORKDIR.value)
+    return
+  from unet_ds import predict  # pylint: disable=g-import-not-at-top
+  if _MODE.value == 'eval' and not (_INPUT.value or _OUTPUT.value):
+    # In-training-style scores of the latest checkpoint, with the run's own saved config.
+    summary = train.evaluate_checkpoint(predict.run_config(config, _WORKDIR.value), _WORKDIR.value)
     _print_summary(summary)
-  else:
-    from unet_ds import predict  # pylint: disable=g-import-not-at-top
-    predict.run(config, _WORKDIR.value, mode=_MODE.value, input_path=_INPUT.value,
-                output=_OUTPUT.value, probabilities=_PROBS.value)
+    return
+  result = predict.run(config, _WORKDIR.value, mode=_MODE.value, input_path=_INPUT.value,
+                       output=_OUTPUT.value, probabilities=_PROBS.value)
+  if _MODE.value == 'eval':
+    print(json.dumps({'step': result.get('step'),
+                      'mean_foreground_dice': result.get('mean_foreground_dice'),
+                      'output': _OUTPUT.value}))
 
 
 def _print_summary(summary: dict) -> None:

@@ -79,5 +79,7 @@ class _EvalSource:
 
 
 def eval_source(data_cfg: Any, source: Any) -> Any:
-  """Validation examples at the training shape (identity shapes for synthetic data)."""
-  return _EvalSource(source, None if data_cfg.name == 'synthetic' else training_shape(data_cfg))
+  """Validation examples at `data.eval_shape` (default: the training shape; synthetic: as is)."""
+  if data_cfg.name == 'synthetic':
+    return _EvalSource(source, None)
+  return _EvalSource(source, tuple(data_cfg.get('eval_shape') or training_shape(data_cfg)))
