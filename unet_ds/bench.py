@@ -6,8 +6,9 @@
 The batch is random (image ~ N(0, 1), labels uniform over the classes), built on the host once
 and placed like the trainer places its batches, so no dataset is prepared or read. Compile time
 is reported apart from the step times (median / min / max over `--steps` after `--warmup`).
-FLOPs are the model's: XLA's cost analysis of the same step lowered with the native ops (the CPU
-fast path computes the same math; its scans would be undercounted by the compiled analysis).
+FLOPs are the model's: XLA's cost analysis of the same step lowered with the native ops for the
+CPU backend (the fast path computes the same math, but the analysis counts a scan body once; GPU
+plugins have no such analysis and their compiled one skips cuDNN convolutions).
 Memory: peak host RSS, and the device's peak bytes in use where the backend reports them.
 
 Compare with MONAI's DynUNet on the same shapes with `benchmarks/monai_dynunet.py` (optional
@@ -75,15 +76,30 @@ def _time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> tuple[float, 
   return first, times
 
 
-def _flops(lowered: Any) -> float | None:
+def _flops(lowered_or_compiled: Any) -> float | None:
   try:
-    cost = lowered.cost_analysis()
+    cost = lowered_or_compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except  (backends without an analysis)
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   flops = (cost or {}).get('flops')
   return float(flops) if flops and flops > 0 else None
+
+
+def model_flops(fn: Callable[..., Any], *args: Any) -> float | None:
+  """XLA's FLOP count of `fn(*args)` lowered for the CPU backend, whatever the default one.
+
+  The count is the model's (backend independent). GPU plugins have no pre-compilation analysis,
+  and their compiled one leaves out cuDNN convolutions (custom calls), so count on CPU.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), args)
+  try:
+    return _flops(jax.jit(fn).lower(*abstract))
+  except Exception:  # pylint: disable=broad-except
+    return None
 
 
 def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
@@ -142,14 +158,11 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
   peak = peak_flops or known_peak(dev.device_kind, model_cfg.dtype)
 
   if mode in ('train', 'both'):
-    record['train_flops_per_step'] = _flops(
-        jax.jit(native_step).lower(state, batch))
+    record['train_flops_per_step'] = model_flops(native_step, state, batch)
     train_fn = jax.jit(step, out_shardings=(repl, repl), donate_argnums=0)
     t = time.perf_counter()
     compiled = train_fn.lower(state, batch).compile()
     record['compile_s'] = time.perf_counter() - t
-    if not record['train_flops_per_step'] and impl == 'native':
-      record['train_flops_per_step'] = _flops(compiled)  # e.g. GPU: only the compiled analysis
     holder = {'state': state}
 
     def one_step():
@@ -171,14 +184,12 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
       return m.apply(variables, x, train=False)
 
     variables = state.variables()
-    record['infer_flops'] = _flops(
-        jax.jit(functools.partial(forward, native_model)).lower(variables, batch['image']))
+    record['infer_flops'] = model_flops(functools.partial(forward, native_model), variables,
+                                        batch['image'])
     infer_fn = jax.jit(functools.partial(forward, model))
     t = time.perf_counter()
     compiled_infer = infer_fn.lower(variables, batch['image']).compile()
     record['infer_compile_s'] = time.perf_counter() - t
-    if not record['infer_flops'] and impl == 'native':
-      record['infer_flops'] = _flops(compiled_infer)
     _, times = _time_calls(lambda: compiled_infer(variables, batch['image']), steps, warmup)
     record.update(_stats(times, 'infer_s'))
     record['infer_voxels_per_s'] = voxels / record['infer_s_median']
