@@ -223,3 +223,20 @@ def test_bad_multirun_config_errors_before_compute(data_dir, overrides, match):
 def test_multirun_needs_two_runs(data_dir):
   with pytest.raises(ValueError, match='multi-run needs k >= 2'):
     multirun.member_runs(_smoke(data_dir))
+
+
+def test_data_parallel_multirun_matches_single_device(data_dir):
+  assert jax.device_count() >= 2
+  results = []
+  for devices in (1, 2):
+    c = _multi(data_dir)
+    c.mesh.data = devices
+    c.multirun.vectorize = 'map'  # compiles faster on CPU; the sharding is the same either way
+    mexp = multirun.MultiExperiment.build(c, '/tmp/unused')
+    batches = mexp.shard_batches([next(iter(l)) for l in mexp.train_loaders()])
+    assert len(batches['image'].sharding.device_set) == devices
+    states = mexp.init_state()
+    for _ in range(2):
+      states, m = mexp.jit_train_step()(states, batches, mexp.run_weights)
+    results.append(np.asarray(m['loss']))
+  np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
