@@ -13,10 +13,25 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
-def maybe_initialize_distributed(mesh_cfg: Any) -> None:
-  """Multi-host: `jax.distributed.initialize()` (coordinator etc. from the environment)."""
-  if mesh_cfg.get('distributed', False) and jax.process_count() == 1:
-    jax.distributed.initialize()
+_DISTRIBUTED_KEYS = ('coordinator_address', 'num_processes', 'process_id')
+
+
+def maybe_initialize_distributed(mesh_cfg: Any) -> bool:
+  """Multi-host: `jax.distributed.initialize()` when `mesh.distributed` is set.
+
+  Must run before anything touches a JAX backend (so it checks `jax.distributed.is_initialized`,
+  not `jax.process_count`, which would start the backend). The coordinator, process count and id
+  come from `mesh.coordinator_address` / `mesh.num_processes` / `mesh.process_id` where set, else
+  from JAX_COORDINATOR_ADDRESS etc. or JAX's cluster auto-detection (SLURM, Open MPI, TPU pods,
+  ...). On CPU, cross-process collectives use gloo. Returns whether the job is multi-process.
+  """
+  if not mesh_cfg.get('distributed', False):
+    return False
+  if not jax.distributed.is_initialized():
+    kwargs = {key: mesh_cfg.get(key) for key in _DISTRIBUTED_KEYS
+              if mesh_cfg.get(key) not in (None, '', -1)}
+    jax.distributed.initialize(**kwargs)
+  return True
 
 
 def make_mesh(mesh_cfg: Any) -> Mesh:

@@ -1,0 +1,174 @@
+"""Meshes and shardings: data + spatial partitioning on 8 simulated devices, and two processes.
+
+The 8-device and multi-process checks run this file as a worker in subprocesses, because
+conftest fixes 4 simulated devices for the test process and a backend cannot be re-created.
+Each worker builds the train step from a tiny 3D config with a random batch (no dataset) and
+prints the loss and the parameter update, which the tests compare with a single-device run.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(ndim=3, size=16):
+  from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
+  c = config_lib.apply_args(config_lib.base_config(ndim=ndim), 'smoke')
+  c.data.shape = (size,) * ndim
+  c.train.batch_size = 4
+  c.optim.name, c.optim.lr = 'sgd', 0.1
+  c.optim.schedule = 'constant'
+  return c
+
+
+def _batch(c, seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (c.train.batch_size, *c.data.shape)
+  return {'image': rng.standard_normal(shape + (1,), dtype=np.float32),
+          'label': rng.integers(0, c.data.num_classes, shape, dtype=np.int32)}
+
+
+def _step_result(c, host_batch):
+  """Loss and flattened parameter update of one train step of config `c` on `host_batch`."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
+  from unet_ds import models  # pylint: disable=g-import-not-at-top
+  from unet_ds import optim  # pylint: disable=g-import-not-at-top
+  from unet_ds import sharding  # pylint: disable=g-import-not-at-top
+  from unet_ds import train  # pylint: disable=g-import-not-at-top
+
+  model_cfg = config_lib.validate(c)
+  sharding.maybe_initialize_distributed(c.mesh)
+  mesh = sharding.make_mesh(c.mesh)
+  model = models.get_model(model_cfg)
+  tx, _ = optim.make_optimizer(c.optim, int(c.train.steps))
+  ds_loss = train.DSLoss.from_config(c, model_cfg)
+  input_shape = (c.train.batch_size, *c.data.shape, 1)
+  repl = sharding.replicated(mesh)
+  state = jax.jit(functools.partial(train.create_train_state, model, tx, 0, input_shape),
+                  out_shardings=repl)()
+  before = jax.tree.map(np.asarray, state.params)
+  batch = sharding.shard_batch(mesh, host_batch)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, ds_loss=ds_loss),
+                 out_shardings=(repl, repl))
+  new_state, metrics = step(state, batch)
+  after = jax.tree.map(np.asarray, new_state.params)
+  update = np.concatenate([(a - b).ravel() for a, b in zip(jax.tree.leaves(after),
+                                                           jax.tree.leaves(before))])
+  return {'loss': float(metrics['loss']), 'update': update.tolist(),
+          'image_sharding': str(batch['image'].sharding.spec),
+          'devices': len(batch['image'].sharding.device_set)}
+
+
+def _worker(argv):
+  """`sharding_test.py OUT.json spatial IMPL DATA SPACE` or `OUT.json multihost PORT PROCESS_ID`."""
+  out_path, mode = argv[0], argv[1]
+  argv = argv[1:]
+  c = _config()
+  batch = _batch(c)
+  if mode == 'spatial':
+    impl, data, space = argv[1], int(argv[2]), int(argv[3])
+    c.model.conv_impl = impl
+    c.mesh.data, c.mesh.space = data, space
+  else:
+    port, process_id = argv[1], int(argv[2])
+    c.mesh.distributed = True
+    c.mesh.coordinator_address = f'localhost:{port}'
+    c.mesh.num_processes, c.mesh.process_id = 2, process_id
+    rows = c.train.batch_size // 2  # each process feeds its own half of the global batch
+    batch = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in batch.items()}
+  with open(out_path, 'w') as f:
+    json.dump(_step_result(c, batch), f)
+
+
+def _run_worker(tmp_path, args, devices):
+  """Starts a worker; its result and log go to files (pipes could fill and block a process
+  that its peer waits for in a collective)."""
+  name = '_'.join(map(str, args))
+  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+         'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': _ROOT}
+  out = tmp_path / f'{name}.json'
+  log = open(tmp_path / f'{name}.log', 'w')  # pylint: disable=consider-using-with
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(out), *map(str, args)],
+                          cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+  return proc, out, log
+
+
+def _result(worker, timeout=900):
+  proc, out, log = worker
+  try:
+    proc.wait(timeout=timeout)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    log.close()
+  assert proc.returncode == 0, open(log.name).read()[-3000:]
+  with open(out) as f:
+    return json.load(f)
+
+
+def _assert_same_step(got, want):
+  np.testing.assert_allclose(got['loss'], want['loss'], rtol=1e-5)
+  update, ref = np.asarray(got['update']), np.asarray(want['update'])
+  np.testing.assert_allclose(update, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.fixture(scope='module')
+def single_device_step(tmp_path_factory):
+  return _result(_run_worker(tmp_path_factory.mktemp('single'), ['spatial', 'native', 1, 1],
+                             devices=8))
+
+
+@pytest.mark.parametrize('impl,data,space', [
+    ('cpu_fast', 2, 4),   # data x space on all 8 devices, depth split in 4
+    ('native', 4, 2),
+])
+def test_data_and_space_sharded_step_matches_single_device(tmp_path, single_device_step, impl,
+                                                           data, space):
+  got = _result(_run_worker(tmp_path, ['spatial', impl, data, space], devices=8))
+  assert got['devices'] == data * space
+  assert "'data', 'space'" in got['image_sharding']
+  assert single_device_step['devices'] == 1
+  _assert_same_step(got, single_device_step)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_single_device(tmp_path, single_device_step):
+  # Two hosts of 2 devices each (4 global), each feeding its half of the batch.
+  port = _free_port()
+  workers = [_run_worker(tmp_path, ['multihost', port, i], devices=2) for i in range(2)]
+  results = [_result(w) for w in workers]
+  for got in results:
+    assert got['devices'] == 4
+    _assert_same_step(got, single_device_step)
+
+
+def test_make_mesh_shapes_and_errors():
+  from unet_ds import sharding  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 4  # conftest
+  mesh = sharding.make_mesh({'data': -1, 'space': 2})
+  assert dict(mesh.shape) == {'data': 2, 'space': 2}
+  assert dict(sharding.make_mesh({'data': 1, 'space': 1}).shape) == {'data': 1, 'space': 1}
+  with pytest.raises(ValueError, match='needs 8 devices'):
+    sharding.make_mesh({'data': 4, 'space': 2})
+  assert sharding.batch_spec(5) == sharding.P('data', 'space', None, None, None)
+  assert sharding.batch_spec(1) == sharding.P('data')
+  assert not sharding.maybe_initialize_distributed({'distributed': False})
+
+
+if __name__ == '__main__':
+  _worker(sys.argv[1:])
