@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
@@ -76,18 +77,20 @@ def main():
     return loss
 
   model.train()
-  times = []
+  times, cpu_times = [], []
   for i in range(args.warmup + args.steps):
     sync()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     train_step()
     sync()
     if i >= args.warmup:
       times.append(time.perf_counter() - t)
+      cpu_times.append(time.process_time() - c)
   record = {'framework': 'monai', 'torch': torch.__version__, 'threads': torch.get_num_threads(),
             'device': str(device), 'batch_size': args.batch, 'shape': [args.size] * 3,
             'timed_steps': args.steps}
   record.update(_stats(times, 'step_s'))
+  record['step_cpu_s_median'] = statistics.median(cpu_times)
   record['voxels_per_s'] = args.batch * args.size ** 3 / record['step_s_median']
 
   model.eval()
@@ -101,6 +104,7 @@ def main():
       if i >= args.warmup:
         times.append(time.perf_counter() - t)
   record.update(_stats(times, 'infer_s'))
+  record['load_avg_1min'] = os.getloadavg()[0]
   record['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   record['params'] = sum(p.numel() for p in model.parameters())
   print(json.dumps(record))

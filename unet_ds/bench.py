@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import resource
 import statistics
 import time
@@ -60,20 +61,25 @@ def _stats(seconds: list[float], prefix: str) -> dict[str, float]:
           f'{prefix}_max': max(seconds)}
 
 
-def _time_calls(fn: Callable[[], Any], steps: int, warmup: int) -> tuple[float, list[float]]:
-  """(compile + first call seconds, per-call seconds of `steps` calls after `warmup`)."""
+def _time_calls(fn: Callable[[], Any], steps: int, warmup: int
+                ) -> tuple[float, list[float], list[float]]:
+  """(first call seconds, wall seconds and process CPU seconds of `steps` calls after `warmup`).
+
+  CPU seconds (all threads) are the steadier figure on a machine shared with other jobs.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   t = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - t
   for _ in range(warmup):
     jax.block_until_ready(fn())
-  times = []
+  times, cpu_times = [], []
   for _ in range(steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
-  return first, times
+    cpu_times.append(time.process_time() - c)
+  return first, times, cpu_times
 
 
 def _flops(lowered_or_compiled: Any) -> float | None:
@@ -169,9 +175,10 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
       holder['state'], m = compiled(holder['state'], batch)
       return m
 
-    first, times = _time_calls(one_step, steps, warmup)
+    first, times, cpu_times = _time_calls(one_step, steps, warmup)
     record['first_step_s'] = first
     record.update(_stats(times, 'step_s'))
+    record['step_cpu_s_median'] = statistics.median(cpu_times)
     record['voxels_per_s'] = voxels / record['step_s_median']
     if record['train_flops_per_step']:
       record['achieved_flops_per_s'] = record['train_flops_per_step'] / record['step_s_median']
@@ -190,14 +197,17 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
     t = time.perf_counter()
     compiled_infer = infer_fn.lower(variables, batch['image']).compile()
     record['infer_compile_s'] = time.perf_counter() - t
-    _, times = _time_calls(lambda: compiled_infer(variables, batch['image']), steps, warmup)
+    _, times, cpu_times = _time_calls(lambda: compiled_infer(variables, batch['image']), steps,
+                                      warmup)
     record.update(_stats(times, 'infer_s'))
+    record['infer_cpu_s_median'] = statistics.median(cpu_times)
     record['infer_voxels_per_s'] = voxels / record['infer_s_median']
     if record['infer_flops']:
       record['infer_achieved_flops_per_s'] = record['infer_flops'] / record['infer_s_median']
 
   if peak:
     record['peak_flops_per_s'] = peak
+  record['load_avg_1min'] = os.getloadavg()[0]  # other jobs on the machine skew the timings
   record['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   try:
     mem = dev.memory_stats() or {}
