@@ -28,7 +28,9 @@ def _native_conv(strides, padding):
 
 
 def _fast_conv(strides, padding):
-  return lambda x, k: fast_ops.conv(x, k, strides=strides, padding=padding)
+  # native_below_flops=0: these shapes are tiny, test the rewritten ops, not the fallback.
+  return lambda x, k: fast_ops.conv(x, k, strides=strides, padding=padding,
+                                    native_below_flops=0)
 
 
 def _native_transpose(strides):
@@ -169,6 +171,15 @@ def test_bad_padding_and_pool_window_raise():
                   padding='VALID')
   with pytest.raises(ValueError, match='window'):
     fast_ops.max_pool(jnp.zeros((1, 4, 4, 1)), (2, 2, 2))
+
+
+def test_tiny_convs_fall_back_to_native():
+  x, k = _normal((1, 4, 4, 4, 2)), _normal((3, 3, 3, 2, 3), seed=1)
+  hlo = jax.jit(lambda x, k: fast_ops.conv(x, k, strides=(1, 1, 1))).lower(x, k).as_text()
+  assert hlo.count('convolution') == 1  # the one native 3D conv
+  hlo = jax.jit(lambda x, k: fast_ops.conv(x, k, strides=(1, 1, 1), native_below_flops=0)
+                ).lower(x, k).as_text()
+  assert hlo.count('convolution') == 3  # one 2D conv per depth tap
 
 
 def test_layers_route_cpu_fast_and_resolve_auto():

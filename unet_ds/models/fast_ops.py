@@ -29,9 +29,13 @@ import jax.numpy as jnp
 
 Pads = tuple[tuple[int, int], ...]
 
+# Below ~16 MFLOP a native conv (and its gradients) take well under 10 ms on XLA:CPU; the
+# rewritten ones compile slower (scans), which dominates for the tiny models of tests.
+NATIVE_BELOW_FLOPS = 2**24
 
-def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
-         padding: str = 'SAME') -> jax.Array:
+
+def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int], padding: str = 'SAME',
+         native_below_flops: int = NATIVE_BELOW_FLOPS) -> jax.Array:
   """Channels-last convolution, equal to `lax.conv_general_dilated` (NDHWC/DHWIO or NHWC/HWIO).
 
   Args:
@@ -39,6 +43,8 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
     kernel: [*k, C_in, C_out].
     strides: one stride per spatial dim.
     padding: 'SAME' or 'VALID' (XLA's meaning).
+    native_below_flops: convs cheaper than this many FLOPs use the native op, which is fast
+      enough there and compiles in half the time (tiny test models); 0 disables.
 
   Returns:
     [N, *out_spatial, C_out] in the promoted dtype of `x` and `kernel`.
@@ -50,7 +56,15 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
     raise ValueError(f'fast_ops: kernel {kernel.shape[:-2]} larger than the input '
                      f'{x.shape[1:-1]} with VALID padding')
   pads = tuple(lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:-2], strides, padding))
+  if native_below_flops and _conv_flops(x, kernel, strides, pads) < native_below_flops:
+    return _native(x, kernel, strides, pads)
   return _conv(x, kernel, strides, pads)
+
+
+def _conv_flops(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Pads) -> int:
+  out = [(n + lo + hi - k) // s + 1
+         for n, k, s, (lo, hi) in zip(x.shape[1:-1], kernel.shape[:-2], strides, pads)]
+  return 2 * x.shape[0] * math.prod(out) * math.prod(kernel.shape)
 
 
 def conv_transpose(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int]) -> jax.Array:
