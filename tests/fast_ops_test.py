@@ -70,6 +70,7 @@ CONV_CASES = [
     ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2), 'SAME'),    # odd sizes, strided
     ((1, 8, 9, 10, 2), (3, 3, 3, 2, 5), (2, 1, 2), 'SAME'),   # strides differ per axis
     ((1, 6, 5, 7, 2), (5, 5, 5, 2, 3), (1, 1, 1), 'SAME'),
+    ((1, 6, 5, 7, 4), (3, 3, 3, 4, 2), (1, 2, 1), 'SAME'),    # C_in > C_out: stacked taps
     ((1, 9, 8, 7, 2), (1, 1, 1, 2, 3), (2, 2, 2), 'SAME'),    # strided 1x1x1 projection
     ((1, 8, 9, 10, 2), (1, 3, 3, 2, 3), (1, 2, 2), 'SAME'),   # anisotropic kernel
     ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2), 'VALID'),

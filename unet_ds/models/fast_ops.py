@@ -314,6 +314,8 @@ _conv3d.defvjp(_conv3d_fwd, _conv3d_bwd)
 def _conv3d_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
                  pads: Pads) -> jax.Array:
   """3D conv as sum_t conv2d(depth slice t folded into the batch, kernel[t])."""
+  if strides[0] == 1 and kernel.shape[-2] > kernel.shape[-1] and kernel.shape[0] > 1:
+    return _conv3d_stacked_taps(x, kernel, strides, pads)
   n, _, h, w, c = x.shape
   kd = kernel.shape[0]
   sd = strides[0]
@@ -327,6 +329,27 @@ def _conv3d_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
                 preferred_element_type=_acc_dtype(out_dtype))
     acc = y if acc is None else acc + y
   return acc.reshape((n, d_out) + acc.shape[1:]).astype(out_dtype)
+
+
+def _conv3d_stacked_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+                         pads: Pads) -> jax.Array:
+  """Depth-stride-1 3D conv as one 2D conv emitting every depth tap's output, then shifted sums.
+
+  `z[d, t] = conv2d(x[d], kernel[t])` for all taps at once (C_out * kd output channels, a wider
+  and faster matmul than kd convs to C_out), and `y[d] = sum_t z[d + t - low, t]`. Cheaper than
+  the per-tap form when C_in > C_out: its z is then smaller than the per-tap input slices.
+  """
+  n, d, h, w, c = x.shape
+  kd, o = kernel.shape[0], kernel.shape[-1]
+  out_dtype = _out_dtype(x, kernel)
+  stacked = jnp.moveaxis(kernel, 0, -2).reshape(kernel.shape[1:3] + (c, kd * o))
+  z = _native(x.reshape(n * d, h, w, c), stacked, strides[1:], pads[1:],
+              preferred_element_type=_acc_dtype(out_dtype))
+  z = z.reshape((n, d) + z.shape[1:3] + (kd, o))
+  z = jnp.pad(z, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0), (0, 0)))
+  d_out = z.shape[1] - kd + 1
+  y = sum(z[:, t:t + d_out, :, :, t] for t in range(kd))
+  return y.astype(out_dtype)
 
 
 def _input_grad(dy: jax.Array, kernel: jax.Array, strides: tuple[int, ...], pads: Pads,
