@@ -1,17 +1,25 @@
-"""Experiment: native convs + `fast_ops.conv_transpose` (einsum + reshape) for the k == s upsampling.
+"""Experiment: `unet_ds.bench` with ops the model does not route through `layers` yet.
 
-On an H100 the native strided transposed conv lowers to slow pure-fp32 / bf16 cuDNN fprop kernels
-with layout transposes (benchmarks/profile_step.py); this patches `layers.conv_transpose` for
-the run and prints `unet_ds.bench`'s JSON line, to compare with the plain native run.
+  python benchmarks/hybrid_bench.py --patch=conv_transpose,max_pool [bench flags]
 
-  python benchmarks/hybrid_bench.py --config=configs/unet3d.py:bench_ref [bench flags]
+- conv_transpose: native convs + `fast_ops.conv_transpose` (einsum + reshape) for the k == s
+  upsampling, on any backend. On an H100 the native strided transposed conv lowers to slow
+  pure-fp32 / bf16 cuDNN kernels with layout transposes (benchmarks/profile_step.py).
+- max_pool: `fast_ops.max_pool` instead of `nn.max_pool` in the U-Net (XLA:CPU expands the
+  native gradient into whole-volume index arrays).
+Prints bench's JSON line, to compare with a plain run under the same conditions.
 """
 
 from absl import app
+from absl import flags
+import flax.linen as nn
 
 from unet_ds import bench
 from unet_ds.models import fast_ops
 from unet_ds.models import layers
+from unet_ds.models import unet
+
+_PATCH = flags.DEFINE_list('patch', ['conv_transpose'], 'conv_transpose, max_pool')
 
 _native_conv_transpose = layers.conv_transpose
 
@@ -22,6 +30,29 @@ def _hybrid_conv_transpose(x, kernel, strides, impl):
   return _native_conv_transpose(x, kernel, strides, impl)
 
 
+class _PooledNN:
+  """`flax.linen` with `max_pool` replaced, as seen from `unet.py`."""
+
+  def __getattr__(self, name):
+    return getattr(nn, name)
+
+  @staticmethod
+  def max_pool(x, window_shape, strides=None, padding='VALID'):
+    if strides is not None and tuple(strides) != tuple(window_shape) or padding != 'VALID':
+      return nn.max_pool(x, window_shape, strides=strides, padding=padding)
+    return fast_ops.max_pool(x, window_shape)
+
+
+def main(argv):
+  unknown = set(_PATCH.value) - {'conv_transpose', 'max_pool'}
+  if unknown:
+    raise app.UsageError(f'unknown --patch {sorted(unknown)}')
+  if 'conv_transpose' in _PATCH.value:
+    layers.conv_transpose = _hybrid_conv_transpose
+  if 'max_pool' in _PATCH.value:
+    unet.nn = _PooledNN()
+  bench.main(argv)
+
+
 if __name__ == '__main__':
-  layers.conv_transpose = _hybrid_conv_transpose
-  app.run(bench.main)
+  app.run(main)
