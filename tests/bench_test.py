@@ -1,4 +1,4 @@
-"""Benchmark smoke run (the JSON record's fields), and the memory levers: remat and bfloat16 train."""
+"""Benchmark smoke run (the JSON record's fields); the memory levers remat and bfloat16 train."""
 
 import functools
 import importlib.util

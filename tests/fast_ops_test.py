@@ -144,7 +144,9 @@ def test_second_order_grad_matches_native():
   k = _normal(seed=1, shape=(3, 3, 3, 2, 2))
 
   def grad_of_grad_norm(conv):
-    return jax.jit(jax.grad(lambda k: jnp.sum(jax.grad(lambda x: jnp.sum(conv(x, k) ** 2))(x) ** 2)))
+    def penalty(k):
+      return jnp.sum(jax.grad(lambda x: jnp.sum(conv(x, k) ** 2))(x) ** 2)
+    return jax.jit(jax.grad(penalty))
 
   g0 = grad_of_grad_norm(_native_conv((1, 1, 1), 'SAME'))(k)
   g1 = grad_of_grad_norm(_fast_conv((1, 1, 1), 'SAME'))(k)

@@ -5,13 +5,18 @@ input dilation (the input gradient of a strided conv, a strided transposed conv)
 generic loop (DESIGN.md §5: ~10x and up to ~40x slower). This module re-expresses them with
 the fast pieces only:
 
-- 3D conv: a sum over depth taps of 2D convs on depth slices folded into the batch.
+- 3D conv: a sum over depth taps of 2D convs on depth slices folded into the batch (or, when
+  C_in > C_out, one 2D conv emitting all taps' outputs, summed with depth shifts).
 - Input gradient of a conv, and transposed convs: the "sub-pixel" form. A stride-s transposed
   conv equals a stride-1 conv over the (un-dilated) input with a kernel that emits s**n output
   phases as channels, followed by a depth-to-space reshape.
-- Kernel gradient of a 3D conv: a scan over input depth slabs, each an im2col matmul kept small
-  enough to stay in cache (the native kernel-gradient conv runs at a few GFLOP/s).
-- 1x1 convs and transposed convs with kernel == stride: einsums and reshapes.
+- Kernel gradient of a 3D conv: a scan over input depth slabs, one matmul per in-plane tap on
+  contiguous slices of the flattened slab, small enough to stay in cache (the native
+  kernel-gradient conv runs at a few GFLOP/s).
+- 1x1 convs and transposed convs with kernel == stride: einsums and reshapes, with weight
+  gradients summed over row chunks (XLA would transpose the whole volume).
+- Max pool (stride == window): a reshape and max; XLA:CPU's native gradient builds several
+  whole-volume index arrays.
 
 All functions are pure, channels-last, and take kernels in flax layout (*k, C_in, C_out). On
 GPU/TPU the native ops are the right choice; `layers.resolve_impl` picks this module on CPU.
