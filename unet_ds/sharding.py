@@ -1,4 +1,4 @@
-"""Device mesh and shardings: batch over a `data` axis, optionally the first spatial axis over `space`.
+"""Device mesh and shardings: batch over `data`, optionally the first spatial axis over `space`.
 
 The train step is written once against a `Mesh('data', 'space')`; on one device both axes have
 size 1 and the same code runs unchanged. Parameters and optimiser state are replicated.
