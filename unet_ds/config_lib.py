@@ -160,6 +160,67 @@ def apply_args(c: ml_collections.ConfigDict, arg: str | None,
   return c
 
 
+def real_data_config(ndim: int, name: str) -> ml_collections.ConfigDict:
+  """`base_config(ndim)` for a user's data folder (`data.name`: msd | folder2d).
+
+  The fields and defaults that configs/msd.py and configs/folder2d.py share: normalisation, split,
+  patch sampling, a DS loss as nnU-Net's, and the `inference` group that --mode=predict/eval read.
+  Each file then sets its data sizes, model size and training length.
+  """
+  c = base_config(ndim)
+  c.data.name = name
+  c.data.path = ''                      # the data folder (--config.data.path or the path= arg)
+  c.data.in_channels = 1                # modalities / colour channels
+  c.data.normalization = 'zscore'       # per volume / image: zscore | minmax | none
+  c.data.clip_percentiles = ()          # e.g. (0.5, 99.5) before normalising
+  c.data.label_map = ''                 # 'value:class,...' when labels are not 0..K-1
+  c.data.val_fraction = 0.2             # seeded by data.seed
+  c.data.val_cases = ''                 # 'id,id' (file names without suffix): overrides the fraction
+  c.data.num_folds = 0                  # > 1: k-fold, validation = fold `data.fold`
+  c.data.fold = 0
+  c.data.fg_fraction = 1 / 3            # patches forced onto foreground (nnU-Net)
+  c.data.augment = True
+
+  c.model.ds.mode = 'deep'
+  c.loss.name = 'dice_ce'
+  c.loss.ds_weights = 'nnunet'
+  c.optim.lr = 3e-3
+  c.train.batch_size = 2
+  c.train.log_every = 20
+
+  c.inference = ml_collections.ConfigDict()
+  c.inference.overlap = 0.5             # sliding-window overlap (nnU-Net: 0.5)
+  c.inference.batch_size = 2            # windows per model call
+  c.inference.sigma_scale = 1 / 8       # Gaussian importance sigma / patch size
+  c.inference.tta_axes = ()             # flip TTA over these spatial axes, e.g. (0, 1, 2)
+  c.inference.save_probs = False        # also write class probabilities
+  return c
+
+
+def _real_data_smoke(c: ml_collections.ConfigDict) -> None:
+  """`smoke` for real data: the user's files, tiny patches, model and run."""
+  c.data.patch_size = c.data.shape = c.data.eval_shape = (16,) * c.data.ndim
+  c.model.depth, c.model.base_filters = 3, 4
+  c.train.steps, c.train.batch_size, c.train.eval_batch_size = 4, 2, 2
+  c.train.eval_every = c.train.checkpoint_every = 2
+  c.train.log_every = 1
+  c.optim.warmup_steps = 1
+
+
+def _set_fold(c: ml_collections.ConfigDict, fold: str) -> None:
+  c.data.num_folds, c.data.fold = 5, int(fold)
+
+
+# Arguments of every real-data config file (on top of COMMON_ARGS).
+REAL_DATA_ARGS: dict[str, Callable[[ml_collections.ConfigDict, Any], None]] = {
+    'path': lambda c, v: setattr(c.data, 'path', v),
+    'classes': lambda c, v: setattr(c.data, 'num_classes', int(v)),
+    'channels': lambda c, v: setattr(c.data, 'in_channels', int(v)),
+    'fold': _set_fold,
+    'smoke': lambda c, v: _real_data_smoke(c),
+}
+
+
 def weights_spec(spec: Any) -> str | tuple[float, ...]:
   """`loss.ds_weights` as a scheme name or a tuple of floats ('1,0.5' or (1, 0.5))."""
   if isinstance(spec, str) and spec in losses.WEIGHT_SCHEMES:
