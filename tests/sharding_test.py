@@ -170,5 +170,56 @@ def test_make_mesh_shapes_and_errors():
   assert not sharding.maybe_initialize_distributed({'distributed': False})
 
 
+
+class _FakeDevice:
+  """What `select_devices` reads of a device: its id and its process."""
+
+  def __init__(self, process_index, id_):
+    self.process_index, self.id = process_index, id_
+
+  def __repr__(self):
+    return f'p{self.process_index}d{self.id}'
+
+
+def _fake_devices(*local_counts):
+  """Devices of processes with `local_counts` devices each, listed interleaved (not by process)."""
+  devices = [_FakeDevice(p, p * 100 + i) for p, n in enumerate(local_counts) for i in range(n)]
+  return sorted(devices, key=lambda d: (d.id % 100, d.process_index))
+
+
+@pytest.mark.parametrize('counts,data,space,want', [
+    ((4, 4), 2, 1, ['p0d0', 'p1d100']),                        # 2 of 8 devices: one per host
+    ((4, 4), 4, 1, ['p0d0', 'p0d1', 'p1d100', 'p1d101']),
+    ((4, 4), 2, 2, ['p0d0', 'p0d1', 'p1d100', 'p1d101']),      # a data row per host
+    ((4, 4), 8, 1, ['p0d0', 'p0d1', 'p0d2', 'p0d3', 'p1d100', 'p1d101', 'p1d102', 'p1d103']),
+    ((2, 2, 2), 3, 2, ['p0d0', 'p0d1', 'p1d100', 'p1d101', 'p2d200', 'p2d201']),
+    ((4, 2), 4, 1, ['p0d0', 'p0d1', 'p1d100', 'p1d101']),      # uneven hosts, equal shares
+])
+def test_select_devices_gives_every_process_its_share(counts, data, space, want):
+  from unet_ds import sharding  # pylint: disable=g-import-not-at-top
+  picked = sharding.select_devices(_fake_devices(*counts), data, space)
+  assert [repr(d) for d in picked] == want
+  rows = np.asarray([d.process_index for d in picked]).reshape(data, space)
+  assert (rows == rows[:, :1]).all()  # every data row lies on one process
+
+
+@pytest.mark.parametrize('counts,data,space,match', [
+    ((4, 4), 1, 2, r'mesh.data=1 must be a multiple of the 2 processes'),
+    ((4, 4), 3, 1, r'mesh.data=3 must be a multiple of the 2 processes'),
+    ((4, 2), 6, 1, r'takes 3 devices from each of the 2 processes, but process 1 has 2'),
+    ((4, 4), 4, 4, r'data=4 x space=4 needs 16 devices, 8 available'),
+])
+def test_select_devices_errors(counts, data, space, match):
+  from unet_ds import sharding  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=match):
+    sharding.select_devices(_fake_devices(*counts), data, space)
+
+
+def test_select_devices_one_process_takes_the_first():
+  from unet_ds import sharding  # pylint: disable=g-import-not-at-top
+  devices = [_FakeDevice(0, i) for i in (3, 1, 2, 0)]
+  assert [d.id for d in sharding.select_devices(devices, 1, 2)] == [3, 1]
+
+
 if __name__ == '__main__':
   _worker(sys.argv[1:])

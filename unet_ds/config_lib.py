@@ -96,6 +96,9 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.mesh.data = -1                    # devices on the data axis; -1: all
   c.mesh.space = 1                    # devices splitting the first spatial axis
   c.mesh.distributed = False          # call jax.distributed.initialize() (multi-host)
+  c.mesh.coordinator_address = ''     # 'host:port' of process 0; '': from env / auto-detection
+  c.mesh.num_processes = -1           # -1: from env / auto-detection
+  c.mesh.process_id = -1              # -1: from env / auto-detection
 
   # K runs trained together in one vmapped program (unet_ds.multirun); per-run lists: () = same.
   c.multirun = ml_collections.ConfigDict()

@@ -6,7 +6,7 @@ size 1 and the same code runs unchanged. Parameters and optimiser state are repl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -34,17 +34,47 @@ def maybe_initialize_distributed(mesh_cfg: Any) -> bool:
   return True
 
 
+def select_devices(devices: Sequence[Any], data: int, space: int) -> list[Any]:
+  """The `data * space` devices of a mesh, in mesh order (row-major over data x space).
+
+  One process: the first ones. Several: the same number from each process, its lowest ids first,
+  ordered by process, so every process holds whole rows of the data axis: each feeds its own
+  rows of the batch (`shard_batch`), even when the mesh is smaller than all devices.
+  """
+  need = data * space
+  if data < 1 or space < 1 or need > len(devices):
+    raise ValueError(f'config.mesh: data={data} x space={space} needs {need} devices, '
+                     f'{len(devices)} available')
+  by_process: dict[int, list[Any]] = {}
+  for d in sorted(devices, key=lambda d: (d.process_index, d.id)):
+    by_process.setdefault(d.process_index, []).append(d)
+  if len(by_process) == 1:
+    return list(devices[:need])
+  n = len(by_process)
+  if data % n:
+    raise ValueError(f'config.mesh.data={data} must be a multiple of the {n} processes: each '
+                     'process feeds its own rows of the batch, so holds whole rows of the data '
+                     'axis')
+  per = need // n
+  for process, local in by_process.items():
+    if len(local) < per:
+      raise ValueError(f'config.mesh: data={data} x space={space} takes {per} devices from each '
+                       f'of the {n} processes, but process {process} has {len(local)}')
+  return [d for local in by_process.values() for d in local[:per]]
+
+
 def make_mesh(mesh_cfg: Any) -> Mesh:
-  """A ('data', 'space') mesh; `data=-1` uses every device not used by `space`."""
+  """A ('data', 'space') mesh; `data=-1` uses every device not used by `space`.
+
+  Devices are picked by `select_devices` (an equal share of every process's devices).
+  """
   devices = jax.devices()
   space = int(mesh_cfg.get('space', 1) or 1)
   data = int(mesh_cfg.get('data', -1))
   if data <= 0:
     data = len(devices) // space
-  if data < 1 or data * space > len(devices):
-    raise ValueError(f'config.mesh: data={data} x space={space} needs {data * space} devices, '
-                     f'{len(devices)} available')
-  return Mesh(np.asarray(devices[:data * space]).reshape(data, space), ('data', 'space'))
+  picked = select_devices(devices, data, space)
+  return Mesh(np.asarray(picked).reshape(data, space), ('data', 'space'))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
