@@ -190,7 +190,40 @@ def test_layers_route_cpu_fast_and_resolve_auto():
   k = _normal(seed=1, shape=(3, 3, 3, 2, 3))
   np.testing.assert_allclose(layers.conv(x, k, (1, 1, 1), 'cpu_fast'),
                              layers.conv(x, k, (1, 1, 1), 'native'), atol=1e-5)
-  expected = 'cpu_fast' if jax.default_backend() == 'cpu' else 'native'
+  expected = 'cpu_fast' if jax.default_backend() == 'cpu' else 'native_einsum_up'
   assert layers.resolve_impl('auto') == expected
   with pytest.raises(ValueError, match='conv_impl'):
     layers.resolve_impl('fast')
+
+
+def _hlo(fn, *args):
+  return jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize('k_shape,strides,fast_impls', [
+    ((2, 2, 2, 3, 4), (2, 2, 2), ('native_einsum_up', 'cpu_fast')),  # k == s: einsum form
+    ((3, 3, 3, 3, 4), (2, 2, 2), ('cpu_fast',)),                      # k != s: sub-pixel on CPU
+])
+def test_layers_conv_transpose_dispatch(k_shape, strides, fast_impls):
+  x = _normal((1, 3, 4, 5, 3))
+  k = _normal(seed=1, shape=k_shape)
+  expected = _native_transpose(strides)(x, k)
+  for impl in layers.IMPLS[1:]:
+    op = functools.partial(layers.conv_transpose, strides=strides, impl=impl)
+    np.testing.assert_allclose(op(x, k), expected, atol=1e-5)
+    # The native op is a convolution with input dilation; the fast forms have none.
+    assert ('lhs_dilate = [2, 2, 2]' in _hlo(op, x, k)) == (impl not in fast_impls), impl
+
+
+def test_layers_max_pool_dispatch():
+  x = jnp.round(_normal((2, 4, 6, 4, 3)))  # ties: gradients must agree too
+  window = (2, 2, 2)
+  y0, vjp0 = jax.vjp(lambda x: nn.max_pool(x, window, strides=window), x)
+  dy = _normal(seed=1, shape=y0.shape)
+  for impl in layers.IMPLS[1:]:
+    y1, vjp1 = jax.vjp(lambda x, impl=impl: layers.max_pool(x, window, impl), x)
+    np.testing.assert_array_equal(y1, y0)
+    np.testing.assert_array_equal(vjp1(dy)[0], vjp0(dy)[0])
+    # cpu_fast reshapes and reduces; the others keep XLA's reduce-window.
+    hlo = _hlo(lambda x, impl=impl: layers.max_pool(x, window, impl), x)
+    assert ('reduce_window' in hlo) == (impl != 'cpu_fast'), impl

@@ -15,7 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ('auto', 'native', 'cpu_fast')
+from unet_ds.models import fast_ops
+
+IMPLS = ('auto', 'native', 'native_einsum_up', 'cpu_fast')
 
 # He-normal (kaiming_normal_, as PyTorch/MONAI): the blocks use (leaky) ReLU. Not truncated:
 # XLA:CPU takes seconds to compile each truncated-normal draw, which dominated init.
@@ -25,14 +27,19 @@ _KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 def resolve_impl(impl: str) -> str:
   """Maps a configured `conv_impl` to a concrete one ('auto' picks by backend).
 
-  'auto' is 'cpu_fast' on the CPU backend, where XLA's 3D and input-dilated convolutions are
-  slow and `fast_ops` computes the same values and gradients several times faster (DESIGN.md
-  §5), and 'native' on GPU/TPU, where the native ops are the fast ones.
+  - 'native': lax convolutions, transposed convolutions and `nn.max_pool` everywhere.
+  - 'native_einsum_up': native convolutions, but transposed convolutions with kernel == stride
+    (the U-Net's upsampling) as one einsum + reshape (`fast_ops.conv_transpose`), exact. On an
+    H100, cuDNN's strided transposed conv made the bench_ref step 35 ms; this form, 9.5 ms.
+  - 'cpu_fast': everything through `fast_ops` (XLA:CPU's 3D and input-dilated convolutions are
+    slow; DESIGN.md §5).
+
+  'auto' is 'cpu_fast' on the CPU backend and 'native_einsum_up' on GPU/TPU.
   """
   if impl not in IMPLS:
     raise ValueError(f'conv_impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
-    return 'cpu_fast' if jax.default_backend() == 'cpu' else 'native'
+    return 'cpu_fast' if jax.default_backend() == 'cpu' else 'native_einsum_up'
   return impl
 
 
@@ -48,7 +55,6 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], impl: str) -> 
   """'SAME'-padded channels-last convolution, dispatched on `impl`."""
   impl = resolve_impl(impl)
   if impl == 'cpu_fast':
-    from unet_ds.models import fast_ops  # pylint: disable=g-import-not-at-top
     return fast_ops.conv(x, kernel, strides=tuple(strides), padding='SAME')
   return jax.lax.conv_general_dilated(
       x, kernel, tuple(strides), 'SAME',
@@ -59,12 +65,20 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                    impl: str) -> jax.Array:
   """'VALID' transposed convolution (kernel not flipped, as flax's default)."""
   impl = resolve_impl(impl)
-  if impl == 'cpu_fast':
-    from unet_ds.models import fast_ops  # pylint: disable=g-import-not-at-top
-    return fast_ops.conv_transpose(x, kernel, strides=tuple(strides))
+  strides = tuple(strides)
+  if impl == 'cpu_fast' or (impl == 'native_einsum_up' and tuple(kernel.shape[:-2]) == strides):
+    return fast_ops.conv_transpose(x, kernel, strides=strides)
   return jax.lax.conv_transpose(
-      x, kernel, tuple(strides), 'VALID',
-      dimension_numbers=dimension_numbers(x.ndim - 2))
+      x, kernel, strides, 'VALID', dimension_numbers=dimension_numbers(x.ndim - 2))
+
+
+def max_pool(x: jax.Array, window: Sequence[int], impl: str) -> jax.Array:
+  """Max pool with stride == window ('VALID'), as `nn.max_pool(x, window, strides=window)`."""
+  impl = resolve_impl(impl)
+  window = tuple(window)
+  if impl == 'cpu_fast':
+    return fast_ops.max_pool(x, window)
+  return nn.max_pool(x, window, strides=window)
 
 
 def resize(x: jax.Array, spatial_shape: Sequence[int], method: str = 'linear') -> jax.Array:

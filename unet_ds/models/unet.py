@@ -131,7 +131,7 @@ class UNet(nn.Module):
       if level > 0:
         if cfg.down == 'maxpool':
           window = (2,) * (x.ndim - 2)
-          x = nn.max_pool(x, window, strides=window)
+          x = layers.max_pool(x, window, impl)
         else:
           strides = 2
       x = block(cfg.filters(level), strides, f'enc_l{level}')(x, train)
