@@ -32,26 +32,23 @@ TARGET_DICE = 0.8
 EXTRA = {}  # Extra overrides for every run, e.g. {'train.steps': 500}.
 
 # %%
-import os
 import pathlib
 import sys
 
-# Run from the checkout's root (Jupyter starts in experiments/).
-_here = pathlib.Path.cwd()
-REPO = _here if (_here / 'experiments').is_dir() else _here.parent
-os.chdir(REPO)
-sys.path.insert(0, str(REPO))
-
+# Jupyter starts in experiments/: the checkout's root holds the packages, and the runs are
+# launched from there, as on the command line.
+_cwd = pathlib.Path.cwd()
+sys.path.insert(0, str(_cwd if (_cwd / 'experiments').is_dir() else _cwd.parent))
 from experiments import launch  # noqa: E402
+from experiments import notebook_utils  # noqa: E402
 from experiments import plots  # noqa: E402
 from experiments import report  # noqa: E402
 
+REPO = notebook_utils.enter_repo()
+
 # %%
-arg = ','.join(a for a in (CONFIG_ARG, 'smoke' if SMOKE else '') if a)
-config_arg = f'{CONFIG}:{arg}' if arg else CONFIG
-root = pathlib.Path(ROOT or ('runs/weight_sweep_smoke' if SMOKE else 'runs/weight_sweep'))
-extra = [(key, launch.cli_value(value)) for key, value in EXTRA.items()]
-jobs = launch.plan(config_arg, root, extra)
+jobs, root = notebook_utils.sweep_jobs(CONFIG, CONFIG_ARG, smoke=SMOKE, root=ROOT,
+                                       default_root='runs/weight_sweep', extra=EXTRA)
 for job in jobs:
   print(job.name, job.overrides)
 
