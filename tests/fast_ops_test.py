@@ -138,6 +138,42 @@ def test_max_pool_matches_flax(shape, window, ties):
   np.testing.assert_array_equal(vjp1(dy)[0], vjp0(dy)[0])
 
 
+@pytest.mark.parametrize('shape,slope,dtype', [
+    ((2, 5, 6, 7, 3), 0.01, jnp.float32),   # leaky ReLU, 3D
+    ((2, 5, 6, 7, 3), 0.0, jnp.float32),    # ReLU
+    ((1, 4, 5, 2), None, jnp.float32),      # no activation, 2D
+    ((2, 6, 6, 6, 4), 0.01, jnp.bfloat16),  # statistics in float32, output in bfloat16
+])
+def test_instance_norm_act_matches_flax(shape, slope, dtype):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape) * 3 + 1, dtype)  # nonzero mean: tests centring
+  scale, bias = (jnp.asarray(rng.standard_normal(shape[-1]), jnp.float32) for _ in range(2))
+  module_dtype = dtype if dtype == jnp.bfloat16 else None
+
+  def native(x, scale, bias):
+    y = nn.InstanceNorm(dtype=module_dtype).apply({'params': {'scale': scale, 'bias': bias}}, x)
+    return y if slope is None else nn.leaky_relu(y, slope)
+
+  def fused(x, scale, bias):
+    return fast_ops.instance_norm_act(x, scale, bias, negative_slope=slope, dtype=module_dtype)
+
+  y0, vjp0 = jax.vjp(native, x, scale, bias)
+  y1, vjp1 = jax.vjp(fused, x, scale, bias)
+  assert y1.dtype == y0.dtype and y1.shape == y0.shape
+  dy = jnp.asarray(rng.standard_normal(shape), y0.dtype)
+  tol = 1e-5 if dtype == jnp.float32 else 1e-2
+  for a, b in zip((y0,) + vjp0(dy), (y1,) + vjp1(dy)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    scale_ab = max(np.abs(a).max(), 1e-6)
+    np.testing.assert_allclose(b / scale_ab, a / scale_ab, rtol=0, atol=tol)
+
+
+def test_instance_norm_act_bad_shapes():
+  with pytest.raises(ValueError, match=r'scale \(3,\)'):
+    fast_ops.instance_norm_act(jnp.zeros((1, 4, 4, 2)), jnp.ones(3), jnp.zeros(3),
+                               negative_slope=0.01)
+
+
 def test_second_order_grad_matches_native():
   # The custom VJPs stay differentiable (e.g. for gradient penalties).
   x = _normal((1, 4, 5, 6, 2))

@@ -6,19 +6,21 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from unet_ds.models import fast_ops
 from unet_ds.models import layers
 
 NORMS = ('instance', 'group', 'batch', 'none')
 ACTIVATIONS = ('relu', 'leaky_relu')
+_NEGATIVE_SLOPES = {'relu': 0.0, 'leaky_relu': 0.01}  # leaky: nnU-Net's slope
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name == 'relu':
     return nn.relu
   if name == 'leaky_relu':
-    # nnU-Net's slope.
-    return lambda x: nn.leaky_relu(x, negative_slope=0.01)
+    return lambda x: nn.leaky_relu(x, negative_slope=_NEGATIVE_SLOPES[name])
   raise ValueError(f'activation must be one of {ACTIVATIONS}, got {name!r}')
 
 
@@ -43,6 +45,33 @@ class Norm(nn.Module):
     raise ValueError(f'norm must be one of {NORMS}, got {self.kind!r}')
 
 
+class _InstanceNormParams(nn.Module):
+  """The scale and bias of `nn.InstanceNorm`, under the same names."""
+
+  @nn.compact
+  def __call__(self, channels: int) -> tuple[jax.Array, jax.Array]:
+    return (self.param('scale', nn.initializers.ones, (channels,), jnp.float32),
+            self.param('bias', nn.initializers.zeros, (channels,), jnp.float32))
+
+
+class InstanceNormAct(nn.Module):
+  """`activation(Norm('instance')(x))` as one fused op (`fast_ops.instance_norm_act`).
+
+  Same values, gradients and parameter tree as `Norm('instance')` and then `activation(act)`
+  when used under the same name (checkpoints move between the two).
+  """
+  act: str | None = 'leaky_relu'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.act is not None and self.act not in ACTIVATIONS:
+      raise ValueError(f'activation must be one of {ACTIVATIONS}, got {self.act!r}')
+    scale, bias = _InstanceNormParams(name='InstanceNorm_0')(x.shape[-1])
+    slope = None if self.act is None else _NEGATIVE_SLOPES[self.act]
+    return fast_ops.instance_norm_act(x, scale, bias, negative_slope=slope, dtype=self.dtype)
+
+
 class ConvNormAct(nn.Module):
   """conv -> norm -> activation (activation optional for residual branches)."""
   features: int
@@ -58,6 +87,9 @@ class ConvNormAct(nn.Module):
     # A bias before a normalisation is redundant.
     x = layers.Conv(self.features, self.kernel_size, self.strides, use_bias=self.norm == 'none',
                     impl=self.impl, dtype=self.dtype)(x)
+    if self.norm == 'instance' and layers.resolve_impl(self.impl) == 'cpu_fast':
+      # XLA:CPU runs the unfused norm and activation as several passes over the volume.
+      return InstanceNormAct(self.act, self.dtype, name='Norm_0')(x)
     x = Norm(self.norm, dtype=self.dtype)(x, train)
     return activation(self.act)(x) if self.act else x
 

@@ -17,6 +17,9 @@ the fast pieces only:
   gradients summed over row chunks (XLA would transpose the whole volume).
 - Max pool (stride == window): a reshape and max; XLA:CPU's native gradient builds several
   whole-volume index arrays.
+- Instance norm + (leaky) ReLU: one custom VJP, statistics in one pass (sum and sum of squares),
+  the backward as one reduction pass and one elementwise pass over the volume (autodiff of
+  flax's `InstanceNorm` followed by the activation makes several more).
 
 All functions are pure, channels-last, and take kernels in flax layout (*k, C_in, C_out). On
 GPU/TPU the native ops are the right choice; `layers.resolve_impl` picks this module on CPU.
@@ -488,3 +491,82 @@ def _kernel_grad3d_im2col(x: jax.Array, dy: jax.Array, kshape: Sequence[int],
   acc0 = jnp.zeros((kh * kw * c, kd * o), acc_dtype)
   acc, _ = lax.scan(step, acc0, (jnp.arange(n_slabs), jnp.asarray(index, jnp.int32)))
   return acc.reshape(kh, kw, c, kd, o).transpose(3, 0, 1, 2, 4)
+
+
+def instance_norm_act(x: jax.Array, scale: jax.Array, bias: jax.Array, *,
+                      negative_slope: float | None, epsilon: float = 1e-6,
+                      dtype=None) -> jax.Array:
+  """`act(flax InstanceNorm(x))` over the spatial axes of channels-last `x`, fused.
+
+  Equal to `nn.InstanceNorm(epsilon=epsilon, dtype=dtype)` (statistics in float32 at least,
+  `var = E[x^2] - E[x]^2` clipped at 0) followed by `nn.leaky_relu(., negative_slope)`
+  (`negative_slope=0`: ReLU; None: no activation), in values and gradients.
+
+  Args:
+    x: [N, *spatial, C].
+    scale: [C], the norm's scale.
+    bias: [C], the norm's bias.
+    negative_slope: slope of the activation below 0; None for no activation.
+    epsilon: added to the variance.
+    dtype: output dtype; None: the promoted dtype of x, scale and bias (as flax).
+
+  Returns:
+    [N, *spatial, C] in `dtype`.
+  """
+  c = x.shape[-1]
+  if x.ndim < 3 or scale.shape != (c,) or bias.shape != (c,):
+    raise ValueError(f'fast_ops.instance_norm_act: need x [N, *spatial, C] and scale, bias [C]; '
+                     f'got x {x.shape}, scale {scale.shape}, bias {bias.shape}')
+  out_dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(x, scale, bias)
+  slope = None if negative_slope is None else float(negative_slope)
+  return _instance_norm_act(x, scale, bias, slope, float(epsilon), out_dtype)
+
+
+def _norm_stats(xf: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+  """Per (sample, channel) mean and 1/std, from one pass of sums (flax's fast variance)."""
+  axes = tuple(range(1, xf.ndim - 1))
+  mean = jnp.mean(xf, axes, keepdims=True)
+  mean2 = jnp.mean(lax.square(xf), axes, keepdims=True)
+  var = jnp.maximum(0.0, mean2 - lax.square(mean))
+  return mean, lax.rsqrt(var + epsilon)
+
+
+def _leaky(z: jax.Array, slope: float | None) -> jax.Array:
+  return z if slope is None else jnp.where(z >= 0, z, slope * z)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _instance_norm_act(x, scale, bias, slope, epsilon, out_dtype):
+  return _instance_norm_act_fwd(x, scale, bias, slope, epsilon, out_dtype)[0]
+
+
+def _instance_norm_act_fwd(x, scale, bias, slope, epsilon, out_dtype):
+  stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  xf = x.astype(stat_dtype)
+  mean, rstd = _norm_stats(xf, epsilon)
+  mul = rstd * scale.astype(stat_dtype)
+  z = (xf - mean) * mul + bias.astype(stat_dtype)
+  return _leaky(z, slope).astype(out_dtype), (x, scale, bias, mean, rstd)
+
+
+def _instance_norm_act_bwd(slope, epsilon, out_dtype, res, dy):
+  del epsilon, out_dtype
+  x, scale, bias, mean, rstd = res
+  stat_dtype = mean.dtype
+  axes = tuple(range(1, x.ndim - 1))
+  xhat = (x.astype(stat_dtype) - mean) * rstd
+  g = dy.astype(stat_dtype)
+  if slope is not None:
+    z = xhat * scale.astype(stat_dtype) + bias.astype(stat_dtype)
+    g = jnp.where(z >= 0, g, slope * g)
+  # One pass: per (sample, channel) sums of g and g * xhat; the rest is per-channel algebra.
+  g_mean = jnp.mean(g, axes, keepdims=True)
+  gx_mean = jnp.mean(g * xhat, axes, keepdims=True)
+  count = math.prod(x.shape[1:-1])
+  dbias = jnp.sum(g_mean, axis=(0,) + axes) * count
+  dscale = jnp.sum(gx_mean, axis=(0,) + axes) * count
+  dx = (rstd * scale.astype(stat_dtype)) * (g - g_mean - xhat * gx_mean)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_instance_norm_act.defvjp(_instance_norm_act_fwd, _instance_norm_act_bwd)
