@@ -23,7 +23,7 @@ def get_config(arg=None):
 
   c.model.depth = 4
   c.model.base_filters = 8
-  c.train.steps = 600                   # hippocampus: held-out Dice ~0.83
+  c.train.steps = 600                   # hippocampus: held-out Dice ~0.85, ~5 min on 2 cores
   c.train.eval_batch_size = 4
   c.train.eval_every = c.train.checkpoint_every = 200
   return config_lib.apply_args(c, arg, extra=config_lib.REAL_DATA_ARGS)

@@ -38,21 +38,45 @@ def test_small_case_is_padded():
   assert img.shape == (6, 6, 1) and lab.sum() == 12
 
 
-def test_foreground_fraction_over_many_draws():
-  """One foreground voxel in a big volume: only forced patches ever contain it."""
+def _one_voxel_case(seed_source: np.random.Generator) -> dict:
+  """One foreground voxel in a big volume: only forced patches (almost) ever contain it."""
   label = np.zeros((40, 40, 40), np.int32)
   label[37, 2, 20] = 2
-  image = label[..., None].astype(np.float32)
-  transform = patches.RandomPatch((8, 8, 8), fg_fraction=0.3)
+  return {'image': label[..., None].astype(np.float32), 'label': label,
+          'seed': int(seed_source.integers(2**63))}
+
+
+def test_forced_foreground_positions_follow_nnunet():
+  assert patches.forced_foreground(2, 1 / 3) == [False, True]
+  assert patches.forced_foreground(6, 1 / 3) == [False] * 4 + [True] * 2
+  assert patches.forced_foreground(4, 0.0) == [False] * 4
+  assert patches.forced_foreground(3, 1.0) == [True] * 3
+  with pytest.raises(ValueError, match='fg_fraction'):
+    patches.forced_foreground(2, 1.5)
+
+
+def test_foreground_fraction_holds_in_every_batch():
   rng = np.random.default_rng(0)
-  draws = 1000
-  hits = sum(int(transform.random_map({'image': image, 'label': label, 'case_id': 'a'}, rng)
-                 ['label'].max() == 2) for _ in range(draws))
-  # Binomial(1000, 0.3 + ~0.1% chance of a random hit): sd ~ 14.5
-  assert abs(hits / draws - 0.3) < 0.05, hits
-  never = patches.RandomPatch((8, 8, 8), fg_fraction=0.0)
-  assert sum(int(never.random_map({'image': image, 'label': label}, rng)['label'].max() == 2)
-             for _ in range(200)) <= 2
+  batcher = patches.PatchBatch((8, 8, 8), fg_fraction=1 / 3)
+  hits = np.array([[lab.max() == 2 for lab in batcher([_one_voxel_case(rng) for _ in range(6)])
+                    ['label']] for _ in range(100)])
+  assert hits[:, 4:].all()  # the forced third of every batch
+  assert hits[:, :4].mean() < 0.02  # uniform crops: 8^3 / 33^3 chance of the voxel at most
+  never = patches.PatchBatch((8, 8, 8), fg_fraction=0.0)
+  assert sum(int(never([_one_voxel_case(rng)])['label'].max() == 2) for _ in range(200)) <= 2
+
+
+def test_patch_batch_is_deterministic_from_seeds():
+  rng = np.random.default_rng(3)
+  cases = [_one_voxel_case(rng) for _ in range(3)]
+  for case in cases:
+    case['image'] = rng.normal(size=case['image'].shape).astype(np.float32)
+  batcher = patches.PatchBatch((8, 8, 8))
+  first, again = batcher(cases), batcher(cases)
+  np.testing.assert_array_equal(first['image'], again['image'])
+  cases[0]['seed'] += 1
+  assert not np.array_equal(batcher(cases)['image'][0], first['image'][0])
+  np.testing.assert_array_equal(batcher(cases)['image'][1:], first['image'][1:])
 
 
 def test_foreground_classes_drawn_uniformly():
@@ -68,14 +92,14 @@ def test_foreground_classes_drawn_uniformly():
   assert all((p == 1).any() and not (p == 2).any() for p in only1)
 
 
-def test_random_patch_output_and_validation():
-  out = patches.RandomPatch((4, 4)).random_map(
-      {'image': np.zeros((5, 6, 1)), 'label': np.zeros((5, 6), np.uint8), 'file': 'a.png'},
-      np.random.default_rng(0))
+def test_patch_batch_output_and_validation():
+  seed = int(patches.AttachSeed().random_map({'file': 'a.png'}, np.random.default_rng(0))['seed'])
+  example = {'image': np.zeros((5, 6, 1)), 'label': np.zeros((5, 6), np.uint8), 'seed': seed}
+  out = patches.PatchBatch((4, 4))([example, example])
   assert set(out) == {'image', 'label'} and out['image'].dtype == np.float32
-  assert out['label'].dtype == np.int32
+  assert out['image'].shape == (2, 4, 4, 1) and out['label'].dtype == np.int32
   with pytest.raises(ValueError, match='fg_fraction'):
-    patches.RandomPatch((4, 4), fg_fraction=2)
+    patches.PatchBatch((4, 4), fg_fraction=2)
   with pytest.raises(ValueError, match='disagree'):
     patches.sample_patch(np.zeros((5, 6, 1)), np.zeros((5, 7)), (4, 4), np.random.default_rng(0),
                          foreground=False)
@@ -89,3 +113,20 @@ def test_pad_crop_source_fixed_shapes():
   shapes = {(view[i]['image'].shape, view[i]['label'].shape) for i in range(3)}
   assert shapes == {((4, 6, 1), (4, 6))}
   assert [int(view[i]['label'].sum()) for i in range(3)] == [15, 20, 20]
+
+
+def test_loader_forces_foreground_in_every_batch_and_resumes():
+  from unet_ds.data import pipeline  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  source = [{k: v for k, v in _one_voxel_case(rng).items() if k != 'seed'} for _ in range(5)]
+  make = lambda: iter(pipeline.make_train_loader(
+      source, batch_size=2, seed=7, transforms=(patches.AttachSeed(),),
+      batch_fn=patches.PatchBatch((8, 8, 8))))
+  it = make()
+  batches = [next(it) for _ in range(6)]
+  assert all(b['label'][1].max() == 2 for b in batches)
+  state = it.get_state()
+  expected = next(it)['image']
+  resumed = make()
+  resumed.set_state(state)
+  np.testing.assert_array_equal(next(resumed)['image'], expected)

@@ -218,3 +218,47 @@ def test_predict_and_eval_restore_the_run_from_its_workdir(tmp_path):
   with pytest.raises(FileNotFoundError, match='config.json not found'):
     predict.run(None, str(tmp_path / 'nothing'), mode='predict', input_path=str(root),
                 output=str(tmp_path / 'x'))
+
+
+def test_saved_split_keeps_the_held_out_cases_when_files_change(tmp_path):
+  root = tmp_path / 'Task'
+  _msd_folder(root, n=4)
+  config = _config('msd', root, (4, 4, 4))
+  split = predict.case_split(config.data)
+  assert sorted(split['train'] + split['validation']) == ['c0', 'c1', 'c2', 'c3']
+  # New cases arrive after training: the seeded split of the larger folder differs, the saved
+  # one does not.
+  for i in range(4, 9):
+    for sub in ('imagesTr', 'labelsTr'):
+      (root / sub / f'c{i}.nii.gz').write_bytes((root / sub / 'c0.nii.gz').read_bytes())
+  saved = predict.find_labelled(str(root), config.data, 'validation', split=split)
+  assert [c[0] for c in saved] == split['validation']
+  recomputed = predict.find_labelled(str(root), config.data, 'validation')
+  assert [c[0] for c in recomputed] != split['validation']
+  (root / 'imagesTr' / f'{split["validation"][0]}.nii.gz').unlink()
+  (root / 'labelsTr' / f'{split["validation"][0]}.nii.gz').unlink()
+  with pytest.raises(io.DataError, match=split['validation'][0]):
+    predict.find_labelled(str(root), config.data, 'validation', split=split)
+
+
+def test_train_on_a_folder_then_eval_its_saved_split(tmp_path):
+  """End to end on real files: patches per batch, split.json, eval of the held-out case."""
+  root = tmp_path / 'em'
+  (root / 'image').mkdir(parents=True)
+  (root / 'label').mkdir()
+  rng = np.random.default_rng(1)
+  for i in range(4):
+    mask = np.where(rng.random((20, 18)) < 0.3, 0, 255).astype(np.uint8)
+    Image.fromarray(mask).save(root / 'image' / f'{i}.png')
+    Image.fromarray(mask).save(root / 'label' / f'{i}.png')
+  config = folder2d_config.get_config(f'path={root},isbi,smoke')
+  config.data.val_cases = '2'
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.mesh.data = 1
+  workdir = str(tmp_path / 'run')
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['step'] == config.train.steps
+  split = json.loads((tmp_path / 'run' / 'split.json').read_text())
+  assert split == {'train': ['0', '1', '3'], 'validation': ['2']}
+  result = predict.run(None, workdir, mode='eval', input_path=None, output=str(tmp_path / 'ev'))
+  assert result['num_cases'] == 1 and result['cases'][0]['case_id'] == '2'

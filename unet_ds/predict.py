@@ -105,34 +105,62 @@ def find_inputs(path: str, data_cfg: Any) -> list[str]:
                      f'{", ".join(subdirs)})')
 
 
-def find_labelled(path: str, data_cfg: Any, cases: str | Sequence[str] = 'all'
-                  ) -> list[tuple[str, str, str]]:
+SPLIT_FILE = 'split.json'
+
+
+def _all_labelled(path: str, data_cfg: Any) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
+  settings = _data_settings({**_as_dict(data_cfg), 'path': path})
+  if data_kind(data_cfg) == 'msd':
+    return msd.find_cases(settings['path']), settings
+  return folder2d.find_cases(settings['path'], settings['image_dir'], settings['label_dir']), settings
+
+
+def case_split(data_cfg: Any) -> dict[str, list[str]]:
+  """`{'train': [ids], 'validation': [ids]}` of the run's data path, as the training data was
+  prepared. Training writes it to `WORKDIR/split.json` so that a later eval scores the same
+  held-out cases even if files were added to the folder since."""
+  found, settings = _all_labelled(data_cfg.path, data_cfg)
+  return {name: [c[0] for c in cases]
+          for name, cases in prepare.split_case_list(found, settings).items()}
+
+
+def find_labelled(path: str, data_cfg: Any, cases: str | Sequence[str] = 'all',
+                  split: dict[str, list[str]] | None = None) -> list[tuple[str, str, str]]:
   """(case_id, image, label) to evaluate: every pair under `path`, or a subset.
 
   Args:
     path: an MSD task folder (imagesTr/ + labelsTr/) or a 2D folder (image/ + label/).
     data_cfg: `config.data` (layout, split settings).
-    cases: 'all'; 'validation' / 'train' (the run's own split of `path`, as prepared); or a list
-      of case ids ('id,id').
+    cases: 'all'; 'validation' / 'train' (the run's own split of `path`); or a list of case ids
+      ('id,id').
+    split: the run's saved split (`case_split`); without it, 'validation' / 'train' recompute
+      the split from the files now in `path`.
   """
-  settings = _data_settings({**_as_dict(data_cfg), 'path': path})
-  if data_kind(data_cfg) == 'msd':
-    found = msd.find_cases(settings['path'])
-  else:
-    found = folder2d.find_cases(settings['path'], settings['image_dir'], settings['label_dir'])
+  found, settings = _all_labelled(path, data_cfg)
   if cases == 'all':
     return found
   if cases in ('train', 'validation'):
-    split = prepare.split_case_list(found, settings)
-    if cases not in split:
+    if split is None:
+      split = {name: [c[0] for c in group]
+               for name, group in prepare.split_case_list(found, settings).items()}
+    if not split.get(cases):
       raise ValueError(f'{path}: the run\'s split has no {cases!r} cases')
-    return split[cases]
+    cases = split[cases]
   wanted = [c.strip() for c in cases.split(',')] if isinstance(cases, str) else list(cases)
   by_id = {c[0]: c for c in found}
   missing = [c for c in wanted if c not in by_id]
   if missing:
     raise io.DataError(f'{path}: cases {missing[:10]} not found')
   return [by_id[c] for c in wanted]
+
+
+def saved_split(workdir: str) -> dict[str, list[str]] | None:
+  """The split a training run wrote (`WORKDIR/split.json`), or None (older runs)."""
+  path = os.path.join(workdir, SPLIT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def _as_dict(cfg: Any) -> dict[str, Any]:
@@ -388,7 +416,7 @@ def run(config: Any, workdir: str, *, mode: str, input_path: str | None, output:
   input_path = input_path or own_path
   if cases is None:
     cases = 'validation' if os.path.abspath(input_path) == own_path else 'all'
-  selected = find_labelled(input_path, cfg.data, cases)
+  selected = find_labelled(input_path, cfg.data, cases, split=saved_split(workdir))
   print(f'eval: {len(selected)} {cases} cases of {input_path}, checkpoint step {step}')
   summary = evaluate_cases(predictor, selected, output, write_predictions=True)
   summary = {'mean_foreground_dice': summary['mean_foreground_dice'], 'step': step,

@@ -194,7 +194,7 @@ class Experiment:
         self.sources['train'], batch_size=c.train.batch_size // jax.process_count(),
         seed=int(c.seed) % 2**32, shard_index=jax.process_index(),
         shard_count=jax.process_count(), transforms=datasets.train_transforms(c.data),
-        worker_count=int(c.data.worker_count))
+        batch_fn=datasets.train_batch_fn(c.data), worker_count=int(c.data.worker_count))
 
   def evaluate(self, state: TrainState, eval_fn: Callable | None = None) -> dict[str, Any]:
     """Scores on the whole validation split, from summed confusion counts."""
@@ -227,6 +227,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if writer.enabled:
     with open(writer.path('config.json'), 'w') as f:
       f.write(config_json)
+    if c.data.name in ('msd', 'folder2d') and not os.path.exists(writer.path('split.json')):
+      from unet_ds import predict  # pylint: disable=g-import-not-at-top
+      # The held-out case ids, so that a later --mode=eval scores exactly these cases.
+      writer.write_json('split.json', predict.case_split(c.data))
   ckpts = checkpoint.Checkpoints(os.path.join(exp.workdir, 'checkpoints'), c.train.max_to_keep)
   data_iter = iter(exp.train_loader())
   if ckpts.latest_step() is not None:

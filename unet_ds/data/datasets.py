@@ -1,4 +1,4 @@
-"""Dataset registry: `config.data` -> sources, per-example train transforms, eval examples.
+"""Dataset registry: `config.data` -> sources, train transforms and batch function, eval examples.
 
 Synthetic data trains on whole volumes; real data (`msd`, `folder2d`) trains on random patches
 with foreground oversampling and augmentation, and is evaluated during training on centre
@@ -8,7 +8,7 @@ pad/crops of `config.data.patch_size` (whole-volume sliding-window scores come f
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain.python as grain
 import numpy as np
@@ -46,16 +46,24 @@ class _Select(grain.MapTransform):
 
 
 def train_transforms(data_cfg: Any) -> Sequence[grain.Transformation]:
-  """Per-example transforms before batching (patches + augmentation for real data)."""
+  """Per-example transforms before batching."""
   if data_cfg.name == 'synthetic':
     return (_Select(),)
+  from unet_ds.data import patches  # pylint: disable=g-import-not-at-top
+  return (_Select(), patches.AttachSeed())
+
+
+def train_batch_fn(data_cfg: Any) -> Callable[[Sequence[Any]], Any] | None:
+  """The batch function: None (stack) for synthetic data; patches + augmentation for real data,
+  cut per batch so that foreground oversampling holds within every batch."""
+  if data_cfg.name == 'synthetic':
+    return None
   from unet_ds.data import augment  # pylint: disable=g-import-not-at-top
   from unet_ds.data import patches  # pylint: disable=g-import-not-at-top
-  out = [_Select(), patches.RandomPatch(training_shape(data_cfg),
-                                        fg_fraction=float(data_cfg.get('fg_fraction', 1 / 3)))]
-  if data_cfg.get('augment', True):
-    out.extend(augment.make_augmentations(data_cfg.ndim))
-  return tuple(out)
+  augmentations = augment.make_augmentations(data_cfg.ndim) if data_cfg.get('augment', True) else ()
+  return patches.PatchBatch(training_shape(data_cfg),
+                            fg_fraction=float(data_cfg.get('fg_fraction', 1 / 3)),
+                            transforms=tuple(augmentations))
 
 
 class _EvalSource:

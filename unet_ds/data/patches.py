@@ -1,10 +1,13 @@
 """Fixed-size patches from variable-size cases: padding, cropping, foreground-oversampled sampling.
 
 Rank-agnostic: images are `[*spatial, C]`, labels `[*spatial]`, any number of spatial axes.
-Foreground oversampling follows nnU-Net: a patch is forced, with probability `fg_fraction`, to
-contain a voxel of a foreground class (class drawn uniformly among those present in the case);
-otherwise it is a uniform random crop. Per-example draws (grain hands each example its own rng),
-so the fraction holds on average over batches rather than exactly within each one.
+Foreground oversampling follows nnU-Net: in each batch, the last `B - round(B * (1 - fg_fraction))`
+patches are forced to contain a voxel of a foreground class (class drawn uniformly among those
+present in the case); the others are uniform random crops. The fraction therefore holds within
+every batch (nnU-Net's `oversample_foreground_percent` rule), not only on average: with batch 2
+and 1/3, one patch of every batch is centred on foreground. So that grain knows each example's
+place in its batch, patches are cut (and augmented) in the batch function `PatchBatch`; each
+example keeps its own seeded rng (`AttachSeed`), so batches are deterministic from the seed.
 """
 from __future__ import annotations
 
@@ -91,31 +94,58 @@ def _foreground_voxel(label: np.ndarray, rng: np.random.Generator,
   return np.unravel_index(int(flat[int(rng.integers(len(flat)))]), label.shape)
 
 
+def forced_foreground(batch_size: int, fg_fraction: float) -> list[bool]:
+  """Which positions of a batch get a foreground-centred patch (nnU-Net's rule: the last ones)."""
+  if not 0 <= fg_fraction <= 1:
+    raise ValueError(f'fg_fraction={fg_fraction}, need 0..1')
+  first = round(batch_size * (1 - fg_fraction))
+  return [i >= first for i in range(batch_size)]
+
+
 @dataclasses.dataclass(frozen=True)
-class RandomPatch(grain.RandomMapTransform):
-  """grain transform: `{'image', 'label', ...}` -> `{'image': [*patch, C], 'label': [*patch]}`.
+class AttachSeed(grain.RandomMapTransform):
+  """grain transform: adds `'seed'`, the example's own draw from grain's per-record rng."""
+
+  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    return {**element, 'seed': int(rng.integers(2**63))}
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchBatch:
+  """grain `Batch(batch_fn=...)`: a patch per example (foreground by batch position), then
+  `transforms` (e.g. augmentations) with the example's rng, stacked into a batch.
+
+  Examples come from `AttachSeed`: `{'image': [*spatial, C], 'label': [*spatial], 'seed'}`.
+  Output: `{'image': float32 [B, *patch, C], 'label': int32 [B, *patch]}`.
 
   Attributes:
     patch_size: spatial patch shape.
-    fg_fraction: probability that a patch is forced to contain foreground (nnU-Net: 1/3).
+    fg_fraction: fraction of each batch forced onto foreground (nnU-Net: 1/3).
     fg_classes: classes counting as foreground (None: all > 0).
+    transforms: grain Map/RandomMap transforms applied to each patch.
   """
   patch_size: tuple[int, ...]
   fg_fraction: float = 1 / 3
   fg_classes: tuple[int, ...] | None = None
+  transforms: tuple[grain.Transformation, ...] = ()
 
   def __post_init__(self):
-    if not 0 <= self.fg_fraction <= 1:
-      raise ValueError(f'RandomPatch: fg_fraction={self.fg_fraction}, need 0..1')
+    forced_foreground(1, self.fg_fraction)  # validates
     if not self.patch_size or min(self.patch_size) < 1:
-      raise ValueError(f'RandomPatch: patch_size={self.patch_size}, need positive sizes')
+      raise ValueError(f'PatchBatch: patch_size={self.patch_size}, need positive sizes')
 
-  def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    foreground = bool(rng.random() < self.fg_fraction)
-    image, label = sample_patch(element['image'], element['label'], self.patch_size, rng,
-                                foreground=foreground, fg_classes=self.fg_classes)
-    return {'image': np.ascontiguousarray(image, np.float32),
-            'label': np.ascontiguousarray(label, np.int32)}
+  def __call__(self, elements: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    out = []
+    for element, foreground in zip(elements, forced_foreground(len(elements), self.fg_fraction)):
+      rng = np.random.default_rng(element['seed'])
+      image, label = sample_patch(element['image'], element['label'], self.patch_size, rng,
+                                  foreground=foreground, fg_classes=self.fg_classes)
+      example = {'image': np.asarray(image, np.float32), 'label': np.asarray(label, np.int32)}
+      for t in self.transforms:
+        example = (t.random_map(example, rng) if isinstance(t, grain.RandomMapTransform)
+                   else t.map(example))
+      out.append(example)
+    return {key: np.stack([e[key] for e in out]) for key in ('image', 'label')}
 
 
 @dataclasses.dataclass(frozen=True)

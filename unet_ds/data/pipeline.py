@@ -11,7 +11,7 @@ processes run the same number of eval steps.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import flags
@@ -35,6 +35,7 @@ def _check_sharding(num_records: int, batch_size: int, shard_index: int, shard_c
 
 def make_train_loader(source: Sequence[Any], *, batch_size: int, seed: int, shard_index: int = 0,
                       shard_count: int = 1, transforms: Sequence[grain.Transformation] = (),
+                      batch_fn: Callable[[Sequence[Any]], Any] | None = None,
                       worker_count: int = 0) -> grain.DataLoader:
   """An infinite loader of shuffled batches, reshuffled every epoch, deterministic given `seed`.
 
@@ -46,6 +47,8 @@ def make_train_loader(source: Sequence[Any], *, batch_size: int, seed: int, shar
     shard_index: this process's shard, e.g. `jax.process_index()`.
     shard_count: number of shards, e.g. `jax.process_count()`.
     transforms: grain `MapTransform`/`RandomMapTransform`s applied per example before batching.
+    batch_fn: turns the list of a batch's examples into the batch (default: stack each key); it
+      sees each example's place in the batch (e.g. `patches.PatchBatch`).
     worker_count: grain worker processes (0: in this process). Each worker batches its own share of the
       records, so the batch order depends on it; a saved state restores only with the same worker_count.
       Transforms must then be picklable (defined at module level).
@@ -74,7 +77,8 @@ def make_train_loader(source: Sequence[Any], *, batch_size: int, seed: int, shar
   return grain.DataLoader(
       data_source=source,
       sampler=sampler,
-      operations=[*transforms, grain.Batch(batch_size=int(batch_size), drop_remainder=True)],
+      operations=[*transforms, grain.Batch(batch_size=int(batch_size), drop_remainder=True,
+                                             batch_fn=batch_fn)],
       worker_count=worker_count,
       shard_options=shard_options,
       read_options=grain.ReadOptions(num_threads=_READ_THREADS,
