@@ -27,7 +27,6 @@ import functools
 import json
 import os
 import re
-import time
 from typing import Any, Callable, Sequence
 
 import flax
@@ -36,7 +35,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from unet_ds import checkpoint
@@ -46,8 +44,6 @@ from unet_ds import losses
 from unet_ds import metrics
 from unet_ds import sharding
 from unet_ds import train
-from unet_ds.data import datasets
-from unet_ds.data import pipeline
 
 _UNSAFE_CHARS = re.compile(r'[^A-Za-z0-9._+=,-]')
 
@@ -257,16 +253,8 @@ class MultiExperiment:
   def evaluate(self, states: train.TrainState, eval_fn: Callable | None = None
                ) -> list[dict[str, Any]]:
     """Each run's scores on the whole validation split (`train.Experiment.evaluate` per run)."""
-    eval_fn = eval_fn or self.jit_eval_step()
-    exp, c = self.exp, self.exp.config
-    source = datasets.eval_source(c.data, exp.sources['validation'])
-    total = None
-    for batch in pipeline.make_eval_batches(
-        source, batch_size=c.train.eval_batch_size // jax.process_count(),
-        shard_index=jax.process_index(), shard_count=jax.process_count()):
-      counts = np.asarray(eval_fn(states, sharding.shard_batch(exp.mesh, batch)), np.int64)
-      total = counts if total is None else total + counts
-    return [metrics.summarize_outputs(t) for t in total]
+    counts = self.exp.eval_counts(states, eval_fn or self.jit_eval_step())
+    return [metrics.summarize_outputs(c) for c in counts]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -339,81 +327,19 @@ def _train_loop(mexp: MultiExperiment, states: train.TrainState, start: int,
                 writers: Sequence[logs.Writer], config_json: str) -> dict[str, Any]:
   c = mexp.exp.config
   step_fn, eval_fn = mexp.jit_train_step(), mexp.jit_eval_step()
-  t0 = time.time()
-  log = _StepLogger(mexp, writers, start)
-  pending = None  # (step, device metrics): fetched one step late so dispatch stays async
-  last = c.train.steps if c.train.stop_at_step <= 0 else min(c.train.stop_at_step, c.train.steps)
-  for step in range(start + 1, last + 1):
-    states, m = step_fn(states, mexp.shard_batches(next(data_iter)), mexp.run_weights)
-    if pending is not None:
-      log(*pending)
-    pending = (step, m)
-    save = step % c.train.checkpoint_every == 0 or step == last
-    score = step % c.train.eval_every == 0 or step == c.train.steps
-    if save or score:  # never checkpoint or score a state whose step was not finite
-      log(*pending)
-      pending = None
-    if save:
-      ckpts.save(step, states, data_iter.get_state(), config_json)
-    if score:
-      log.last_evals = [{'step': step, **e} for e in mexp.evaluate(states, eval_fn)]
-      for writer, record in zip(writers, log.last_evals):
-        writer.write_eval(record)
-  log.close()
-  if last < c.train.steps:
-    return {'step': last, 'stopped_early': True}
-  last_evals = log.last_evals
-  if last_evals is None:  # resumed a finished run: score the restored states
-    last_evals = [{'step': int(states.step[0]), **e} for e in mexp.evaluate(states, eval_fn)]
-  seconds = time.time() - t0
+  states, evals, seconds = train.run_loop(
+      c, states, start, step_fn=lambda s, b: step_fn(s, b, mexp.run_weights),
+      next_batch=lambda: mexp.shard_batches(next(data_iter)),
+      save=lambda step, s: ckpts.save(step, s, data_iter.get_state(), config_json),
+      evaluate=lambda s: mexp.evaluate(s, eval_fn), writers=writers, lr=mexp.exp.lr,
+      run_names=[r.name for r in mexp.runs])
+  if evals is None:
+    return {'step': train.last_step(c), 'stopped_early': True}
   num_params = int(sum(p[0].size for p in jax.tree.leaves(states.params)))
   summaries = {}
   for i, (run, writer) in enumerate(zip(mexp.runs, writers)):
     summaries[run.name] = {
-        **last_evals[i], 'train_seconds': seconds, 'num_params': num_params,
-        'ds_mode': c.model.ds.mode, 'backend': jax.default_backend(),
-        'devices': jax.device_count(), 'multirun': {'k': mexp.k, 'index': i, 'name': run.name}}
+        **train.summary_record(evals[i], c, train_seconds=seconds, num_params=num_params),
+        'multirun': {'k': mexp.k, 'index': i, 'name': run.name}}
     writer.write_json('summary.json', summaries[run.name])
-  return {'step': last_evals[0]['step'], 'runs': summaries}
-
-
-class _StepLogger:
-  """Checks every run's loss is finite each step; writes every `log_every`-th step per run."""
-
-  def __init__(self, mexp: MultiExperiment, writers: Sequence[logs.Writer], start: int):
-    self.mexp, self.writers = mexp, writers
-    self.last_evals: list[dict[str, Any]] | None = None
-    self._clock = (time.time(), start)
-    c = mexp.exp.config
-    self._bar = tqdm.tqdm(total=c.train.steps, initial=start, disable=not writers[0].enabled,
-                          dynamic_ncols=True, desc=f'train x{mexp.k}')
-
-  def __call__(self, step: int, m: Any) -> None:
-    m = jax.tree.map(np.asarray, m)
-    for i, run in enumerate(self.mexp.runs):
-      if not (np.isfinite(m['loss'][i]) and np.isfinite(m['grad_norm'][i])):
-        raise FloatingPointError(
-            f'non-finite loss {float(m["loss"][i])} (grad norm {float(m["grad_norm"][i])}) of run '
-            f'{run.name!r} (multirun index {i}) at step {step}; training of all {self.mexp.k} '
-            'runs stopped, the last good checkpoint is kept')
-    self._bar.update(step - self._bar.n)
-    c = self.mexp.exp.config
-    if step % c.train.log_every and step != c.train.steps:
-      return
-    now = time.time()
-    t, s = self._clock
-    self._clock = (now, step)
-    common = {'lr': float(self.mexp.exp.lr(step - 1)),
-              'steps_per_s': (step - s) / max(now - t, 1e-9)}  # each run advances every step
-    for i, writer in enumerate(self.writers):
-      writer.write_train({'step': step, 'loss': float(m['loss'][i]),
-                          'level_losses': m['level_losses'][i], 'ds_weights': m['ds_weights'][i],
-                          'lr': common['lr'], 'grad_norm': float(m['grad_norm'][i]),
-                          'steps_per_s': common['steps_per_s']})
-    postfix = {'loss': ' '.join(f'{float(l):.3f}' for l in m['loss'])}
-    if self.last_evals is not None:
-      postfix['dice'] = ' '.join(f'{e["mean_foreground_dice"]:.3f}' for e in self.last_evals)
-    self._bar.set_postfix(postfix)
-
-  def close(self) -> None:
-    self._bar.close()
+  return {'step': evals[0]['step'], 'runs': summaries}

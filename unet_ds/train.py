@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import flax
 import flax.linen as nn
@@ -196,8 +196,12 @@ class Experiment:
         shard_count=jax.process_count(), transforms=datasets.train_transforms(c.data),
         batch_fn=datasets.train_batch_fn(c.data), worker_count=int(c.data.worker_count))
 
-  def evaluate(self, state: TrainState, eval_fn: Callable | None = None) -> dict[str, Any]:
-    """Scores on the whole validation split, from summed confusion counts."""
+  def eval_counts(self, state: Any, eval_fn: Callable | None = None) -> np.ndarray:
+    """`eval_fn`'s confusion counts summed over the whole validation split (int64).
+
+    `[1 + n_heads, 3, K]` from this experiment's eval step; a multi-run eval step over stacked
+    states adds a leading run axis.
+    """
     eval_fn = eval_fn or self.jit_eval_step()
     c = self.config
     source = datasets.eval_source(c.data, self.sources['validation'])
@@ -205,17 +209,146 @@ class Experiment:
     for batch in pipeline.make_eval_batches(
         source, batch_size=c.train.eval_batch_size // jax.process_count(),
         shard_index=jax.process_index(), shard_count=jax.process_count()):
-      counts = eval_fn(state, sharding.shard_batch(self.mesh, batch))
-      counts = np.asarray(counts, np.int64)
+      counts = np.asarray(eval_fn(state, sharding.shard_batch(self.mesh, batch)), np.int64)
       total = counts if total is None else total + counts
-    return metrics.summarize_outputs(total)
+    return total
+
+  def evaluate(self, state: TrainState, eval_fn: Callable | None = None) -> dict[str, Any]:
+    """Scores on the whole validation split, from summed confusion counts."""
+    return metrics.summarize_outputs(self.eval_counts(state, eval_fn))
 
 
-def _check_finite(step: int, m: dict[str, np.ndarray]) -> None:
-  if not (np.isfinite(m['loss']) and np.isfinite(m['grad_norm'])):
-    raise FloatingPointError(
-        f'non-finite loss {float(m["loss"])} (grad norm {float(m["grad_norm"])}) at step {step}; '
-        'training stopped, the last good checkpoint is kept')
+# ----------------------------------------------------------------------------- loop pieces
+# Shared by this single-run trainer and `multirun` (K runs stacked on a leading axis).
+
+def last_step(config: ml_collections.ConfigDict) -> int:
+  """The step this invocation trains to: `train.steps`, or `train.stop_at_step` when earlier."""
+  t = config.train
+  return t.steps if t.stop_at_step <= 0 else min(t.stop_at_step, t.steps)
+
+
+def check_finite(step: int, loss: Any, grad_norm: Any, *, run: str = '',
+                 num_runs: int = 1) -> None:
+  """Raises `FloatingPointError` naming the step (and `run`, of `num_runs`) at a non-finite loss."""
+  if np.isfinite(loss) and np.isfinite(grad_norm):
+    return
+  of_run = f' of run {run}' if run else ''
+  stopped = 'training' if num_runs == 1 else f'training of all {num_runs} runs'
+  raise FloatingPointError(
+      f'non-finite loss {float(loss)} (grad norm {float(grad_norm)}){of_run} at step {step}; '
+      f'{stopped} stopped, the last good checkpoint is kept')
+
+
+def train_record(step: int, m: dict[str, np.ndarray], *, lr: float,
+                 steps_per_s: float) -> dict[str, Any]:
+  """One `metrics.jsonl` line from one run's host-side step metrics."""
+  return {'step': step, 'loss': float(m['loss']), 'level_losses': m['level_losses'],
+          'ds_weights': m['ds_weights'], 'lr': lr, 'grad_norm': float(m['grad_norm']),
+          'steps_per_s': steps_per_s}
+
+
+def summary_record(last_eval: dict[str, Any], config: ml_collections.ConfigDict, *,
+                   train_seconds: float, num_params: int) -> dict[str, Any]:
+  """`summary.json`: the last eval plus the run's facts."""
+  return {**last_eval, 'train_seconds': train_seconds, 'num_params': num_params,
+          'ds_mode': config.model.ds.mode, 'backend': jax.default_backend(),
+          'devices': jax.device_count()}
+
+
+def run_loop(config: ml_collections.ConfigDict, state: Any, start: int, *,
+             step_fn: Callable[[Any, Any], tuple[Any, Any]], next_batch: Callable[[], Any],
+             save: Callable[[int, Any], None], evaluate: Callable[[Any], list[dict[str, Any]]],
+             writers: Sequence[logs.Writer], lr: optax.Schedule,
+             run_names: Sequence[str] | None = None
+             ) -> tuple[Any, list[dict[str, Any]] | None, float]:
+  """Trains steps `start + 1 .. last_step(config)`; `(state, last evals, seconds)`.
+
+  The loop of one run or of K stacked runs (`run_names`, one writer each). `evaluate(state)`
+  gives one score dict per run; they are written to each run's `eval.jsonl` every `eval_every`
+  steps and at `train.steps`, and returned with their step (`None` when `train.stop_at_step`
+  stopped the loop first). `save(step, state)` runs every `checkpoint_every` steps and at the
+  last one. Metrics are fetched one step late so dispatch stays async, except that a state is
+  never saved or scored before its step's loss was checked finite.
+  """
+  c = config
+  t0 = time.time()
+  log = _StepLogger(c, lr, writers, start, run_names)
+  pending = None  # (step, device metrics)
+  last = last_step(c)
+  for step in range(start + 1, last + 1):
+    state, m = step_fn(state, next_batch())
+    if pending is not None:
+      log(*pending)
+    pending = (step, m)
+    saving = step % c.train.checkpoint_every == 0 or step == last
+    scoring = step % c.train.eval_every == 0 or step == c.train.steps
+    if saving or scoring:
+      log(*pending)
+      pending = None
+    if saving:
+      save(step, state)
+    if scoring:
+      log.last_evals = [{'step': step, **e} for e in evaluate(state)]
+      for writer, record in zip(writers, log.last_evals):
+        writer.write_eval(record)
+  log.close()
+  if last < c.train.steps:
+    return state, None, time.time() - t0
+  if log.last_evals is None:  # resumed a finished run: score the restored state
+    step = int(np.ravel(state.step)[0])
+    log.last_evals = [{'step': step, **e} for e in evaluate(state)]
+  return state, log.last_evals, time.time() - t0
+
+
+class _StepLogger:
+  """Checks every step's loss is finite; writes every `log_every`-th step; drives the bar.
+
+  One writer per run. With `run_names` (multi-run) the metrics carry a leading run axis, and
+  errors name the run.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, lr: optax.Schedule,
+               writers: Sequence[logs.Writer], start: int,
+               run_names: Sequence[str] | None = None):
+    self.config, self.lr, self.writers, self.run_names = config, lr, writers, run_names
+    self.last_evals: list[dict[str, Any]] | None = None  # one per run
+    self._clock = (time.time(), start)
+    desc = 'train' if run_names is None else f'train x{len(run_names)}'
+    self._bar = tqdm.tqdm(total=config.train.steps, initial=start,
+                          disable=not writers[0].enabled, dynamic_ncols=True, desc=desc)
+
+  def _per_run(self, step: int, m: Any) -> list[dict[str, np.ndarray]]:
+    """Each run's host-side metrics, checked finite."""
+    m = jax.tree.map(np.asarray, m)
+    if self.run_names is None:
+      check_finite(step, m['loss'], m['grad_norm'])
+      return [m]
+    per_run = [jax.tree.map(lambda x, i=i: x[i], m) for i in range(len(self.run_names))]
+    for i, (name, r) in enumerate(zip(self.run_names, per_run)):
+      check_finite(step, r['loss'], r['grad_norm'],
+                   run=f'{name!r} (multirun index {i})', num_runs=len(self.run_names))
+    return per_run
+
+  def __call__(self, step: int, m: Any) -> None:
+    per_run = self._per_run(step, m)
+    self._bar.update(step - self._bar.n)
+    c = self.config
+    if step % c.train.log_every and step != c.train.steps:
+      return
+    now = time.time()
+    t, s = self._clock
+    self._clock = (now, step)
+    lr = float(self.lr(step - 1))
+    steps_per_s = (step - s) / max(now - t, 1e-9)  # each run advances every step
+    for writer, r in zip(self.writers, per_run):
+      writer.write_train(train_record(step, r, lr=lr, steps_per_s=steps_per_s))
+    postfix = {'loss': ' '.join(f'{float(r["loss"]):.4f}' for r in per_run)}
+    if self.last_evals is not None:
+      postfix['dice'] = ' '.join(f'{e["mean_foreground_dice"]:.3f}' for e in self.last_evals)
+    self._bar.set_postfix(postfix)
+
+  def close(self) -> None:
+    self._bar.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -255,72 +388,17 @@ def _train_loop(exp: Experiment, state: TrainState, start: int, data_iter: Itera
                 step_fn: Callable, eval_fn: Callable, ckpts: checkpoint.Checkpoints,
                 writer: logs.Writer, config_json: str) -> dict[str, Any]:
   c = exp.config
-  t0 = time.time()
-  log = _StepLogger(exp, writer, start)
-  pending = None  # (step, device metrics): fetched one step late so dispatch stays async
-  last = c.train.steps if c.train.stop_at_step <= 0 else min(c.train.stop_at_step, c.train.steps)
-  for step in range(start + 1, last + 1):
-    batch = sharding.shard_batch(exp.mesh, next(data_iter))
-    state, m = step_fn(state, batch)
-    if pending is not None:
-      log(*pending)
-    pending = (step, m)
-    save = step % c.train.checkpoint_every == 0 or step == last
-    score = step % c.train.eval_every == 0 or step == c.train.steps
-    if save or score:  # never checkpoint or score a state whose step was not finite
-      log(*pending)
-      pending = None
-    if save:
-      ckpts.save(step, state, data_iter.get_state(), config_json)
-    if score:
-      log.last_eval = {'step': step, **exp.evaluate(state, eval_fn)}
-      writer.write_eval(log.last_eval)
-  log.close()
-  if last < c.train.steps:
-    return {'step': last, 'stopped_early': True}
-  last_eval = log.last_eval
-  if last_eval is None:  # resumed a finished run: score the restored state
-    last_eval = {'step': int(state.step), **exp.evaluate(state, eval_fn)}
-  summary = {**last_eval, 'train_seconds': time.time() - t0,
-             'num_params': int(sum(p.size for p in jax.tree.leaves(state.params))),
-             'ds_mode': c.model.ds.mode, 'backend': jax.default_backend(),
-             'devices': jax.device_count()}
+  state, evals, seconds = run_loop(
+      c, state, start, step_fn=step_fn,
+      next_batch=lambda: sharding.shard_batch(exp.mesh, next(data_iter)),
+      save=lambda step, state: ckpts.save(step, state, data_iter.get_state(), config_json),
+      evaluate=lambda state: [exp.evaluate(state, eval_fn)], writers=[writer], lr=exp.lr)
+  if evals is None:
+    return {'step': last_step(c), 'stopped_early': True}
+  summary = summary_record(evals[0], c, train_seconds=seconds,
+                           num_params=int(sum(p.size for p in jax.tree.leaves(state.params))))
   writer.write_json('summary.json', summary)
   return summary
-
-
-class _StepLogger:
-  """Checks every step's loss is finite; writes every `log_every`-th step; drives the bar."""
-
-  def __init__(self, exp: Experiment, writer: logs.Writer, start: int):
-    self.exp, self.writer = exp, writer
-    self.last_eval: dict[str, Any] | None = None
-    self._clock = (time.time(), start)
-    c = exp.config
-    self._bar = tqdm.tqdm(total=c.train.steps, initial=start, disable=not writer.enabled,
-                          dynamic_ncols=True, desc='train')
-
-  def __call__(self, step: int, m: Any) -> None:
-    m = jax.tree.map(np.asarray, m)
-    _check_finite(step, m)
-    self._bar.update(step - self._bar.n)
-    c = self.exp.config
-    if step % c.train.log_every and step != c.train.steps:
-      return
-    now = time.time()
-    t, s = self._clock
-    self._clock = (now, step)
-    record = {'step': step, 'loss': float(m['loss']), 'level_losses': m['level_losses'],
-              'ds_weights': m['ds_weights'], 'lr': float(self.exp.lr(step - 1)),
-              'grad_norm': float(m['grad_norm']), 'steps_per_s': (step - s) / max(now - t, 1e-9)}
-    self.writer.write_train(record)
-    postfix = {'loss': f'{record["loss"]:.4f}'}
-    if self.last_eval is not None:
-      postfix['dice'] = f'{self.last_eval["mean_foreground_dice"]:.3f}'
-    self._bar.set_postfix(postfix)
-
-  def close(self) -> None:
-    self._bar.close()
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str
