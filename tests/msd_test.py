@@ -95,6 +95,28 @@ def test_settings_change_the_prepared_copy(tmp_path):
   assert msd.make_config(msd.settings_from_config(_cfg(root, tmp_path))).name != base.name
 
 
+def test_a_copy_of_the_data_resumes_a_checkpointed_iterator(tmp_path):
+  """Sources are named by content (settings + relative file names and sizes), not by location
+  or mtimes: a run resumes on its data copied elsewhere; other settings are another source."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from unet_ds.data import pipeline  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'Task99'
+  _make_task(root, num_cases=5)
+  copy = tmp_path / 'scratch' / 'Task99'
+  shutil.copytree(root, copy)  # new location and mtimes: prepared again, same content
+  original = msd.load(_cfg(root, tmp_path))
+  copied = msd.load(_cfg(copy, tmp_path))
+  assert repr(original['train']) == repr(copied['train'])
+  assert repr(original['train']) != repr(msd.load(_cfg(root, tmp_path, seed=1))['train'])
+  make = lambda sources: iter(pipeline.make_train_loader(sources['train'], batch_size=1, seed=0))
+  it = make(original)
+  next(it)
+  state = it.get_state()
+  resumed = make(copied)
+  resumed.set_state(state)  # grain checks repr(source)
+  np.testing.assert_array_equal(next(resumed)['image'], next(it)['image'])
+
+
 def test_kfold_validation_sets_cover_all_cases(tmp_path):
   root = tmp_path / 'Task99'
   _make_task(root, num_cases=4)

@@ -2,7 +2,9 @@
 
 A prepared dataset's config name is a readable prefix plus a hash of every generation setting and of
 the source files' names, sizes and mtimes, so two settings (another fold, another normalisation, an
-edited file) never share a prepared copy, and the same settings reuse it.
+edited file) never share a prepared copy, and the same settings reuse it. The sources' identity, which
+a checkpointed data iterator is checked against on resume, leaves out the folder's location and
+the mtimes: a run resumes on a copy of its data (a cluster job staging data to local scratch).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ def default_data_dir() -> str:
 class FolderConfig(tfds.core.BuilderConfig):
   """BuilderConfig carrying the generation settings (JSON-able dict) of a user folder."""
   settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+  content_id: str = ''  # settings (but the path) + files' relative names and sizes
 
   def __repr__(self) -> str:  # tfds logs it; the settings are in `description`
     return f'FolderConfig({self.name})'
@@ -74,8 +77,13 @@ def make_config(settings: Mapping[str, Any], files: Sequence[str], version: str)
   blob = json.dumps({'settings': settings, 'files': files_fingerprint(files)}, sort_keys=True)
   digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
   slug = re.sub(r'[^a-z0-9]+', '_', prefix.lower()).strip('_')[-48:].strip('_') or 'data'
+  root = settings['path']
+  content = json.dumps({'settings': {k: v for k, v in settings.items() if k != 'path'},
+                        'files': sorted([os.path.relpath(f, root), os.stat(f).st_size]
+                                        for f in files)}, sort_keys=True)
   return FolderConfig(name=f'{slug}_{digest}', version=version,
-                      description=json.dumps(settings, sort_keys=True), settings=dict(settings))
+                      description=json.dumps(settings, sort_keys=True), settings=dict(settings),
+                      content_id=hashlib.sha256(content.encode()).hexdigest()[:16])
 
 
 class CaseSource:
@@ -125,7 +133,8 @@ def prepare_and_load(builder_cls: type[tfds.core.GeneratorBasedBuilder], config:
       builder = builder_cls(config=config, data_dir=data_dir)
       builder.download_and_prepare(file_format='array_record')
   sources = builder.as_data_source()
-  return {str(split): CaseSource(src, f'{builder.info.full_name}/{split}')
+  # Named by content, not location: a checkpointed iterator resumes on a copy of the data.
+  return {str(split): CaseSource(src, f'{builder.name}/{config.content_id}/{split}')
           for split, src in sources.items()}
 
 
