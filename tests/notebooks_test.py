@@ -1,6 +1,7 @@
 """The experiment notebooks: paired .py/.ipynb in sync with outputs stripped, and both run in
 smoke mode (tiny real training runs through `experiments.launch`, then the report)."""
 
+import asyncio
 import json
 import os
 import pathlib
@@ -34,31 +35,44 @@ def test_pair_in_sync_and_stripped(name):
   assert set(imports) <= {'os', 'pathlib', 'sys', 'experiments', 'unet_ds'}, imports
 
 
-@pytest.fixture(scope='module')
-def kernel_env(tmp_path_factory):
+def _kernel_env(data_dir):
   """The kernel's (and its training subprocesses') environment: one CPU device (the test
-  session's 4 simulated devices would not divide the smoke batch), and a compilation cache and
-  data dir shared by both notebooks, so runs with one architecture compile once."""
+  session's 4 simulated devices would not divide the smoke batch), the session's compilation
+  cache (runs with one architecture compile once), and the notebook's own data dir."""
   env = dict(os.environ)
   env.pop('XLA_FLAGS', None)
   env['JAX_PLATFORMS'] = 'cpu'
-  env.setdefault('JAX_COMPILATION_CACHE_DIR', str(tmp_path_factory.mktemp('jax_cache')))
-  env['UNET_DS_DATA_DIR'] = str(tmp_path_factory.mktemp('data'))
+  env['UNET_DS_DATA_DIR'] = str(data_dir)
   env['MPLBACKEND'] = 'Agg'
   return env
 
 
-def _execute(name, env, **params):
+def _client(name, **params):
   nb = jupytext.read(_REPO / 'experiments' / f'{name}.py', fmt='py:percent')
   index = next(i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', []))
   # Injected after the parameters cell, as papermill does.
   nb.cells.insert(index + 1, nbformat.v4.new_code_cell(
       '\n'.join(f'{k} = {v!r}' for k, v in params.items()), metadata={'tags': ['injected']}))
-  client = nbclient.NotebookClient(
+  return nbclient.NotebookClient(
       nb, timeout=900, kernel_name='python3',
       resources={'metadata': {'path': str(_REPO / 'experiments')}})  # Jupyter's cwd.
-  client.execute(env=env)
-  return nb
+
+
+@pytest.fixture(scope='module')
+def executed(tmp_path_factory):
+  """{name: (executed notebook, its ROOT)}: every notebook run in smoke mode, all at once (one
+  kernel each, so the two CPU cores each train one notebook's runs)."""
+  runs, envs = {}, {}
+  for name in _NOTEBOOKS:
+    root = tmp_path_factory.mktemp(name) / 'runs'
+    envs[name] = _kernel_env(tmp_path_factory.mktemp(f'{name}_data'))
+    runs[name] = (_client(name, SMOKE=True, ROOT=str(root)), root)
+
+  async def execute_all():
+    await asyncio.gather(*(client.async_execute(env=envs[name])
+                           for name, (client, _) in runs.items()))
+  asyncio.run(execute_all())
+  return {name: (client.nb, root) for name, (client, root) in runs.items()}
 
 
 def _outputs(nb, kind):
@@ -67,9 +81,8 @@ def _outputs(nb, kind):
 
 
 @pytest.mark.parametrize('name', _NOTEBOOKS)
-def test_runs_in_smoke_mode(name, tmp_path, kernel_env):
-  root = tmp_path / 'runs'
-  nb = _execute(name, kernel_env, SMOKE=True, ROOT=str(root))
+def test_runs_in_smoke_mode(name, executed):
+  nb, root = executed[name]
   markdown = [o['data']['text/markdown'] for o in _outputs(nb, 'text/markdown')]
   assert len(markdown) == 1 and '# Ablation report' in markdown[0]
   assert len(_outputs(nb, 'image/png')) == 2

@@ -4,6 +4,8 @@ The 8-device and multi-process checks run this file as a worker in subprocesses,
 conftest fixes 4 simulated devices for the test process and a backend cannot be re-created.
 Each worker builds the train step from a tiny 3D config with a random batch (no dataset) and
 prints the loss and the parameter update, which the tests compare with a single-device run.
+One 8-device worker steps every mesh in turn (one start-up, not one per mesh) while the two
+processes of the multi-host check run beside it.
 """
 
 import json
@@ -68,16 +70,24 @@ def _step_result(c, host_batch):
           'devices': len(batch['image'].sharding.device_set)}
 
 
+# (conv_impl, data, space) of the 8-device worker's meshes; the first is the single-device reference.
+_MESHES = (('native', 1, 1),
+           ('cpu_fast', 2, 4),   # data x space on all 8 devices, depth split in 4
+           ('native', 4, 2))
+
+
 def _worker(argv):
-  """`sharding_test.py OUT.json spatial IMPL DATA SPACE` or `OUT.json multihost PORT PROCESS_ID`."""
+  """`sharding_test.py OUT.json meshes` or `OUT.json multihost PORT PROCESS_ID`."""
   out_path, mode = argv[0], argv[1]
   argv = argv[1:]
   c = _config()
   batch = _batch(c)
-  if mode == 'spatial':
-    impl, data, space = argv[1], int(argv[2]), int(argv[3])
-    c.model.conv_impl = impl
-    c.mesh.data, c.mesh.space = data, space
+  if mode == 'meshes':
+    results = {}
+    for impl, data, space in _MESHES:
+      c.model.conv_impl = impl
+      c.mesh.data, c.mesh.space = data, space
+      results[f'{impl}-{data}-{space}'] = _step_result(c, batch)
   else:
     port, process_id = argv[1], int(argv[2])
     c.mesh.distributed = True
@@ -85,8 +95,9 @@ def _worker(argv):
     c.mesh.num_processes, c.mesh.process_id = 2, process_id
     rows = c.train.batch_size // 2  # each process feeds its own half of the global batch
     batch = {k: v[process_id * rows:(process_id + 1) * rows] for k, v in batch.items()}
+    results = _step_result(c, batch)
   with open(out_path, 'w') as f:
-    json.dump(_step_result(c, batch), f)
+    json.dump(results, f)
 
 
 def _run_worker(tmp_path, args, devices):
@@ -121,37 +132,47 @@ def _assert_same_step(got, want):
   np.testing.assert_allclose(update, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.fixture(scope='module')
-def single_device_step(tmp_path_factory):
-  return _result(_run_worker(tmp_path_factory.mktemp('single'), ['spatial', 'native', 1, 1],
-                             devices=8))
-
-
-@pytest.mark.parametrize('impl,data,space', [
-    ('cpu_fast', 2, 4),   # data x space on all 8 devices, depth split in 4
-    ('native', 4, 2),
-])
-def test_data_and_space_sharded_step_matches_single_device(tmp_path, single_device_step, impl,
-                                                           data, space):
-  got = _result(_run_worker(tmp_path, ['spatial', impl, data, space], devices=8))
-  assert got['devices'] == data * space
-  assert "'data', 'space'" in got['image_sharding']
-  assert single_device_step['devices'] == 1
-  _assert_same_step(got, single_device_step)
-
-
 def _free_port():
   with socket.socket() as s:
     s.bind(('localhost', 0))
     return s.getsockname()[1]
 
 
-def test_two_processes_match_single_device(tmp_path, single_device_step):
-  # Two hosts of 2 devices each (4 global), each feeding its half of the batch.
+@pytest.fixture(scope='module')
+def worker_results(tmp_path_factory):
+  """Every worker's results, the workers started together: the 8-device one and two hosts of 2
+  devices each (4 global), each host feeding its half of the batch."""
+  tmp_path = tmp_path_factory.mktemp('workers')
   port = _free_port()
-  workers = [_run_worker(tmp_path, ['multihost', port, i], devices=2) for i in range(2)]
-  results = [_result(w) for w in workers]
-  for got in results:
+  workers = [_run_worker(tmp_path, ['meshes'], devices=8)]
+  workers += [_run_worker(tmp_path, ['multihost', port, i], devices=2) for i in range(2)]
+  try:
+    meshes, *hosts = [_result(w) for w in workers]
+  finally:  # a failed worker: stop the others
+    for proc, _, _ in workers:
+      if proc.poll() is None:
+        proc.kill()
+  return {'meshes': meshes, 'hosts': hosts}
+
+
+@pytest.fixture(scope='module')
+def single_device_step(worker_results):
+  result = worker_results['meshes']['-'.join(map(str, _MESHES[0]))]
+  assert result['devices'] == 1
+  return result
+
+
+@pytest.mark.parametrize('impl,data,space', _MESHES[1:])
+def test_data_and_space_sharded_step_matches_single_device(worker_results, single_device_step,
+                                                           impl, data, space):
+  got = worker_results['meshes'][f'{impl}-{data}-{space}']
+  assert got['devices'] == data * space
+  assert "'data', 'space'" in got['image_sharding']
+  _assert_same_step(got, single_device_step)
+
+
+def test_two_processes_match_single_device(worker_results, single_device_step):
+  for got in worker_results['hosts']:
     assert got['devices'] == 4
     _assert_same_step(got, single_device_step)
 
