@@ -180,15 +180,20 @@ def _fake_run(config, workdir, step=7):
   return state, model
 
 
-def test_predict_and_eval_restore_the_run_from_its_workdir(tmp_path):
-  root = tmp_path / 'em'
+def _em_folder(root, seed):
+  """Four 20x18 ISBI-style 0/255 masks as image/ + label/ PNG pairs named 0..3."""
   (root / 'image').mkdir(parents=True)
   (root / 'label').mkdir()
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   for i in range(4):
     mask = np.where(rng.random((20, 18)) < 0.3, 0, 255).astype(np.uint8)
     Image.fromarray(mask).save(root / 'image' / f'{i}.png')
     Image.fromarray(mask).save(root / 'label' / f'{i}.png')
+  return root
+
+
+def test_predict_and_eval_restore_the_run_from_its_workdir(tmp_path):
+  root = _em_folder(tmp_path / 'em', seed=0)
   config = folder2d_config.get_config(f'path={root},isbi,smoke')
   config.data.val_cases = '3'
   workdir = str(tmp_path / 'run')
@@ -243,14 +248,7 @@ def test_saved_split_keeps_the_held_out_cases_when_files_change(tmp_path):
 
 def test_train_on_a_folder_then_eval_its_saved_split(tmp_path):
   """End to end on real files: patches per batch, split.json, eval of the held-out case."""
-  root = tmp_path / 'em'
-  (root / 'image').mkdir(parents=True)
-  (root / 'label').mkdir()
-  rng = np.random.default_rng(1)
-  for i in range(4):
-    mask = np.where(rng.random((20, 18)) < 0.3, 0, 255).astype(np.uint8)
-    Image.fromarray(mask).save(root / 'image' / f'{i}.png')
-    Image.fromarray(mask).save(root / 'label' / f'{i}.png')
+  root = _em_folder(tmp_path / 'em', seed=1)
   config = folder2d_config.get_config(f'path={root},isbi,smoke')
   config.data.val_cases = '2'
   config.data.data_dir = str(tmp_path / 'tfds')
