@@ -53,6 +53,7 @@ def test_bench_reference_config_and_known_peaks():
   c = _config('unet3d.py', 'bench_ref')
   assert tuple(c.data.shape) == (64, 64, 64) and c.train.batch_size == 2
   assert (c.model.base_filters, c.model.depth, c.model.residual) == (16, 4, True)
+  assert c.model.down == 'conv'  # strided convs, as MONAI DynUNet
   assert tuple(c.model.ds.levels) == (1, 2) and c.optim.name == 'sgd'
   assert bench.known_peak('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
   assert bench.known_peak('cpu', 'float32') is None
