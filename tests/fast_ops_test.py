@@ -1,6 +1,7 @@
 """The CPU fast path equals the native ops: values and gradients, 2D/3D, shapes, strides, dtypes."""
 
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -266,3 +267,16 @@ def test_layers_max_pool_dispatch():
     # cpu_fast reshapes and reduces; the others keep XLA's reduce-window.
     hlo = _hlo(lambda x, impl=impl: layers.max_pool(x, window, impl), x)
     assert ('reduce_window' in hlo) == (impl != 'cpu_fast'), impl
+
+
+def test_xla_cpu_flags_added_unless_user_set(monkeypatch):
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+  fast_ops._add_xla_cpu_flags()
+  flags = os.environ['XLA_FLAGS'].split()
+  assert flags[0] == '--xla_force_host_platform_device_count=4'
+  assert ('--xla_cpu_experimental_ynn_fusion_type='
+          'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE') in flags
+  user = '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
+  monkeypatch.setenv('XLA_FLAGS', user)
+  fast_ops._add_xla_cpu_flags()
+  assert os.environ['XLA_FLAGS'] == user
