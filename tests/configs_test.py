@@ -72,6 +72,14 @@ def test_validation_errors_name_the_key(key, value, match):
     config_lib.validate(c)
 
 
+@pytest.mark.parametrize('seed', [-1, 2**31])
+def test_bad_seed_names_the_key(seed):
+  c = config_lib.base_config(3)
+  c.seed = seed
+  with pytest.raises(ValueError, match=r'config.seed: must be an int in \[0, 2\*\*31\)'):
+    config_lib.validate(c)
+
+
 def test_cli_unknown_key_and_bad_value_fail_before_compute(tmp_path):
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   cmd = [sys.executable, '-m', 'unet_ds.main', '--config=configs/unet3d.py:smoke',

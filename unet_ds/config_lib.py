@@ -245,12 +245,19 @@ def _check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
     raise ValueError(f'config.{key}: must be one of {choices}, got {value!r}')
 
 
+def _check_seed(seed: Any, key: str) -> None:
+  # An int32 on device: runs that differ only in seed share their compiled init.
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
+    raise ValueError(f'config.{key}: must be an int in [0, 2**31), got {seed!r}')
+
+
 def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
   """Checks the whole config before any compute; returns the typed model config.
 
   Every error names the config key at fault.
   """
   _check_choice(c.data.name, DATASETS, 'data.name')
+  _check_seed(c.seed, 'seed')
   model_cfg = models.model_config(c.model)
   if c.data.ndim not in (2, 3):
     raise ValueError(f'config.data.ndim: must be 2 or 3, got {c.data.ndim}')
@@ -321,9 +328,7 @@ def _validate_multirun(c: ml_collections.ConfigDict, model_cfg: models.UNetConfi
   if k <= 1:
     return
   for i, seed in enumerate(mr.seeds or [c.seed + i for i in range(k)]):
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**31:
-      raise ValueError(f'config.multirun.seeds[{i}] (default: seed + {i}): must be an int in '
-                       f'[0, 2**31), got {seed!r}')
+    _check_seed(seed, f'multirun.seeds[{i}] (default: seed + {i})')
   for i, spec in enumerate(mr.ds_weights):
     try:
       losses.output_weights(weights_spec(spec), model_cfg.head_levels, side_losses=side_losses(c))

@@ -167,14 +167,19 @@ class Experiment:
     c = self.config
     return (c.train.batch_size, *datasets.training_shape(c.data), c.data.in_channels)
 
+  def _init_fn(self) -> Callable[[jax.Array], TrainState]:
+    # The seed is an argument, not a constant: runs that differ only in seed share one compiled
+    # init (in a process, and through the persistent compilation cache).
+    return lambda seed: create_train_state(self.model, self.tx, seed, self.input_shape)
+
+  def _seed(self) -> np.int32:
+    return np.int32(self.config.seed)  # validate() checked it is in [0, 2**31)
+
   def init_state(self) -> TrainState:
-    init = functools.partial(create_train_state, self.model, self.tx, int(self.config.seed),
-                             self.input_shape)
-    return jax.jit(init, out_shardings=sharding.replicated(self.mesh))()
+    return jax.jit(self._init_fn(), out_shardings=sharding.replicated(self.mesh))(self._seed())
 
   def abstract_state(self) -> TrainState:
-    shapes = jax.eval_shape(functools.partial(create_train_state, self.model, self.tx,
-                                              int(self.config.seed), self.input_shape))
+    shapes = jax.eval_shape(self._init_fn(), self._seed())
     repl = sharding.replicated(self.mesh)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
 
