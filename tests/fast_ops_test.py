@@ -74,6 +74,8 @@ CONV_CASES = [
     ((1, 6, 5, 7, 4), (3, 3, 3, 4, 2), (1, 2, 1), 'SAME'),    # C_in > C_out: stacked taps
     ((1, 9, 8, 7, 2), (1, 1, 1, 2, 3), (2, 2, 2), 'SAME'),    # strided 1x1x1 projection
     ((2, 6, 7, 8, 1), (3, 3, 3, 1, 4), (1, 1, 1), 'SAME'),    # 1-channel input: depth taps on channels
+    ((1, 5, 6, 4, 3), (3, 3, 3, 3, 17), (1, 1, 1), 'SAME'),   # C_out > 16: shifted 2D convs
+    ((1, 6, 5, 4, 3), (3, 3, 3, 3, 17), (1, 2, 1), 'VALID'),
     ((1, 7, 6, 9, 1), (3, 3, 3, 1, 2), (2, 1, 2), 'VALID'),
     ((1, 8, 9, 10, 2), (1, 3, 3, 2, 3), (1, 2, 2), 'SAME'),   # anisotropic kernel
     ((2, 7, 6, 5, 3), (3, 3, 3, 3, 4), (2, 2, 2), 'VALID'),

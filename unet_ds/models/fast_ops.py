@@ -379,6 +379,8 @@ def _conv3d_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
   if strides[0] == 1 and kernel.shape[0] > 1 and (
       kernel.shape[-2] > kernel.shape[-1] or kernel.shape[-1] <= _STACK_TAPS_MAX_COUT):
     return _conv3d_stacked_taps(x, kernel, strides, pads)
+  if strides[0] == 1:
+    return _conv3d_shifted_taps(x, kernel, strides, pads)
   n, _, h, w, c = x.shape
   kd = kernel.shape[0]
   sd = strides[0]
@@ -392,6 +394,29 @@ def _conv3d_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
                 preferred_element_type=_acc_dtype(out_dtype))
     acc = y if acc is None else acc + y
   return acc.reshape((n, d_out) + acc.shape[1:]).astype(out_dtype)
+
+
+def _conv3d_shifted_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+                         pads: Pads) -> jax.Array:
+  """Depth-stride-1 3D conv as kd 2D convs over all depth slices, summed with depth shifts.
+
+  `z_t[d] = conv2d(x[d], kernel[t])` reads x in place (no padded copy, no per-tap slices) and
+  `y[q] = sum_t z_t[q + t - low]` is one elementwise pass.
+  """
+  n, d, h, w, c = x.shape
+  kd = kernel.shape[0]
+  low, high = pads[0]
+  d_out = d + low + high - kd + 1
+  out_dtype = _out_dtype(x, kernel)
+  zero = jnp.zeros((), _acc_dtype(out_dtype))
+  y = None
+  for t in range(kd):
+    z = _native(x.reshape(n * d, h, w, c), kernel[t], strides[1:], pads[1:],
+                preferred_element_type=_acc_dtype(out_dtype))
+    z = lax.pad(z.reshape((n, d) + z.shape[1:]), zero,
+                [(0, 0, 0), (low - t, d_out - d - low + t, 0)] + [(0, 0, 0)] * 3)
+    y = z if y is None else y + z
+  return y.astype(out_dtype)
 
 
 def _conv3d_stacked_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
@@ -410,9 +435,13 @@ def _conv3d_stacked_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, ..
   z = _native(x.reshape(n * d, h, w, c), stacked, strides[1:], pads[1:],
               preferred_element_type=_acc_dtype(out_dtype))
   z = z.reshape((n, d) + z.shape[1:3] + (kd, o))
-  z = jnp.pad(z, ((0, 0), pads[0], (0, 0), (0, 0), (0, 0), (0, 0)))
-  d_out = z.shape[1] - kd + 1
-  y = sum(z[:, t:t + d_out, :, :, t] for t in range(kd))
+  low, high = pads[0]
+  d_out = d + low + high - kd + 1
+  # y[q] = sum_t z[q + t - low, t]: each term a depth-shifted (cropped / zero-padded) slice, all
+  # in one elementwise pass (padding z itself would write a copy of all kd * C_out channels).
+  zero = jnp.zeros((), z.dtype)
+  y = sum(lax.pad(z[:, :, :, :, t], zero, [(0, 0, 0), (low - t, d_out - d - low + t, 0)]
+                  + [(0, 0, 0)] * 3) for t in range(kd))
   return y.astype(out_dtype)
 
 
