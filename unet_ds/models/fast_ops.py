@@ -516,19 +516,23 @@ def _kernel_grad3d_flat(x: jax.Array, dy: jax.Array, kshape: Sequence[int],
   """
   kd, kh, kw, c, o = kshape
   n, d_out, h_out, w_out, _ = dy.shape
-  xp = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),))
-  _, d_pad, h_pad, w_pad, _ = xp.shape
+  h_pad, w_pad = (s + lo + hi for s, (lo, hi) in zip(x.shape[2:-1], pads[1:]))
   length = h_pad * w_pad
   reach = (kh - 1) * w_pad + (kw - 1)
-  xp = jnp.pad(xp.reshape(n, d_pad, length, c), ((0, 0), (0, 0), (0, reach), (0, 0)))
+  # Zero rows below each slab cover the taps' reach past its end: one padded copy of x, in
+  # plane only (depth-padding slabs are zeros and contribute nothing).
+  extra = -(-reach // w_pad)
+  xp = jnp.pad(x, ((0, 0), (0, 0), (pads[1][0], pads[1][1] + extra), pads[2], (0, 0)))
+  xp = xp.reshape(n, x.shape[1], (h_pad + extra) * w_pad, c)
   # dy on the padded grid at the top-left; depth padded so that slab p reads dy[p - t] for all t.
   dy_grid = jnp.pad(dy, ((0, 0), (kd - 1, kd - 1), (0, h_pad - h_out), (0, w_pad - w_out),
                          (0, 0))).reshape(n, d_out + 2 * (kd - 1), length, o)
   acc_dtype = _acc_dtype(jnp.result_type(x.dtype, dy.dtype))
   contract_rows = (((0,), (0,)), ((), ()))
 
-  def step(acc, p):
-    slab = lax.dynamic_index_in_dim(xp, p, axis=1, keepdims=False)  # [N, L + reach, C]
+  def step(acc, q):
+    slab = lax.dynamic_index_in_dim(xp, q, axis=1, keepdims=False)  # [N, >= L + reach, C]
+    p = q + pads[0][0]  # the slab's index in the depth-padded input
     g = lax.dynamic_slice_in_dim(dy_grid, p, kd, axis=1)[:, ::-1]  # tap t <- dy[p - t]
     g = jnp.moveaxis(g, 1, 2).reshape(n * length, kd * o)
     taps = [lax.dot_general(slab[:, i * w_pad + j:i * w_pad + j + length].reshape(n * length, c),
@@ -537,7 +541,7 @@ def _kernel_grad3d_flat(x: jax.Array, dy: jax.Array, kshape: Sequence[int],
     return acc + jnp.stack(taps), None
 
   acc0 = jnp.zeros((kh * kw, c, kd * o), acc_dtype)
-  acc, _ = lax.scan(step, acc0, jnp.arange(d_pad))
+  acc, _ = lax.scan(step, acc0, jnp.arange(x.shape[1]))
   return acc.reshape(kh, kw, c, kd, o).transpose(3, 0, 1, 2, 4)
 
 
