@@ -139,29 +139,31 @@ def test_config_errors(cfg, match):
     models.get_model(cfg)
 
 
-@pytest.mark.parametrize('down', ['maxpool', 'conv'])
-def test_conv_impls_agree(down):
-  # Every conv_impl is the same model: same parameter tree, outputs and gradients. Two input
+def test_conv_impls_agree():
+  # Every conv_impl is the same model: same parameter tree, outputs and gradients (strided
+  # downsampling: the fast path's strided convs too; max pool has its own tests). Two input
   # channels: with one, the gradient of a 1x1 projection into a norm is ~0 (scale invariance)
   # and only rounding noise would be compared.
   x = jax.random.normal(jax.random.key(0, impl='rbg'), (2, 8, 8, 8, 2))
   label = jax.random.randint(jax.random.key(1, impl='rbg'), (2, 8, 8, 8), 0, 3)
 
-  def loss_and_grads(impl):
-    model = _model('deep', depth=3, residual=True, down=down, conv_impl=impl)
-    variables = jax.jit(model.init)(jax.random.key(2, impl='rbg'), x)
+  def model(impl):
+    return _model('deep', depth=3, residual=True, down='conv', conv_impl=impl)
 
+  # One set of parameters for all: applying it checks that the trees agree.
+  params = jax.jit(model('native').init)(jax.random.key(2, impl='rbg'), x)['params']
+
+  def loss_and_grads(impl):
     def loss(params):
-      final, inter = model.apply({'params': params}, x)
+      final, inter = model(impl).apply({'params': params}, x)
       logp = jax.nn.log_softmax(final)
       return -jnp.mean(jnp.take_along_axis(logp, label[..., None], -1)) + sum(
           jnp.mean(h ** 2) for h in inter)
-    return jax.jit(jax.value_and_grad(loss))(variables['params'])
+    return jax.jit(jax.value_and_grad(loss))(params)
 
   expected = loss_and_grads('native')
   for impl in ('native_einsum_up', 'cpu_fast'):
     got = loss_and_grads(impl)
-    assert jax.tree.structure(got) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
       scale = max(float(jnp.abs(a).max()), 1e-6)
       np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, atol=1e-4)
