@@ -119,7 +119,11 @@ def case_split(data_cfg: Any) -> dict[str, list[str]]:
   """`{'train': [ids], 'validation': [ids]}` of the run's data path, as the training data was
   prepared. Training writes it to `WORKDIR/split.json` so that a later eval scores the same
   held-out cases even if files were added to the folder since."""
-  found, settings = _all_labelled(data_cfg.path, data_cfg)
+  return _split_ids(*_all_labelled(data_cfg.path, data_cfg))
+
+
+def _split_ids(found: Sequence[tuple[str, ...]], settings: dict[str, Any]
+               ) -> dict[str, list[str]]:
   return {name: [c[0] for c in cases]
           for name, cases in prepare.split_case_list(found, settings).items()}
 
@@ -141,8 +145,7 @@ def find_labelled(path: str, data_cfg: Any, cases: str | Sequence[str] = 'all',
     return found
   if cases in ('train', 'validation'):
     if split is None:
-      split = {name: [c[0] for c in group]
-               for name, group in prepare.split_case_list(found, settings).items()}
+      split = _split_ids(found, settings)
     if not split.get(cases):
       raise ValueError(f'{path}: the run\'s split has no {cases!r} cases')
     cases = split[cases]
