@@ -2,8 +2,8 @@
 
 Synthetic data trains on whole volumes; real data (`msd`, `folder2d`) trains on random patches
 with foreground oversampling and augmentation, and is evaluated during training on centre
-pad/crops of `config.data.patch_size` (whole-volume sliding-window scores come from
-`--mode=eval`).
+pad/crops of `config.data.eval_shape` (default: the patch size; whole-volume sliding-window
+scores come from `--mode=eval`).
 """
 
 from __future__ import annotations
