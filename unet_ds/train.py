@@ -365,10 +365,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if writer.enabled:
     with open(writer.path('config.json'), 'w') as f:
       f.write(config_json)
-    if c.data.name in ('msd', 'folder2d') and not os.path.exists(writer.path('split.json')):
+    if c.data.name in ('msd', 'folder2d'):
       from unet_ds import predict  # pylint: disable=g-import-not-at-top
-      # The held-out case ids, so that a later --mode=eval scores exactly these cases.
-      writer.write_json('split.json', predict.case_split(c.data))
+      if not os.path.exists(writer.path(predict.SPLIT_FILE)):
+        # The held-out case ids, so that a later --mode=eval scores exactly these cases.
+        writer.write_json(predict.SPLIT_FILE, predict.case_split(c.data))
   ckpts = checkpoint.Checkpoints(os.path.join(exp.workdir, 'checkpoints'), c.train.max_to_keep)
   data_iter = iter(exp.train_loader())
   if ckpts.latest_step() is not None:

@@ -74,13 +74,13 @@ def make_config(settings: Mapping[str, Any], files: Sequence[str], version: str)
   """A FolderConfig named `<last two folders of path>_<hash of settings + files>`."""
   settings = jsonable(settings)
   prefix = '_'.join(os.path.normpath(settings['path']).split(os.sep)[-2:])
-  blob = json.dumps({'settings': settings, 'files': files_fingerprint(files)}, sort_keys=True)
+  fingerprint = files_fingerprint(files)
+  blob = json.dumps({'settings': settings, 'files': fingerprint}, sort_keys=True)
   digest = hashlib.sha256(blob.encode()).hexdigest()[:16]
   slug = re.sub(r'[^a-z0-9]+', '_', prefix.lower()).strip('_')[-48:].strip('_') or 'data'
-  root = settings['path']
   content = json.dumps({'settings': {k: v for k, v in settings.items() if k != 'path'},
-                        'files': sorted([os.path.relpath(f, root), os.stat(f).st_size]
-                                        for f in files)}, sort_keys=True)
+                        'files': [[os.path.relpath(f, settings['path']), size]
+                                  for f, size, _ in fingerprint]}, sort_keys=True)
   return FolderConfig(name=f'{slug}_{digest}', version=version,
                       description=json.dumps(settings, sort_keys=True), settings=dict(settings),
                       content_id=hashlib.sha256(content.encode()).hexdigest()[:16])
