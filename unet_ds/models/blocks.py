@@ -87,7 +87,7 @@ class ConvNormAct(nn.Module):
     # A bias before a normalisation is redundant.
     x = layers.Conv(self.features, self.kernel_size, self.strides, use_bias=self.norm == 'none',
                     impl=self.impl, dtype=self.dtype)(x)
-    if self.norm == 'instance' and layers.resolve_impl(self.impl) == 'cpu_fast':
+    if self.norm == 'instance' and layers.uses_fast_ops(self.impl):
       # XLA:CPU runs the unfused norm and activation as several passes over the volume.
       return InstanceNormAct(self.act, self.dtype, name='Norm_0')(x)
     x = Norm(self.norm, dtype=self.dtype)(x, train)

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from unet_ds.models import fast_ops
+from unet_ds.models import onednn
 
-IMPLS = ('auto', 'native', 'native_einsum_up', 'cpu_fast')
+IMPLS = ('auto', 'native', 'native_einsum_up', 'cpu_fast', 'onednn')
 
 # He-normal (kaiming_normal_, as PyTorch/MONAI): the blocks use (leaky) ReLU. Not truncated:
 # XLA:CPU takes seconds to compile each truncated-normal draw, which dominated init.
@@ -33,14 +34,26 @@ def resolve_impl(impl: str) -> str:
     H100, cuDNN's strided transposed conv made the bench_ref step 35 ms; this form, 9.5 ms.
   - 'cpu_fast': everything through `fast_ops` (XLA:CPU's 3D and input-dilated convolutions are
     slow; DESIGN.md §5).
+  - 'onednn': as 'cpu_fast', but float32 convolutions (forward and both gradients) run as
+    oneDNN primitives through XLA custom calls (`onednn`): ~2x faster kernel gradients.
 
-  'auto' is 'cpu_fast' on the CPU backend and 'native_einsum_up' on GPU/TPU.
+  'auto' is 'onednn' on the CPU backend when it can be built here and one device runs the
+  model (the custom call has no sharding rule), else 'cpu_fast'; 'native_einsum_up' on GPU/TPU.
   """
   if impl not in IMPLS:
     raise ValueError(f'conv_impl must be one of {IMPLS}, got {impl!r}')
   if impl == 'auto':
-    return 'cpu_fast' if jax.default_backend() == 'cpu' else 'native_einsum_up'
+    if jax.default_backend() != 'cpu':
+      return 'native_einsum_up'
+    return 'onednn' if jax.device_count() == 1 and onednn.available() else 'cpu_fast'
+  if impl == 'onednn' and not onednn.available():
+    raise ValueError(f'conv_impl=onednn is not available here: {onednn.unavailable_reason()}')
   return impl
+
+
+def uses_fast_ops(impl: str) -> bool:
+  """Whether `impl` (resolved) takes the CPU rewrites of `fast_ops` (pools, norms, upsampling)."""
+  return resolve_impl(impl) in ('cpu_fast', 'onednn')
 
 
 def dimension_numbers(ndim: int) -> tuple[str, str, str]:
@@ -54,7 +67,9 @@ def dimension_numbers(ndim: int) -> tuple[str, str, str]:
 def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], impl: str) -> jax.Array:
   """'SAME'-padded channels-last convolution, dispatched on `impl`."""
   impl = resolve_impl(impl)
-  if impl == 'cpu_fast':
+  if impl == 'onednn' and x.dtype == kernel.dtype == jnp.float32:
+    return onednn.conv(x, kernel, strides=tuple(strides), padding='SAME')
+  if impl in ('cpu_fast', 'onednn'):
     return fast_ops.conv(x, kernel, strides=tuple(strides), padding='SAME')
   return jax.lax.conv_general_dilated(
       x, kernel, tuple(strides), 'SAME',
@@ -66,7 +81,7 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   """'VALID' transposed convolution (kernel not flipped, as flax's default)."""
   impl = resolve_impl(impl)
   strides = tuple(strides)
-  if impl == 'cpu_fast' or (impl == 'native_einsum_up' and tuple(kernel.shape[:-2]) == strides):
+  if uses_fast_ops(impl) or (impl == 'native_einsum_up' and tuple(kernel.shape[:-2]) == strides):
     return fast_ops.conv_transpose(x, kernel, strides=strides)
   return jax.lax.conv_transpose(
       x, kernel, strides, 'VALID', dimension_numbers=dimension_numbers(x.ndim - 2))
@@ -74,9 +89,8 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 
 def max_pool(x: jax.Array, window: Sequence[int], impl: str) -> jax.Array:
   """Max pool with stride == window ('VALID'), as `nn.max_pool(x, window, strides=window)`."""
-  impl = resolve_impl(impl)
   window = tuple(window)
-  if impl == 'cpu_fast':
+  if uses_fast_ops(impl):
     return fast_ops.max_pool(x, window)
   return nn.max_pool(x, window, strides=window)
 
