@@ -244,8 +244,8 @@ def _hlo(fn, *args):
 
 
 @pytest.mark.parametrize('k_shape,strides,fast_impls', [
-    ((2, 2, 2, 3, 4), (2, 2, 2), ('native_einsum_up', 'cpu_fast')),  # k == s: einsum form
-    ((3, 3, 3, 3, 4), (2, 2, 2), ('cpu_fast',)),                      # k != s: sub-pixel on CPU
+    ((2, 2, 2, 3, 4), (2, 2, 2), ('native_einsum_up', 'cpu_fast', 'onednn')),  # k == s: einsum
+    ((3, 3, 3, 3, 4), (2, 2, 2), ('cpu_fast', 'onednn')),           # k != s: sub-pixel on CPU
 ])
 def test_layers_conv_transpose_dispatch(k_shape, strides, fast_impls):
   x = _normal((1, 3, 4, 5, 3))
@@ -267,9 +267,9 @@ def test_layers_max_pool_dispatch():
     y1, vjp1 = jax.vjp(lambda x, impl=impl: layers.max_pool(x, window, impl), x)
     np.testing.assert_array_equal(y1, y0)
     np.testing.assert_array_equal(vjp1(dy)[0], vjp0(dy)[0])
-    # cpu_fast reshapes and reduces; the others keep XLA's reduce-window.
+    # cpu_fast (and onednn) reshape and reduce; the others keep XLA's reduce-window.
     hlo = _hlo(lambda x, impl=impl: layers.max_pool(x, window, impl), x)
-    assert ('reduce_window' in hlo) == (impl != 'cpu_fast'), impl
+    assert ('reduce_window' in hlo) == (not layers.uses_fast_ops(impl)), impl
 
 
 def test_xla_cpu_flags_added_unless_user_set(monkeypatch):

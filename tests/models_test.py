@@ -162,7 +162,7 @@ def test_conv_impls_agree():
     return jax.jit(jax.value_and_grad(loss))(params)
 
   expected = loss_and_grads('native')
-  for impl in ('native_einsum_up', 'cpu_fast'):
+  for impl in ('native_einsum_up', 'cpu_fast', 'onednn'):
     got = loss_and_grads(impl)
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
       scale = max(float(jnp.abs(a).max()), 1e-6)

@@ -1,0 +1,157 @@
+"""oneDNN convolutions (conv_impl=onednn) equal the native ops: values and gradients, 2D/3D."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from unet_ds import config_lib
+from unet_ds import sharding
+from unet_ds import train
+from unet_ds.models import layers
+from unet_ds.models import onednn
+
+
+def _native(strides, padding):
+  return lambda x, k: lax.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=layers.dimension_numbers(x.ndim - 2))
+
+
+def _values_and_grads(op, x, k, dy):
+  y, vjp = jax.vjp(op, x, k)
+  return (y,) + vjp(dy)
+
+
+def test_builds_and_registers_here():
+  # requirements.txt installs oneDNN and the machine has g++: CI must exercise the real path.
+  assert onednn.available(), onednn.unavailable_reason()
+  assert os.path.exists(onednn.cache_dir())
+
+
+@pytest.mark.parametrize('x_shape,k_shape,strides,padding', [
+    ((2, 8, 8, 8, 3), (3, 3, 3, 3, 4), (1, 1, 1), 'SAME'),
+    ((1, 9, 7, 6, 2), (3, 3, 3, 2, 5), (2, 2, 2), 'SAME'),     # odd sizes, stride 2
+    ((2, 8, 6, 8, 4), (3, 1, 3, 4, 3), (1, 2, 1), 'SAME'),     # anisotropic kernel and stride
+    ((1, 7, 8, 9, 3), (3, 3, 3, 3, 2), (1, 1, 1), 'VALID'),
+    ((2, 6, 6, 6, 1), (3, 3, 3, 1, 16), (1, 1, 1), 'SAME'),    # one input channel (the image)
+    ((2, 4, 4, 4, 8), (1, 1, 1, 8, 3), (1, 1, 1), 'SAME'),     # 1x1x1 head
+    ((3, 10, 12, 3), (3, 3, 3, 4), (1, 1), 'SAME'),            # 2D
+    ((2, 11, 9, 2), (3, 3, 2, 3), (2, 2), 'SAME'),             # 2D, odd, stride 2
+])
+def test_conv_equals_native(x_shape, k_shape, strides, padding):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+  native = _native(strides, padding)
+  out = jax.eval_shape(native, x, k)
+  dy = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+  fast = functools.partial(onednn.conv, strides=strides, padding=padding)
+  expected = jax.jit(functools.partial(_values_and_grads, native))(x, k, dy)
+  got = jax.jit(functools.partial(_values_and_grads, fast))(x, k, dy)
+  for name, a, b in zip(('y', 'dx', 'dk'), expected, got):
+    assert b.shape == a.shape and b.dtype == a.dtype, name
+    scale = float(jnp.abs(a).max())
+    np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, atol=2e-6,
+                               err_msg=name)
+
+
+def test_vmap_runs_each_element():
+  # Multi-run training vmaps the model over runs: kernels and inputs both mapped.
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 6, 2)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 2, 4)), jnp.float32)
+  fast = functools.partial(onednn.conv, strides=(1, 1, 1))
+  got = jax.jit(jax.vmap(jax.grad(lambda x, k: jnp.sum(fast(x, k) ** 2), argnums=(0, 1))))(x, k)
+  native = _native((1, 1, 1), 'SAME')
+  for i in range(3):
+    want = jax.grad(lambda x, k: jnp.sum(native(x, k) ** 2), argnums=(0, 1))(x[i], k[i])
+    for a, b in zip(want, got):
+      np.testing.assert_allclose(b[i], a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('x_shape,k_shape,strides,dtype,match', [
+    ((1, 4, 4, 4, 2), (3, 3, 3, 3, 4), (1, 1, 1), jnp.float32, r'kernel \(3, 3, 3, 3, 4\)'),
+    ((1, 4, 4, 4, 2), (3, 3, 3, 2, 4), (1, 1), jnp.float32, 'one positive stride'),
+    ((1, 4, 4, 4, 2), (3, 3, 3, 2, 4), (1, 1, 1), jnp.bfloat16, 'float32 only'),
+    ((1, 4, 4, 2), (5, 5, 2, 4), (1, 1), jnp.float32, 'larger than the padded input'),
+])
+def test_bad_input_is_an_error_naming_the_shape(x_shape, k_shape, strides, dtype, match):
+  x, k = jnp.zeros(x_shape, dtype), jnp.zeros(k_shape, dtype)
+  padding = 'VALID' if 'larger' in match else 'SAME'
+  with pytest.raises(ValueError, match=match):
+    onednn.conv(x, k, strides=strides, padding=padding)
+
+
+def test_layers_route_float32_convs_to_onednn_only():
+  x = jnp.ones((1, 4, 4, 4, 2))
+  k = jnp.ones((3, 3, 3, 2, 3))
+  hlo = jax.jit(lambda x, k: layers.conv(x, k, (1, 1, 1), 'onednn')).lower(x, k).as_text()
+  assert 'unet_ds_onednn_conv_fwd' in hlo
+  # bfloat16 compute goes through fast_ops (oneDNN shim is float32 only).
+  xb, kb = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+  hlo = jax.jit(lambda x, k: layers.conv(x, k, (1, 1, 1), 'onednn')).lower(xb, kb).as_text()
+  assert 'unet_ds_onednn' not in hlo
+  np.testing.assert_allclose(layers.conv(x, k, (1, 1, 1), 'onednn'),
+                             layers.conv(x, k, (1, 1, 1), 'native'), rtol=1e-6)
+  assert layers.uses_fast_ops('onednn') and not layers.uses_fast_ops('native')
+
+
+def test_auto_picks_onednn_on_one_cpu_device_only(monkeypatch):
+  if jax.default_backend() != 'cpu':
+    pytest.skip('auto resolves to native_einsum_up off CPU')
+  assert layers.resolve_impl('auto') == 'cpu_fast'  # conftest simulates 4 devices
+  monkeypatch.setattr(jax, 'device_count', lambda: 1)
+  assert layers.resolve_impl('auto') == 'onednn'
+  monkeypatch.setattr(onednn, '_load', lambda: (False, 'RuntimeError: no g++'))
+  assert layers.resolve_impl('auto') == 'cpu_fast'
+  with pytest.raises(ValueError, match='conv_impl=onednn is not available here: .*no g\\+\\+'):
+    layers.resolve_impl('onednn')
+
+
+def test_failed_build_names_the_command_and_keeps_no_partial_library(tmp_path, monkeypatch):
+  monkeypatch.setenv('UNET_DS_CACHE_DIR', str(tmp_path))
+  monkeypatch.setenv('CXX', 'false')  # a "compiler" that always fails
+  with pytest.raises(RuntimeError, match=r'building .*onednn_conv\.cc failed \(false '):
+    onednn._build()
+  leftovers = [f for _, _, files in os.walk(tmp_path) for f in files]
+  assert leftovers == []
+
+
+def test_disabled_by_environment_in_a_fresh_process():
+  code = ('from unet_ds.models import layers, onednn; import jax; '
+          'print(jax.device_count(), onednn.available(), layers.resolve_impl("auto"), '
+          'onednn.unavailable_reason())')
+  env = dict(os.environ, UNET_DS_DISABLE_ONEDNN='1', XLA_FLAGS='')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                       check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+  assert out.split()[:3] == ['1', 'False', 'cpu_fast'], out
+  assert 'UNET_DS_DISABLE_ONEDNN' in out
+
+
+def test_training_with_onednn_matches_cpu_fast_and_loss_falls(data_dir):
+  def run(impl, steps):
+    c = config_lib.apply_args(config_lib.base_config(3), 'ds=deep,smoke')
+    c.data.data_dir = data_dir
+    c.mesh.data = 1
+    c.model.conv_impl = impl
+    c.optim.update(lr=1e-2, schedule='constant', warmup_steps=0)
+    exp = train.Experiment.build(c, '/tmp/unused')
+    state = exp.init_state()
+    batch = sharding.shard_batch(exp.mesh, next(iter(exp.train_loader())))
+    step = exp.jit_train_step()
+    losses = []
+    for _ in range(steps):
+      state, m = step(state, batch)
+      losses.append(float(m['loss']))
+    return losses
+
+  losses = run('onednn', 20)
+  assert losses[-1] < 0.7 * losses[0], losses
+  ref = run('cpu_fast', 3)
+  np.testing.assert_allclose(losses[:3], ref, rtol=1e-4)
