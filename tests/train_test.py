@@ -46,7 +46,9 @@ def test_one_step_train_and_evaluate_every_mode(tmp_path, data_dir, ndim, mode):
   assert ev['step'] == 1 and len(ev['final']['dice']) == 3
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['model']['ds']['mode'] == mode
-  assert json.loads((tmp_path / 'summary.json').read_text())['step'] == 1
+  saved_summary = json.loads((tmp_path / 'summary.json').read_text())
+  assert saved_summary['step'] == 1
+  assert saved_summary['conv_impl'] == 'cpu_fast'  # 'auto' with conftest's 4 CPU devices
 
 
 def test_loss_falls_when_overfitting_one_batch(data_dir):

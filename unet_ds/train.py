@@ -32,6 +32,7 @@ from unet_ds import optim
 from unet_ds import sharding
 from unet_ds.data import datasets
 from unet_ds.data import pipeline
+from unet_ds.models import layers
 
 
 @flax.struct.dataclass
@@ -257,7 +258,8 @@ def summary_record(last_eval: dict[str, Any], config: ml_collections.ConfigDict,
   """`summary.json`: the last eval plus the run's facts."""
   return {**last_eval, 'train_seconds': train_seconds, 'num_params': num_params,
           'ds_mode': config.model.ds.mode, 'backend': jax.default_backend(),
-          'devices': jax.device_count()}
+          'devices': jax.device_count(),
+          'conv_impl': layers.resolve_impl(config.model.conv_impl)}
 
 
 def run_loop(config: ml_collections.ConfigDict, state: Any, start: int, *,
