@@ -155,3 +155,30 @@ def test_training_with_onednn_matches_cpu_fast_and_loss_falls(data_dir):
   assert losses[-1] < 0.7 * losses[0], losses
   ref = run('cpu_fast', 3)
   np.testing.assert_allclose(losses[:3], ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize('x_shape,k_shape', [
+    ((2, 4, 5, 3, 6), (2, 2, 2, 6, 3)),
+    ((1, 3, 4, 4, 8), (2, 1, 2, 8, 5)),   # anisotropic: no upsampling along H
+    ((3, 5, 6, 4), (2, 2, 4, 7)),         # 2D
+])
+def test_conv_transpose_equals_native(x_shape, k_shape):
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
+  strides = k_shape[:-2]
+  native = lambda x, k: lax.conv_transpose(
+      x, k, strides, 'VALID', dimension_numbers=layers.dimension_numbers(x.ndim - 2))
+  dy = jnp.asarray(rng.standard_normal(jax.eval_shape(native, x, k).shape), jnp.float32)
+  fast = functools.partial(onednn.conv_transpose, strides=strides)
+  expected = jax.jit(functools.partial(_values_and_grads, native))(x, k, dy)
+  got = jax.jit(functools.partial(_values_and_grads, fast))(x, k, dy)
+  for name, a, b in zip(('y', 'dx', 'dk'), expected, got):
+    assert b.shape == a.shape, name
+    scale = float(jnp.abs(a).max())
+    np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, atol=2e-6,
+                               err_msg=name)
+  hlo = jax.jit(lambda x, k: layers.conv_transpose(x, k, strides, 'onednn')).lower(x, k).as_text()
+  assert 'unet_ds_onednn_conv_bwd_data' in hlo
+  with pytest.raises(ValueError, match='k == strides'):
+    onednn.conv_transpose(x, k, strides=(3,) * len(strides))

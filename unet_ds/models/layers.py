@@ -34,8 +34,9 @@ def resolve_impl(impl: str) -> str:
     H100, cuDNN's strided transposed conv made the bench_ref step 35 ms; this form, 9.5 ms.
   - 'cpu_fast': everything through `fast_ops` (XLA:CPU's 3D and input-dilated convolutions are
     slow; DESIGN.md §5).
-  - 'onednn': as 'cpu_fast', but float32 convolutions (forward and both gradients) run as
-    oneDNN primitives through XLA custom calls (`onednn`): ~2x faster kernel gradients.
+  - 'onednn': as 'cpu_fast', but float32 convolutions and kernel == stride transposed
+    convolutions (forward and both gradients) run as oneDNN primitives through XLA custom
+    calls (`onednn`): ~2x faster kernel gradients than `fast_ops`.
 
   'auto' is 'onednn' on the CPU backend when it can be built here and one device runs the
   model (the custom call has no sharding rule), else 'cpu_fast'; 'native_einsum_up' on GPU/TPU.
@@ -81,6 +82,9 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
   """'VALID' transposed convolution (kernel not flipped, as flax's default)."""
   impl = resolve_impl(impl)
   strides = tuple(strides)
+  if (impl == 'onednn' and tuple(kernel.shape[:-2]) == strides
+      and x.dtype == kernel.dtype == jnp.float32):
+    return onednn.conv_transpose(x, kernel, strides=strides)
   if uses_fast_ops(impl) or (impl == 'native_einsum_up' and tuple(kernel.shape[:-2]) == strides):
     return fast_ops.conv_transpose(x, kernel, strides=strides)
   return jax.lax.conv_transpose(

@@ -194,3 +194,60 @@ def _conv_bwd(strides, pads, res, dy):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_transpose(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int]) -> jax.Array:
+  """Transposed conv with kernel == stride, equal to `fast_ops.conv_transpose` up to rounding.
+
+  That is flax `ConvTranspose(padding='VALID')`'s op, `y[i * s + t] = x[i] @ kernel[k - 1 - t]`
+  (output size `in * s`): the input gradient of a stride-s VALID conv whose kernel is `kernel`
+  flipped in space with C_in and C_out swapped, so the same three primitives serve it (the
+  forward is oneDNN's backward-data, its gradients the forward and backward-weights).
+
+  Args:
+    x: [N, *spatial, C_in] float32.
+    kernel: [*k, C_in, C_out] float32 with k == strides.
+    strides: one stride per spatial dim.
+
+  Returns:
+    [N, *(spatial * strides), C_out] float32.
+  """
+  if not available():
+    raise RuntimeError(f'conv_impl=onednn is not available here: {unavailable_reason()}')
+  strides = tuple(int(s) for s in strides)
+  if (x.ndim not in (4, 5) or kernel.ndim != x.ndim or kernel.shape[-2] != x.shape[-1]
+      or tuple(kernel.shape[:-2]) != strides):
+    raise ValueError(f'onednn.conv_transpose: need x [N, *spatial, C], kernel [*k, C, O] with '
+                     f'k == strides; got x {x.shape}, kernel {kernel.shape}, strides {strides}')
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    raise ValueError(f'onednn.conv_transpose: float32 only, got x {x.dtype}, '
+                     f'kernel {kernel.dtype}')
+  rank = x.ndim - 2
+  adjoint = jnp.swapaxes(kernel[(slice(None, None, -1),) * rank], -1, -2)
+  return _upsample(x, adjoint, strides)
+
+
+def _up_shape(x_shape, k_shape, strides):
+  return (x_shape[0],) + tuple(n * s for n, s in zip(x_shape[1:-1], strides)) + (k_shape[-2],)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _upsample(x, adjoint, strides):
+  pads = ((0, 0),) * len(strides)
+  return _call('unet_ds_onednn_conv_bwd_data', _up_shape(x.shape, adjoint.shape, strides),
+               x, adjoint, strides, pads)
+
+
+def _upsample_fwd(x, adjoint, strides):
+  return _upsample(x, adjoint, strides), (x, adjoint)
+
+
+def _upsample_bwd(strides, res, dy):
+  x, adjoint = res
+  pads = ((0, 0),) * len(strides)
+  dx = _call('unet_ds_onednn_conv_fwd', x.shape, dy, adjoint, strides, pads)
+  dadjoint = _call('unet_ds_onednn_conv_bwd_weights', adjoint.shape, dy, x, strides, pads)
+  return dx, dadjoint
+
+
+_upsample.defvjp(_upsample_fwd, _upsample_bwd)
