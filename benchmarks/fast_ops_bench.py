@@ -1,8 +1,9 @@
-"""Micro-benchmark: `unet_ds.models.fast_ops` vs the native XLA ops, per U-Net-sized op.
+"""Micro-benchmark: `fast_ops` and `onednn` vs the native XLA ops, per U-Net-sized op.
 
 Times forward and forward+backward (grads w.r.t. input and kernel) of each op, interleaving the
 implementations so that load from other processes hits them alike; prints the min over repeats
-(wall and process CPU time) and the speed-up. CPU time is the steadier figure on a shared machine.
+(wall and process CPU time) and the speed-ups over native. CPU time is the steadier figure on a
+shared machine. `onednn` is timed where it applies (float32; transposed convs with k == s).
 
   python benchmarks/fast_ops_bench.py [--repeats=3] [--only=conv3x3] [--skip_native_slow]
 """
@@ -18,6 +19,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from unet_ds.models import fast_ops
+from unet_ds.models import onednn
 
 # name, kind, x shape, kernel shape, strides: the ops of a 4-level 16-128 filter U-Net, batch 2.
 CASES = (
@@ -48,7 +50,12 @@ def _ops(kind, strides):
     native = lambda x, k: lax.conv_transpose(x, k, strides, 'VALID',
                                              dimension_numbers=_dn(x.ndim - 2))
     fast = lambda x, k: fast_ops.conv_transpose(x, k, strides=strides)
-  return {'native': native, 'fast': fast}
+  ops = {'native': native, 'fast': fast}
+  if onednn.available():
+    ops['onednn'] = ((lambda x, k: onednn.conv(x, k, strides=strides, padding='SAME'))
+                     if kind == 'conv' else
+                     (lambda x, k: onednn.conv_transpose(x, k, strides=strides)))
+  return ops
 
 
 def _timed(fn, *args):
@@ -89,8 +96,10 @@ def main():
       row[f'{n}_ms'] = round(w * 1e3, 1)
       row[f'{n}_cpu_ms'] = round(c * 1e3, 1)
     for part in ('fwd', 'grad'):
-      if f'native_{part}' in best:
-        row[f'speedup_{part}'] = round(best[f'native_{part}'][1] / best[f'fast_{part}'][1], 2)
+      for impl in ('fast', 'onednn'):
+        if f'native_{part}' in best and f'{impl}_{part}' in best:
+          row[f'speedup_{impl}_{part}'] = round(
+              best[f'native_{part}'][1] / best[f'{impl}_{part}'][1], 2)
     print(json.dumps(row), flush=True)
 
 
