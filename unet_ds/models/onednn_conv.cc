@@ -51,12 +51,16 @@ memory::dims KernelDims(ffi::Span<const int64_t> d) {
   return out;
 }
 
-// One primitive with its reorders: plain user buffers in, the primitive's layouts inside.
+// One buffer of a call: its plain layout in XLA, the primitive's layout, its argument slot.
+struct Operand {
+  memory::desc user, want;
+  int arg;
+};
+
+// One primitive with its two inputs and one output.
 struct Step {
   dnnl::primitive prim;
-  memory::desc in0_user, in1_user, out_user;   // plain layouts of the XLA buffers
-  memory::desc in0, in1, out;                  // the primitive's layouts
-  int in0_arg, in1_arg, out_arg;
+  Operand in0, in1, out;
 };
 
 struct Problem {
@@ -92,24 +96,21 @@ Step Build(const Problem& p) {
       p.hi);
   Step s;
   if (p.kind == kForward) {
-    s.prim = dnnl::convolution_forward(fwd);
-    s.in0_user = src_user; s.in0 = fwd.src_desc(); s.in0_arg = DNNL_ARG_SRC;
-    s.in1_user = wei_user; s.in1 = fwd.weights_desc(); s.in1_arg = DNNL_ARG_WEIGHTS;
-    s.out_user = dst_user; s.out = fwd.dst_desc(); s.out_arg = DNNL_ARG_DST;
+    s = {dnnl::convolution_forward(fwd), {src_user, fwd.src_desc(), DNNL_ARG_SRC},
+         {wei_user, fwd.weights_desc(), DNNL_ARG_WEIGHTS}, {dst_user, fwd.dst_desc(), DNNL_ARG_DST}};
   } else if (p.kind == kBackwardData) {
     auto bwd = dnnl::convolution_backward_data::primitive_desc(
         eng, alg, src_md, wei_md, dst_md, p.strides, p.lo, p.hi, fwd);
-    s.prim = dnnl::convolution_backward_data(bwd);
-    s.in0_user = dst_user; s.in0 = bwd.diff_dst_desc(); s.in0_arg = DNNL_ARG_DIFF_DST;
-    s.in1_user = wei_user; s.in1 = bwd.weights_desc(); s.in1_arg = DNNL_ARG_WEIGHTS;
-    s.out_user = src_user; s.out = bwd.diff_src_desc(); s.out_arg = DNNL_ARG_DIFF_SRC;
+    s = {dnnl::convolution_backward_data(bwd),
+         {dst_user, bwd.diff_dst_desc(), DNNL_ARG_DIFF_DST},
+         {wei_user, bwd.weights_desc(), DNNL_ARG_WEIGHTS},
+         {src_user, bwd.diff_src_desc(), DNNL_ARG_DIFF_SRC}};
   } else {
     auto bwd = dnnl::convolution_backward_weights::primitive_desc(
         eng, alg, src_md, wei_md, dst_md, p.strides, p.lo, p.hi, fwd);
-    s.prim = dnnl::convolution_backward_weights(bwd);
-    s.in0_user = src_user; s.in0 = bwd.src_desc(); s.in0_arg = DNNL_ARG_SRC;
-    s.in1_user = dst_user; s.in1 = bwd.diff_dst_desc(); s.in1_arg = DNNL_ARG_DIFF_DST;
-    s.out_user = wei_user; s.out = bwd.diff_weights_desc(); s.out_arg = DNNL_ARG_DIFF_WEIGHTS;
+    s = {dnnl::convolution_backward_weights(bwd), {src_user, bwd.src_desc(), DNNL_ARG_SRC},
+         {dst_user, bwd.diff_dst_desc(), DNNL_ARG_DIFF_DST},
+         {wei_user, bwd.diff_weights_desc(), DNNL_ARG_DIFF_WEIGHTS}};
   }
   return s;
 }
@@ -118,18 +119,18 @@ Step Build(const Problem& p) {
 void Run(const Step& s, void* in0, void* in1, void* out) {
   auto& eng = Engine();
   dnnl::stream stream(eng);
-  memory in0_user(s.in0_user, eng, in0), in1_user(s.in1_user, eng, in1);
-  memory out_user(s.out_user, eng, out);
-  auto prepare = [&](memory& user, const memory::desc& want) {
-    if (want == user.get_desc()) return user;
-    memory m(want, eng);
+  auto input = [&](const Operand& op, void* data) {
+    memory user(op.user, eng, data);
+    if (op.want == op.user) return user;
+    memory m(op.want, eng);
     dnnl::reorder(user, m).execute(stream, user, m);
     return m;
   };
-  memory a = prepare(in0_user, s.in0), b = prepare(in1_user, s.in1);
-  memory o = s.out == s.out_user ? out_user : memory(s.out, eng);
-  s.prim.execute(stream, {{s.in0_arg, a}, {s.in1_arg, b}, {s.out_arg, o}});
-  if (!(s.out == s.out_user)) dnnl::reorder(o, out_user).execute(stream, o, out_user);
+  memory a = input(s.in0, in0), b = input(s.in1, in1);
+  memory out_user(s.out.user, eng, out);
+  memory o = s.out.want == s.out.user ? out_user : memory(s.out.want, eng);
+  s.prim.execute(stream, {{s.in0.arg, a}, {s.in1.arg, b}, {s.out.arg, o}});
+  if (!(s.out.want == s.out.user)) dnnl::reorder(o, out_user).execute(stream, o, out_user);
   stream.wait();
 }
 
