@@ -126,6 +126,14 @@ def unavailable_reason() -> str:
   return _load()[1]
 
 
+def _require_float32(x: jax.Array, kernel: jax.Array, op: str) -> None:
+  """The checks every entry point makes first: the shim is built, and the dtypes it takes."""
+  if not available():
+    raise RuntimeError(f'conv_impl=onednn is not available here: {unavailable_reason()}')
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    raise ValueError(f'onednn.{op}: float32 only, got x {x.dtype}, kernel {kernel.dtype}')
+
+
 def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
          padding: str = 'SAME') -> jax.Array:
   """Channels-last float32 convolution, equal to `lax.conv_general_dilated` up to rounding.
@@ -139,8 +147,7 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   Returns:
     [N, *out_spatial, C_out] float32.
   """
-  if not available():
-    raise RuntimeError(f'conv_impl=onednn is not available here: {unavailable_reason()}')
+  _require_float32(x, kernel, 'conv')
   strides = tuple(int(s) for s in strides)
   if x.ndim not in (4, 5) or kernel.ndim != x.ndim or kernel.shape[-2] != x.shape[-1]:
     raise ValueError(f'onednn.conv: need x [N, *spatial, C] with 2 or 3 spatial dims and kernel '
@@ -148,8 +155,6 @@ def conv(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int],
   if len(strides) != x.ndim - 2 or min(strides) < 1:
     raise ValueError(f'onednn.conv: need one positive stride per spatial dim of x {x.shape}, '
                      f'got {strides}')
-  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-    raise ValueError(f'onednn.conv: float32 only, got x {x.dtype}, kernel {kernel.dtype}')
   if padding not in ('SAME', 'VALID'):
     raise ValueError(f"onednn.conv: padding must be 'SAME' or 'VALID', got {padding!r}")
   pads = tuple(lax.padtype_to_pads(x.shape[1:-1], kernel.shape[:-2], strides, padding))
@@ -212,16 +217,12 @@ def conv_transpose(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int]) -
   Returns:
     [N, *(spatial * strides), C_out] float32.
   """
-  if not available():
-    raise RuntimeError(f'conv_impl=onednn is not available here: {unavailable_reason()}')
+  _require_float32(x, kernel, 'conv_transpose')
   strides = tuple(int(s) for s in strides)
   if (x.ndim not in (4, 5) or kernel.ndim != x.ndim or kernel.shape[-2] != x.shape[-1]
       or tuple(kernel.shape[:-2]) != strides):
     raise ValueError(f'onednn.conv_transpose: need x [N, *spatial, C], kernel [*k, C, O] with '
                      f'k == strides; got x {x.shape}, kernel {kernel.shape}, strides {strides}')
-  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-    raise ValueError(f'onednn.conv_transpose: float32 only, got x {x.dtype}, '
-                     f'kernel {kernel.dtype}')
   rank = x.ndim - 2
   adjoint = jnp.swapaxes(kernel[(slice(None, None, -1),) * rank], -1, -2)
   return _upsample(x, adjoint, strides)
