@@ -70,7 +70,7 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int], impl: str) -> 
   impl = resolve_impl(impl)
   if impl == 'onednn' and x.dtype == kernel.dtype == jnp.float32:
     return onednn.conv(x, kernel, strides=tuple(strides), padding='SAME')
-  if impl in ('cpu_fast', 'onednn'):
+  if uses_fast_ops(impl):
     return fast_ops.conv(x, kernel, strides=tuple(strides), padding='SAME')
   return jax.lax.conv_general_dilated(
       x, kernel, tuple(strides), 'SAME',

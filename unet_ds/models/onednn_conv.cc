@@ -85,31 +85,28 @@ Step Build(const Problem& p) {
   // Activations stay channels-last (oneDNN's brgemm kernels run "nspc" directly: no reorder of
   // the volume, ~1.4x faster than blocked layouts plus reorders here); kernels are tiny, so
   // they may be reordered to whatever the primitive prefers.
-  memory::desc src_md(p.src, f32, ActivationTag(p.rank)), wei_md(p.wei, f32, any);
-  memory::desc dst_md(p.dst, f32, ActivationTag(p.rank));
-  memory::desc src_user(p.src, f32, ActivationTag(p.rank));
-  memory::desc wei_user(p.wei, f32, KernelTag(p.rank));
-  memory::desc dst_user(p.dst, f32, ActivationTag(p.rank));
+  memory::desc src(p.src, f32, ActivationTag(p.rank)), dst(p.dst, f32, ActivationTag(p.rank));
+  memory::desc wei_md(p.wei, f32, any), wei_user(p.wei, f32, KernelTag(p.rank));
   auto alg = dnnl::algorithm::convolution_direct;
   auto fwd = dnnl::convolution_forward::primitive_desc(
-      eng, dnnl::prop_kind::forward_training, alg, src_md, wei_md, dst_md, p.strides, p.lo,
+      eng, dnnl::prop_kind::forward_training, alg, src, wei_md, dst, p.strides, p.lo,
       p.hi);
   Step s;
   if (p.kind == kForward) {
-    s = {dnnl::convolution_forward(fwd), {src_user, fwd.src_desc(), DNNL_ARG_SRC},
-         {wei_user, fwd.weights_desc(), DNNL_ARG_WEIGHTS}, {dst_user, fwd.dst_desc(), DNNL_ARG_DST}};
+    s = {dnnl::convolution_forward(fwd), {src, fwd.src_desc(), DNNL_ARG_SRC},
+         {wei_user, fwd.weights_desc(), DNNL_ARG_WEIGHTS}, {dst, fwd.dst_desc(), DNNL_ARG_DST}};
   } else if (p.kind == kBackwardData) {
     auto bwd = dnnl::convolution_backward_data::primitive_desc(
-        eng, alg, src_md, wei_md, dst_md, p.strides, p.lo, p.hi, fwd);
+        eng, alg, src, wei_md, dst, p.strides, p.lo, p.hi, fwd);
     s = {dnnl::convolution_backward_data(bwd),
-         {dst_user, bwd.diff_dst_desc(), DNNL_ARG_DIFF_DST},
+         {dst, bwd.diff_dst_desc(), DNNL_ARG_DIFF_DST},
          {wei_user, bwd.weights_desc(), DNNL_ARG_WEIGHTS},
-         {src_user, bwd.diff_src_desc(), DNNL_ARG_DIFF_SRC}};
+         {src, bwd.diff_src_desc(), DNNL_ARG_DIFF_SRC}};
   } else {
     auto bwd = dnnl::convolution_backward_weights::primitive_desc(
-        eng, alg, src_md, wei_md, dst_md, p.strides, p.lo, p.hi, fwd);
-    s = {dnnl::convolution_backward_weights(bwd), {src_user, bwd.src_desc(), DNNL_ARG_SRC},
-         {dst_user, bwd.diff_dst_desc(), DNNL_ARG_DIFF_DST},
+        eng, alg, src, wei_md, dst, p.strides, p.lo, p.hi, fwd);
+    s = {dnnl::convolution_backward_weights(bwd), {src, bwd.src_desc(), DNNL_ARG_SRC},
+         {dst, bwd.diff_dst_desc(), DNNL_ARG_DIFF_DST},
          {wei_user, bwd.diff_weights_desc(), DNNL_ARG_DIFF_WEIGHTS}};
   }
   return s;
