@@ -8,10 +8,16 @@ The task folder is required, as the `path=` arg:
       --config=configs/ablation_hippocampus.py:path=/data/Task04_Hippocampus --root=runs/hip_ablation
   python -m experiments.report runs/hip_ablation
 
+Cross-validated (nnU-Net's 5 folds, one seed each: 20 runs):
+
+  python -m experiments.launch --config=configs/ablation_hippocampus.py:path=DIR,folds=5,seeds=1 \
+      --root=runs/hip_cv
+
 The seed varies the initialisation and the patch order; the train/validation split stays fixed
-(`data.seed`, or `fold=N`), so seeds pair across variants. Args (comma-separated): `path=DIR`,
-`weights`, `seeds=N`, `steps=N`, `side` (see `experiments.ablation`) and those of msd.py
-(`fold=N`, `classes=K`, `channels=C`, `smoke`).
+(`data.seed`, or `fold=N`), so seeds pair across variants; with `folds=K` each (form, seed) runs
+on every fold and the report pairs runs by (fold, seed). Args (comma-separated): `path=DIR`,
+`weights`, `seeds=N`, `folds=K`, `steps=N`, `side` (see `experiments.ablation`) and those of
+msd.py (`fold=N`, `classes=K`, `channels=C`, `smoke`).
 """
 
 from configs import msd

@@ -7,6 +7,9 @@ An ablation config file starts from a base config file (e.g. `configs/default.py
     weights  the DS weight sweep instead of the DS forms: `deep` with loss.ds_weights
              exp / nnunet / same x loss.ds_schedule constant / linear, plus the `none` baseline;
     seeds=N  seeds per variant (default 3; 2 with smoke, 1 with weights,smoke);
+    folds=K  K-fold cross-validation (real-data configs only): `data.num_folds=K` and a
+             `data.fold` axis 0..K-1 beside the seed axis (nnU-Net's protocol is folds=5); the
+             report pairs variants by (fold, seed) and shows each fold;
     steps=N  training steps (default: the base's; evals every steps/6);
     side     `additive` / `hypercolumn` heads also get side losses (off by default: those forms
              train through the fused output only).
@@ -14,7 +17,8 @@ An ablation config file starts from a base config file (e.g. `configs/default.py
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable, Sequence
 
 import ml_collections
 
@@ -24,7 +28,8 @@ from unet_ds import config_lib
 MODES = ('none', 'deep', 'additive', 'hypercolumn')
 WEIGHT_SCHEMES = ('exp', 'nnunet', 'same')
 WEIGHT_SCHEDULES = ('constant', 'linear')
-ARGS = ('weights', 'seeds', 'steps', 'side')
+ARGS = ('weights', 'seeds', 'folds', 'steps', 'side')
+FOLD_KEY = 'data.fold'
 
 
 def split_arg(arg: str | None, own: tuple[str, ...] = ARGS
@@ -45,15 +50,65 @@ def configure(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
     c.train.eval_every = max(1, c.train.steps // 6)  # enough evals for steps-to-target
     c.train.checkpoint_every = max(1, c.train.steps // 3)
   c.loss.side_losses = bool(mine.get('side', False))
+  if 'folds' in mine:
+    if 'fold' in parsed:
+      raise ValueError(f'ablation args fold={parsed["fold"]} and folds={mine["folds"]}: give one '
+                       '(folds=K sweeps every fold)')
+    if 'num_folds' not in c.data:
+      raise ValueError(f'ablation arg folds={mine["folds"]}: this config has no data.num_folds '
+                       '(cross-validation needs a real-data config, e.g. '
+                       'configs/ablation_hippocampus.py)')
+    c.data.num_folds = num_folds(mine)
+    c.data.val_cases = ''  # an explicit held-out list would override the folds
   return c
 
 
-def sweep_points(arg: str | None) -> list[sweep.Point]:
-  """The DS-form ablation (or with `weights`, the DS weight sweep) for a config-file arg."""
+def num_folds(mine: dict[str, Any]) -> int:
+  """The `folds=K` arg as an int >= 2 (0 without it)."""
+  if 'folds' not in mine:
+    return 0
+  try:
+    k = int(mine['folds'])
+  except (TypeError, ValueError):
+    k = 0
+  if k < 2:
+    raise ValueError(f'ablation arg folds={mine["folds"]}: need an integer >= 2')
+  return k
+
+
+def fold_axis(k: int) -> list[sweep.Point]:
+  """The folds of K-fold cross-validation as a sweep axis (`data.fold` 0..K-1)."""
+  return sweep.axis(FOLD_KEY, range(k))
+
+
+def block_fold_axis(case_ids: Sequence[str], k: int) -> list[sweep.Point]:
+  """K folds of consecutive cases (`data.fold` k with `data.val_cases` its block).
+
+  For slices of one stack (ISBI's 30 EM sections), where neighbours look alike and a random
+  fold would validate on near-copies of training slices. Ids that are all integers are ordered
+  numerically ('2' before '10').
+  """
+  ids = sorted(set(case_ids), key=lambda i: (int(i), i) if i.isdigit() else (math.inf, i))
+  if not 2 <= k <= len(ids):
+    raise ValueError(f'folds={k}: need 2 <= folds <= number of cases ({len(ids)})')
+  blocks = [','.join(b) for b in (ids[len(ids) * f // k:len(ids) * (f + 1) // k] for f in range(k))]
+  return sweep.zip_axes(fold_axis(k), sweep.axis('data.val_cases', blocks))
+
+
+def sweep_points(arg: str | None,
+                 folds: Callable[[int], list[sweep.Point]] = fold_axis) -> list[sweep.Point]:
+  """The DS-form ablation (or with `weights`, the DS weight sweep) for a config-file arg.
+
+  With `folds=K`, every (form, seed) point runs on each fold; `folds(K)` gives the fold axis (a
+  config may pass one that also sets its own held-out cases per fold).
+  """
   mine, parsed, _ = split_arg(arg)
   smoke = bool(parsed.get('smoke'))
   default_seeds = (1 if 'weights' in mine else 2) if smoke else 3
   seeds = sweep.axis('seed', range(int(mine.get('seeds', default_seeds))))
+  k = num_folds(mine)
+  if k:
+    seeds = sweep.product(folds(k), seeds)
   if 'weights' in mine:
     if smoke:  # two weightings that exercise both the scheme and the schedule
       weights = sweep.zip_axes(sweep.axis('loss.ds_weights', ['exp', 'same']),
@@ -66,5 +121,6 @@ def sweep_points(arg: str | None) -> list[sweep.Point]:
         sweep.product(sweep.axis('model.ds.mode', ['deep']), weights, seeds))
   modes = ('none', 'deep') if smoke else MODES
   points = sweep.product(sweep.axis('model.ds.mode', modes), seeds)
-  # Seed-major order: a partly run ablation already holds every form at the first seeds.
-  return sorted(points, key=lambda p: p['seed'])
+  # Seed-major, then fold order: a partly run ablation already holds every form at the first
+  # seeds (and folds).
+  return sorted(points, key=lambda p: (p['seed'], p.get(FOLD_KEY, 0)))

@@ -9,14 +9,19 @@ what is skipped) and writes into `--out` (default ROOT):
   * `dice_vs_step.png` (validation Dice per variant, mean and spread over seeds) and
     `level_losses.png` (training loss of each output level per variant).
 
-Variants: runs whose configs are equal once seeds (`seed`, `*_seed` keys), workdir-like keys and
-`--ignore` keys are removed. A variant's label is the keys on which variants differ
+Variants: runs whose configs are equal once seeds (`seed`, `*_seed` keys), folds (`data.fold`,
+`data.val_cases`: which cases are held out), workdir-like keys and `--ignore` keys are removed. A variant's label is the keys on which variants differ
 (e.g. `model.ds.mode=deep`). Numbers per variant, over its seeds: mean ± std (ddof=1) of the
 final mean foreground Dice (`summary.json`) and of each class's Dice; steps to reach the target
 Dice (the first eval in `eval.jsonl` at or above it; mean ± std over the runs that reached it,
 and how many did); each DS head's own final Dice; and against the baseline (the variant with
 `model.ds.mode == 'none'`; with several, the one differing in fewest keys) the paired difference
 of final Dice, paired by seed, with a two-sided 95% t interval (n/a for a single pair).
+
+Cross-validation (runs that differ in their fold): a fold is treated like a seed. Runs pair
+across variants by (fold, seed), the numbers above are over all of a variant's runs, and
+report.md adds a per-fold table (each variant's mean Dice per fold, and its paired difference to
+the baseline within each fold), also written as `folds.csv`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from experiments import runs as runs_lib
 from experiments import stats
 
 BASELINE_KEY = 'model.ds.mode'
+# Keys that choose the held-out cases: runs that differ only in these are folds of one variant.
+FOLD_KEYS = ('data.fold', 'data.val_cases')
 BASELINE_VALUE = 'none'
 _PATH_LEAVES = frozenset({'workdir', 'checkpoint_dir', 'log_dir', 'output_dir'})
 _UNSET = '<unset>'
@@ -48,7 +55,10 @@ class Variant:
   settings: dict[str, Any]  # The keys on which variants differ, with this variant's values.
   config: dict[str, Any]  # The flattened config without seed and path keys.
   runs: list[runs_lib.Run]
-  seeds: list[tuple]  # Per run: the (key, value) pairs of its seed keys; pairs runs across variants.
+  # Per run: the (key, value) pairs of its seed keys, and of its fold keys in cross-validation;
+  # pairs runs across variants.
+  seeds: list[tuple]
+  folds: list[tuple]  # Per run: the (key, value) pairs of its fold keys; () without folds.
   dice: tuple[float, float]  # (mean, std) of the final mean foreground Dice.
   class_dice: list[tuple[float, float]]
   head_dice: list[tuple[float, float]]  # Highest -> lowest resolution.
@@ -77,6 +87,7 @@ class Report:
   target_dice: float
   variants: list[Variant]  # Baselines first, then by label.
   skipped: list[runs_lib.Skipped]
+  folds: list[tuple] = dataclasses.field(default_factory=list)  # Sorted; [] without folds.
 
   def _repr_markdown_(self) -> str:  # Notebooks show the report as its markdown.
     return markdown(self)
@@ -97,6 +108,8 @@ def build(root: str | pathlib.Path, target_dice: float = 0.8,
   if not found:
     raise ValueError(f'{root}: no finished runs (no */summary.json)'
                      + (f'; skipped {len(skipped)} unfinished' if skipped else ''))
+  fold_keys = [k for k in FOLD_KEYS if k not in ignore
+               and len({_hashable(r.config.get(k, _UNSET)) for r in found}) > 1]
   groups: dict[tuple, list[runs_lib.Run]] = {}
   for run in found:
     groups.setdefault(_variant_key(run.config, ignore), []).append(run)
@@ -112,15 +125,29 @@ def build(root: str | pathlib.Path, target_dice: float = 0.8,
     label = ' '.join(f'{k}={_format(v)}' for k, v in settings.items()) or '(all runs)'
     is_baseline = config.get(BASELINE_KEY) == BASELINE_VALUE
     variants.append(_summarise(label, settings, config, groups[key], target_dice, is_baseline,
-                               ignore))
+                               ignore, fold_keys))
   variants.sort(key=lambda v: (not v.is_baseline, v.label))
   variants = _compare_with_baselines(variants)
-  return Report(root=root, target_dice=target_dice, variants=variants, skipped=skipped)
+  folds = _sorted({f for v in variants for f in v.folds}) if fold_keys else []
+  return Report(root=root, target_dice=target_dice, variants=variants, skipped=skipped,
+                folds=folds)
 
 
 def _variant_key(config: dict[str, Any], ignore: Sequence[str]) -> tuple:
   return tuple(sorted((k, v) for k, v in config.items()
-                      if not _is_seed_key(k) and not _is_path_key(k) and k not in ignore))
+                      if not _is_seed_key(k) and not _is_path_key(k) and k not in FOLD_KEYS
+                      and k not in ignore))
+
+
+def _hashable(value: Any) -> Any:
+  return tuple(value) if isinstance(value, list) else value
+
+
+def _sorted(items: Any) -> list:
+  try:
+    return sorted(items)
+  except TypeError:  # values of mixed types
+    return sorted(items, key=repr)
 
 
 def _is_seed_key(key: str) -> bool:
@@ -133,15 +160,17 @@ def _is_path_key(key: str) -> bool:
 
 
 def _summarise(label: str, settings: dict[str, Any], config: dict[str, Any],
-               runs: list[runs_lib.Run],
-               target_dice: float, is_baseline: bool, ignore: Sequence[str]) -> Variant:
-  seeds = [tuple(sorted((k, v) for k, v in r.config.items() if _is_seed_key(k) and k not in ignore))
-           for r in runs]
+               runs: list[runs_lib.Run], target_dice: float, is_baseline: bool,
+               ignore: Sequence[str], fold_keys: Sequence[str] = ()) -> Variant:
+  folds = [tuple((k, r.config.get(k, _UNSET)) for k in fold_keys) for r in runs]
+  seeds = [f + tuple(sorted((k, v) for k, v in r.config.items()
+                            if _is_seed_key(k) and k not in ignore))
+           for r, f in zip(runs, folds)]
   try:
     order = sorted(range(len(runs)), key=lambda i: seeds[i])
   except TypeError:  # seed values of mixed types
     order = sorted(range(len(runs)), key=lambda i: repr(seeds[i]))
-  runs, seeds = [runs[i] for i in order], [seeds[i] for i in order]
+  runs, seeds, folds = [runs[i] for i in order], [seeds[i] for i in order], [folds[i] for i in order]
   for a, b in zip(seeds, seeds[1:]):
     if a == b:
       same = [str(r.path) for r, s in zip(runs, seeds) if s == a]
@@ -153,7 +182,7 @@ def _summarise(label: str, settings: dict[str, Any], config: dict[str, Any],
       detail = ', '.join(f'{r.path / runs_lib.SUMMARY_FILE}: {get(r)}' for r in runs)
       raise ValueError(f'variant {label}: runs have different numbers of {what} ({detail})')
   return Variant(
-      label=label, settings=settings, config=config, runs=runs, seeds=seeds,
+      label=label, settings=settings, config=config, runs=runs, seeds=seeds, folds=folds,
       dice=stats.mean_std([r.dice for r in runs]),
       class_dice=[stats.mean_std(c) for c in zip(*[r.class_dice for r in runs])],
       head_dice=[stats.mean_std(h) for h in zip(*[r.head_dice for r in runs])],
@@ -193,6 +222,46 @@ def _compare_with_baselines(variants: list[Variant]) -> list[Variant]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class FoldResult:
+  """One variant on one fold: its runs' final Dice over seeds, and against its baseline."""
+  variant: str
+  fold: tuple  # (key, value) pairs of the fold keys.
+  n: int
+  dice: tuple[float, float]  # (mean, std) over the fold's seeds.
+  vs_baseline: stats.PairedDifference | None  # Paired by seed within the fold.
+
+
+def per_fold(report: Report) -> list[FoldResult]:
+  """Each variant's results on each fold it ran (empty without cross-validation)."""
+  if not report.folds:
+    return []
+  by_label = {v.label: v for v in report.variants}
+  out = []
+  for v in report.variants:
+    base = by_label.get(v.baseline) if v.baseline else None
+    for fold in report.folds:
+      mine = _fold_dice(v, fold)
+      if not mine:
+        continue
+      diff = stats.paired_difference(mine, _fold_dice(base, fold)) if base else None
+      out.append(FoldResult(variant=v.label, fold=fold, n=len(mine),
+                            dice=stats.mean_std(list(mine.values())), vs_baseline=diff))
+  return out
+
+
+def _fold_dice(v: Variant, fold: tuple) -> dict[tuple, float]:
+  return {s: r.dice for r, s, f in zip(v.runs, v.seeds, v.folds) if f == fold}
+
+
+def fold_label(fold: tuple) -> str:
+  """'fold 3' (from `data.fold`), else the held-out cases."""
+  values = dict(fold)
+  if 'data.fold' in values:
+    return f'fold {values["data.fold"]}'
+  return ' '.join(f'{k}={_format(v)}' for k, v in fold)
+
+
 # ----------------------------------------------------------------------------------------------
 # Rendering.
 
@@ -217,15 +286,16 @@ def headline(report: Report) -> str:
       return line + f' No `{BASELINE_KEY}={BASELINE_VALUE}` baseline among the runs to compare with.'
     return line + ' Not compared with a baseline (several are equally close).'
   d = w.vs_baseline
+  pairs = '(fold, seed) runs' if report.folds else 'seeds'
   line += f' vs baseline `{w.baseline}`: {d.mean:+.4f}'
   if d.n == 0:
-    return line + ' (no seeds in common, no paired comparison).'
+    return line + f' (no {pairs} in common, no paired comparison).'
   if d.excludes_zero is None:
-    return line + f' over {d.n} paired seed; 95% CI n/a (needs at least 2 seeds).'
+    return line + f' over 1 paired {pairs[:-1]}; 95% CI n/a (needs at least 2 pairs).'
   verdict = ('excludes 0: better than the baseline at 95% confidence' if d.ci_low > 0 else
              'excludes 0: worse than the baseline at 95% confidence' if d.ci_high < 0 else
              'includes 0: no significant difference at 95% confidence')
-  return (line + f', 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {d.n} paired seeds, '
+  return (line + f', 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {d.n} paired {pairs}, '
           f'which {verdict}.')
 
 
@@ -253,10 +323,13 @@ def markdown(report: Report, figures: Sequence[str] = ()) -> str:
       row.append(' / '.join(_pm(h, v.n) for h in v.head_dice) or '—')
     row += [_diff_cell(v), _fmt(v.train_seconds, '.0f')]
     lines.append('| ' + ' | '.join(row) + ' |')
-  lines += ['', f'Mean ± std over seeds (std with ddof=1). Steps to Dice ≥ {target}: the first eval '
+  over = f'over (fold, seed) runs, {len(report.folds)} folds' if report.folds else 'over seeds'
+  paired = 'paired by (fold, seed)' if report.folds else 'paired by seed'
+  lines += ['', f'Mean ± std {over} (std with ddof=1). Steps to Dice ≥ {target}: the first eval '
             'at or above it, mean ± std over the runs that reached it (reached/runs). Δ: final mean '
-            'foreground Dice minus the baseline\'s, paired by seed, with a two-sided 95% t '
+            f'foreground Dice minus the baseline\'s, {paired}, with a two-sided 95% t '
             'interval.', '']
+  lines += _fold_tables(report)
   for fig in figures:
     lines += [f'![{fig}]({fig})', '']
   lines += ['## Runs', '', '| run | variant | seeds | mean fg Dice | steps to target | final step |',
@@ -270,6 +343,48 @@ def markdown(report: Report, figures: Sequence[str] = ()) -> str:
     lines += ['', '## Skipped', '']
     lines += [f'- `{s.path}`: {s.reason}' for s in report.skipped]
   return '\n'.join(lines) + '\n'
+
+
+def _fold_tables(report: Report) -> list[str]:
+  results = per_fold(report)
+  if not results:
+    return []
+  cells = {(r.variant, r.fold): r for r in results}
+  header = ['variant'] + [fold_label(f) for f in report.folds]
+  lines = ['## Per fold', '', 'Mean foreground Dice on each fold (mean ± std over its seeds, '
+           '(n) runs), then Δ vs the baseline within the fold, paired by seed.', '',
+           '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for v in report.variants:
+    row = [f'`{v.label}`']
+    for fold in report.folds:
+      r = cells.get((v.label, fold))
+      row.append(f'{_pm(r.dice, r.n)} ({r.n})' if r else '—')
+    lines.append('| ' + ' | '.join(row) + ' |')
+  compared = [v for v in report.variants if v.baseline]
+  if compared:
+    lines += ['', '| Δ vs baseline | ' + ' | '.join(header[1:]) + ' |', '|' + '---|' * len(header)]
+    for v in compared:
+      row = [f'`{v.label}`']
+      for fold in report.folds:
+        r = cells.get((v.label, fold))
+        d = r.vs_baseline if r else None
+        row.append('—' if d is None or d.n == 0 else
+                   f'{d.mean:+.4f}' if d.n == 1 else f'{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]')
+      lines.append('| ' + ' | '.join(row) + ' |')
+  return lines + ['']
+
+
+def fold_rows(report: Report) -> list[dict[str, Any]]:
+  """folds.csv's rows: one per (variant, fold), full precision."""
+  rows = []
+  for r in per_fold(report):
+    d = r.vs_baseline
+    rows.append({'variant': r.variant, 'fold': fold_label(r.fold), 'n': r.n,
+                 'dice_mean': r.dice[0], 'dice_std': r.dice[1],
+                 'diff_n': d.n if d else '', 'diff_mean': d.mean if d else math.nan,
+                 'diff_ci_low': d.ci_low if d else math.nan,
+                 'diff_ci_high': d.ci_high if d else math.nan})
+  return rows
 
 
 def variant_rows(report: Report) -> list[dict[str, Any]]:
@@ -305,11 +420,13 @@ def run_rows(report: Report) -> list[dict[str, Any]]:
   """runs.csv's rows: one per run."""
   rows = []
   for v in report.variants:
-    for run, seed, steps in zip(v.runs, v.seeds, v.steps_to_target):
-      row = {'run': run.name, 'variant': v.label, 'seeds': _seed_text(seed), 'dice': run.dice,
-             'steps_to_target': steps if steps is not None else '',
-             'final_step': run.summary.get('step', ''),
-             'train_seconds': run.summary.get('train_seconds', '')}
+    for run, seed, fold, steps in zip(v.runs, v.seeds, v.folds, v.steps_to_target):
+      row = {'run': run.name, 'variant': v.label, 'seeds': _seed_text(seed)}
+      if report.folds:
+        row['fold'] = fold_label(fold)
+      row.update({'dice': run.dice, 'steps_to_target': steps if steps is not None else '',
+                  'final_step': run.summary.get('step', ''),
+                  'train_seconds': run.summary.get('train_seconds', '')})
       row.update({f'dice_class_{c}': d for c, d in enumerate(run.class_dice)})
       row.update({f'head_{h + 1}_dice': d for h, d in enumerate(run.head_dice)})
       rows.append(row)
@@ -317,7 +434,7 @@ def run_rows(report: Report) -> list[dict[str, Any]]:
 
 
 def write(report: Report, out_dir: str | pathlib.Path | None = None) -> dict[str, pathlib.Path]:
-  """Writes report.md, report.csv, runs.csv and the PNGs; returns their paths by name."""
+  """Writes report.md, report.csv, runs.csv (folds.csv) and the PNGs; returns paths by name."""
   out_dir = pathlib.Path(out_dir or report.root)
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = {'dice_vs_step.png': out_dir / 'dice_vs_step.png',
@@ -327,6 +444,8 @@ def write(report: Report, out_dir: str | pathlib.Path | None = None) -> dict[str
   plots.level_losses({v.label: v.runs for v in report.variants}, paths['level_losses.png'])
   paths['report.csv'] = _write_csv(out_dir / 'report.csv', variant_rows(report))
   paths['runs.csv'] = _write_csv(out_dir / 'runs.csv', run_rows(report))
+  if report.folds:
+    paths['folds.csv'] = _write_csv(out_dir / 'folds.csv', fold_rows(report))
   figures = [p.relative_to(out_dir).as_posix() for k, p in paths.items() if k.endswith('.png')]
   paths['report.md'] = out_dir / 'report.md'
   paths['report.md'].write_text(markdown(report, figures))

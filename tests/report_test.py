@@ -21,13 +21,16 @@ def _metrics(dice, classes):
           'mean_foreground_iou': sum(d / (2 - d) for d in fg) / len(fg)}
 
 
-def _make_run(root, name, mode, seed, dice, classes, heads=(), evals=(), lr=0.1, finished=True):
+def _make_run(root, name, mode, seed, dice, classes, heads=(), evals=(), lr=0.1, finished=True,
+              fold=None):
   """A workdir as unet_ds.main writes it; `evals` are (step, mean fg Dice) pairs."""
   workdir = root / name
   workdir.mkdir(parents=True)
   config = {'seed': seed, 'model': {'ds': {'mode': mode, 'levels': 2}, 'depth': 3},
             'data': {'name': 'synthetic', 'shuffle_seed': seed + 10, 'shape': [8, 8, 8]},
             'optim': {'lr': lr}, 'train': {'steps': 300, 'workdir': str(workdir)}}
+  if fold is not None:
+    config['data'].update(name='msd', num_folds=5, fold=fold, val_cases='')
   (workdir / 'config.json').write_text(json.dumps(config))
   num_levels = 1 + len(heads)
   with open(workdir / 'metrics.jsonl', 'w') as f:
@@ -265,3 +268,58 @@ def test_null_numbers_from_the_trainer(tmp_path):
   assert [w.label for w in rep.winners] == ['model.ds.mode=deep']
   row = [l for l in report.markdown(rep).splitlines() if l.startswith('| `model.ds.mode=deep')][0]
   assert '| n/a |' in row
+
+
+def test_folds_pair_with_seeds(tmp_path):
+  """Cross-validation: the same seed on different folds is a different pair, folds are shown."""
+  root = tmp_path / 'cv'
+  base = {0: (0.70, 0.72), 1: (0.80, 0.78), 2: (0.60, 0.66)}  # fold -> Dice at seeds 0, 1
+  gain = {0: (0.02, 0.04), 1: (0.01, 0.01), 2: (-0.01, 0.05)}
+  for fold in base:
+    for seed in (0, 1):
+      b, g = base[fold][seed], gain[fold][seed]
+      _make_run(root, f'none,fold={fold},seed={seed}', 'none', seed, b, [0.9, b], fold=fold,
+                evals=[(300, b)])
+      _make_run(root, f'deep,fold={fold},seed={seed}', 'deep', seed, b + g, [0.9, b + g],
+                heads=(0.5,), fold=fold, evals=[(300, b + g)])
+  rep = report.build(root)
+  v = _by_label(rep)
+  assert list(v) == ['model.ds.mode=none', 'model.ds.mode=deep']  # the fold forms no variant
+  assert rep.folds == [(('data.fold', 0),), (('data.fold', 1),), (('data.fold', 2),)]
+  deep = v['model.ds.mode=deep']
+  assert deep.n == 6 and deep.folds[:2] == [(('data.fold', 0),)] * 2
+  assert deep.seeds[1] == (('data.fold', 0), ('data.shuffle_seed', 11), ('seed', 1))
+  diffs = [0.02, 0.04, 0.01, 0.01, -0.01, 0.05]
+  d = deep.vs_baseline
+  mean = sum(diffs) / 6
+  sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 5)
+  assert (d.n, d.mean, d.std) == (6, pytest.approx(mean, abs=1e-12), pytest.approx(sd, abs=1e-12))
+  assert 'over 6 paired (fold, seed) runs' in report.headline(rep)
+
+  folds = {(r.variant, report.fold_label(r.fold)): r for r in report.per_fold(rep)}
+  assert len(folds) == 6
+  r = folds['model.ds.mode=none', 'fold 2']
+  assert (r.n, r.dice) == (2, (pytest.approx(0.63), pytest.approx(math.sqrt(0.0018))))
+  assert r.vs_baseline is None
+  r = folds['model.ds.mode=deep', 'fold 2']
+  assert r.vs_baseline.n == 2 and r.vs_baseline.mean == pytest.approx(0.02, abs=1e-12)
+  assert r.vs_baseline.ci_high == pytest.approx(0.02 + _T_975_DF1 * 0.03, abs=1e-9)
+
+  paths = report.write(rep, tmp_path / 'out')
+  md = paths['report.md'].read_text()
+  assert '## Per fold' in md and '| variant | fold 0 | fold 1 | fold 2 |' in md
+  assert '| `model.ds.mode=none` | 0.7100 ± 0.0141 (2) | 0.7900 ± 0.0141 (2) | 0.6300 ± 0.0424 (2) |' in md
+  assert '| `model.ds.mode=deep` | +0.0300 [' in md
+  with open(paths['folds.csv']) as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['variant'], r['fold'], r['n']) for r in rows][:2] == [
+      ('model.ds.mode=none', 'fold 0', '2'), ('model.ds.mode=none', 'fold 1', '2')]
+  assert float(rows[3]['diff_mean']) == pytest.approx(0.03, abs=1e-12)
+  with open(paths['runs.csv']) as f:
+    assert next(csv.DictReader(f))['fold'] == 'fold 0'
+
+
+def test_no_fold_table_without_folds(root):
+  rep = report.build(root)
+  assert rep.folds == [] and report.per_fold(rep) == []
+  assert '## Per fold' not in report.markdown(rep)
