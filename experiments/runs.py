@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from absl import logging
 
 from experiments import sweep
+from unet_ds import logs
 
 CONFIG_FILE = 'config.json'
 SUMMARY_FILE = 'summary.json'
@@ -86,24 +87,13 @@ def read_json(path: pathlib.Path) -> Any:
 
 
 def read_jsonl(path: pathlib.Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
-  """The objects of a JSON-lines file (blank lines ignored), each with the `required` keys."""
+  """`logs.read_jsonl` (a torn last line dropped with a warning), errors as RunFileError."""
   if not path.is_file():
     raise RunFileError(f'{path}: missing')
-  rows = []
-  for i, line in enumerate(path.read_text().splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise RunFileError(f'{path}:{i}: not valid JSON ({e})') from None
-    if not isinstance(row, dict):
-      raise RunFileError(f'{path}:{i}: expected a JSON object, got {type(row).__name__}')
-    missing = [k for k in required if k not in row]
-    if missing:
-      raise RunFileError(f'{path}:{i}: missing key(s) {", ".join(missing)}')
-    rows.append(row)
-  return rows
+  try:
+    return logs.read_jsonl(path, required)
+  except logs.LogFileError as e:
+    raise RunFileError(str(e)) from None
 
 
 def load_run(path: pathlib.Path) -> Run:
