@@ -35,9 +35,9 @@ def read_label2d(path: str) -> np.ndarray:
 
 def read_case(image_path: str, label_path: str | None, *, num_classes: int,
               normalization: str = 'zscore', clip_percentiles=None,
-              label_map: io.LabelMap | None = None,
-              in_channels: int | None = None) -> dict[str, Any]:
-  """Reads, checks and normalises one image (+ optional mask).
+              label_map: io.LabelMap | None = None, in_channels: int | None = None,
+              ct_stats=None) -> dict[str, Any]:
+  """Reads, checks and normalises one image (+ optional mask); see `prepare.normalize`.
 
   Returns:
     `{'image': float32 [H, W, C], 'label': int32 [H, W] (if labelled), 'shape', 'case_id',
@@ -46,7 +46,7 @@ def read_case(image_path: str, label_path: str | None, *, num_classes: int,
   image = io.image_to_float(io.read_image2d(image_path), image_path, SPATIAL_RANK)
   prepare.check_channels(image_path, image, in_channels)
   example = {
-      'image': io.normalize(image, normalization, clip_percentiles),
+      'image': prepare.normalize(image, normalization, clip_percentiles, ct_stats),
       'shape': np.array(image.shape[:SPATIAL_RANK], np.int32),
       'case_id': io.case_id(image_path),
       'file': os.path.basename(image_path),
@@ -91,6 +91,9 @@ def find_cases(path: str, image_dir: str = 'image',
 
 def settings_from_config(data_cfg: Any) -> dict[str, Any]:
   """Every setting that changes the prepared data, with defaults, from `config.data`."""
+  if prepare.cfg_get(data_cfg, 'target_spacing'):
+    raise ValueError('config.data.target_spacing: 2D image folders keep their pixel grid (PNG/TIFF '
+                     'hold no spacing); leave it empty')
   return {**prepare.common_settings(data_cfg, 'the folder holding image/ and label/'),
           'image_dir': prepare.cfg_get(data_cfg, 'image_dir', 'image'),
           'label_dir': prepare.cfg_get(data_cfg, 'label_dir', 'label')}

@@ -2,9 +2,10 @@
 
 Layout: `PATH/imagesTr/<case>.nii.gz` + `PATH/labelsTr/<case>.nii.gz`, optional `PATH/dataset.json`
 (label names, modalities; checked against the config when present). Images are 3D, or 4D
-`[X, Y, Z, C]` for several modalities. Each case is read, checked, cast to float32 and normalised
-per volume while preparing, and stored at its own shape with its affine and file name so
-predictions can be written back in place.
+`[X, Y, Z, C]` for several modalities. Each case is read, checked, cast to float32, normalised and,
+when `data.target_spacing` is set (a plan, `unet_ds.plan`), resampled to that spacing while
+preparing; it is stored with its affine and file name so predictions can be written back in place
+(`read_case` also gives the input's geometry, for `resample.to_original`).
 
   sources = msd.load(config.data)  # {'train': CaseSource, 'validation': CaseSource}
 """
@@ -20,39 +21,81 @@ import tensorflow_datasets as tfds
 
 from unet_ds.data import io
 from unet_ds.data import prepare
+from unet_ds.data import resample
 
 SPATIAL_RANK = 3
 _VERSION = '1.0.0'
 
 
+def spacing_of(volume: io.Volume) -> tuple[float, ...]:
+  """Voxel spacing (mm) of the spatial axes, in array axis order, from the NIfTI header."""
+  zooms = tuple(float(z) for z in volume.header.get_zooms()[:SPATIAL_RANK])
+  if len(zooms) != SPATIAL_RANK or min(zooms) <= 0:
+    raise io.DataError(f'{volume.path}: voxel spacing {zooms} from the header is not usable')
+  return zooms
+
+
 def read_case(image_path: str, label_path: str | None, *, num_classes: int,
               normalization: str = 'zscore', clip_percentiles: Sequence[float] | None = None,
-              label_map: io.LabelMap | None = None,
-              in_channels: int | None = None) -> dict[str, Any]:
-  """Reads, checks and normalises one case (label optional, for prediction).
+              label_map: io.LabelMap | None = None, in_channels: int | None = None,
+              target_spacing: Sequence[float] | None = None,
+              ct_stats: Sequence[Sequence[float]] | None = None,
+              label_resampling: str = 'linear', resample_label: bool = True) -> dict[str, Any]:
+  """Reads, checks, normalises and (with `target_spacing`) resamples one case.
+
+  Images are normalised on their own grid, then resampled (`resample.resample_image`: cubic
+  spline, the coarse axis apart when anisotropic); labels by `label_resampling`. The example's
+  `geometry` (`resample.Geometry`) says where it came from, so that a prediction can be brought
+  back with `resample.to_original`.
+
+  Args:
+    image_path, label_path: the case's files (label optional, for prediction).
+    num_classes, label_map, in_channels: as `config.data`.
+    normalization, clip_percentiles, ct_stats: see `prepare.normalize`.
+    target_spacing: the planned spacing (mm per axis); None keeps each case's own grid.
+    label_resampling: 'linear' (one-hot, argmax) or 'nearest'.
+    resample_label: False keeps the label on the input's grid (scoring at the original
+      resolution); the image is resampled all the same.
 
   Returns:
-    `{'image': float32 [X, Y, Z, C], 'label': int32 [X, Y, Z] (if labelled), 'shape': [3],
-    'affine': float64 [4, 4], 'case_id', 'file'}`.
+    `{'image': float32 [X, Y, Z, C], 'label': int32 (if labelled), 'shape': the image's spatial
+    shape [3], 'affine': float64 [4, 4] of the stored grid, 'case_id', 'file',
+    'geometry': resample.Geometry}`.
   """
   volume = io.read_nifti(image_path)
   image = io.image_to_float(volume.array, image_path, SPATIAL_RANK)
   prepare.check_channels(image_path, image, in_channels)
+  original_shape = image.shape[:SPATIAL_RANK]
+  spacing = spacing_of(volume)
+  image = prepare.normalize(image, normalization, clip_percentiles, ct_stats)
+  geometry = resample.identity_geometry(original_shape, spacing, volume.affine)
+  if target_spacing is not None and len(target_spacing):
+    if len(target_spacing) != SPATIAL_RANK:
+      raise ValueError(f'target_spacing {tuple(target_spacing)}: need {SPATIAL_RANK} values')
+    shape = resample.target_shape(original_shape, spacing, target_spacing)
+    geometry = resample.Geometry(original_shape, spacing, volume.affine, shape,
+                                 resample.coarse_axis(spacing, target_spacing))
+    image = resample.resample_image(image, shape, geometry.coarse_axis)
   example = {
-      'image': io.normalize(image, normalization, clip_percentiles),
-      'shape': np.array(image.shape[:SPATIAL_RANK], np.int32),
-      'affine': volume.affine,
+      'image': image,
+      'shape': np.array(geometry.shape, np.int32),
+      'affine': resample.resampled_affine(volume.affine, original_shape, geometry.shape),
       'case_id': io.case_id(image_path),
       'file': os.path.basename(image_path),
+      'geometry': geometry,
   }
   if label_path is not None:
     label_vol = io.read_nifti(label_path)
     label_raw = label_vol.array
     if label_raw.ndim == SPATIAL_RANK + 1 and label_raw.shape[-1] == 1:
       label_raw = label_raw[..., 0]
-    io.check_pair(image_path, label_path, image.shape[:SPATIAL_RANK], label_raw.shape,
+    io.check_pair(image_path, label_path, original_shape, label_raw.shape,
                   volume.affine, label_vol.affine)
-    example['label'] = io.label_to_classes(label_raw, label_path, num_classes, label_map)
+    label = io.label_to_classes(label_raw, label_path, num_classes, label_map)
+    if resample_label:
+      label = resample.resample_labels(label, geometry.shape, geometry.coarse_axis,
+                                       method=label_resampling, num_classes=num_classes)
+    example['label'] = label
   return example
 
 
@@ -155,7 +198,9 @@ def load(data_cfg: Any) -> dict[str, prepare.CaseSource]:
   """Prepares the folder at `data_cfg.path` (once) and returns `{'train', 'validation'}` sources.
 
   `data_cfg` keys: path, num_classes (required); in_channels, normalization ('zscore' | 'minmax' |
-  'none'), clip_percentiles ((low, high) or ()), label_map ('value:class,...'), val_fraction,
+  'none' | 'ct', or one per channel 'ct,zscore'), ct_stats (per channel (low, high, mean, std)),
+  target_spacing (mm per axis; () keeps each case's grid), label_resampling ('linear' |
+  'nearest'), clip_percentiles ((low, high) or ()), label_map ('value:class,...'), val_fraction,
   val_cases ('id,id' or list), seed (split seed), num_folds, fold, data_dir (where prepared data
   goes).
   """

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from unet_ds.data import io
+from unet_ds.data import resample
 from unet_ds.data import split as split_lib
 
 
@@ -145,6 +146,49 @@ def label_storage_dtype(num_classes: int, where: str) -> type:
   return np.uint8
 
 
+NORMALIZATIONS = io.NORMALIZATIONS + ('ct',)
+
+
+def normalization_methods(normalization: str, channels: int | None = None) -> list[str]:
+  """`'zscore'` or per channel `'ct,zscore'` -> one method per channel (checked)."""
+  methods = [m.strip() for m in str(normalization).split(',')]
+  bad = [m for m in methods if m not in NORMALIZATIONS]
+  if bad:
+    raise ValueError(f'config.data.normalization={normalization!r}: {bad[0]!r} is not one of '
+                     f'{NORMALIZATIONS} (one method, or one per channel, comma-separated)')
+  if channels is not None and len(methods) not in (1, channels):
+    raise ValueError(f'config.data.normalization={normalization!r}: {len(methods)} methods for '
+                     f'{channels} channels')
+  return methods * channels if channels is not None and len(methods) == 1 else methods
+
+
+def normalize(image: np.ndarray, normalization: str = 'zscore',
+              clip_percentiles: Sequence[float] | None = None,
+              ct_stats: Sequence[Sequence[float]] | None = None) -> np.ndarray:
+  """Per-channel normalisation of a float `[*spatial, C]` image.
+
+  One method for every channel, or one per channel (`'ct,zscore'`). 'ct' uses dataset-wide
+  statistics, as nnU-Net does for CT: clip to the foreground's (low, high) percentiles, then
+  subtract the foreground mean and divide by its std; `ct_stats[c]` is `(low, high, mean, std)`
+  (from the dataset fingerprint, `unet_ds.plan`). Other methods are per image (`io.normalize`).
+  """
+  methods = normalization_methods(normalization, image.shape[-1])
+  if 'ct' not in methods and len(set(methods)) == 1:
+    return io.normalize(image, methods[0], clip_percentiles)
+  out = np.empty(image.shape, np.float32)
+  for c, method in enumerate(methods):
+    channel = image[..., c:c + 1]
+    if method != 'ct':
+      out[..., c:c + 1] = io.normalize(channel, method, clip_percentiles)
+      continue
+    if not ct_stats or len(ct_stats) <= c or len(ct_stats[c]) != 4:
+      raise ValueError(f'config.data.ct_stats={ct_stats!r}: normalization \'ct\' needs '
+                       f'(low, high, mean, std) for channel {c} (run unet_ds.plan)')
+    low, high, mean, std = (float(v) for v in ct_stats[c])
+    out[..., c:c + 1] = (np.clip(channel, low, high) - mean) / max(std, 1e-8)
+  return out
+
+
 def check_channels(path: str, image: np.ndarray, expected: int | None) -> int:
   """Channel count of `image` ([..., C]) must equal `expected` (when known); returns it."""
   channels = image.shape[-1]
@@ -169,6 +213,7 @@ def common_settings(data_cfg: Any, what: str) -> dict[str, Any]:
     raise ValueError('config.data.num_classes: required (background included)')
   label_storage_dtype(int(num_classes), 'config.data.num_classes')
   label_map = io.parse_label_map(cfg_get(data_cfg, 'label_map'))
+  normalization_methods(cfg_get(data_cfg, 'normalization', 'zscore'))
   return {
       'path': os.path.abspath(os.path.expanduser(path)),
       'num_classes': int(num_classes),
@@ -181,7 +226,31 @@ def common_settings(data_cfg: Any, what: str) -> dict[str, Any]:
       'split_seed': int(cfg_get(data_cfg, 'seed', 0)),  # config.data.seed: the split seed
       'num_folds': int(cfg_get(data_cfg, 'num_folds', 0)),
       'fold': int(cfg_get(data_cfg, 'fold', 0)),
+      **planned_settings(data_cfg),
   }
+
+
+def planned_settings(data_cfg: Any) -> dict[str, Any]:
+  """The settings a plan adds (`unet_ds.plan`), present only when set, so that data prepared
+  without a plan keeps its name."""
+  out = {}
+  spacing = [float(s) for s in cfg_get(data_cfg, 'target_spacing', ())]
+  if spacing:
+    if min(spacing) <= 0:
+      raise ValueError(f'config.data.target_spacing={tuple(spacing)}: spacings must be > 0')
+    out['target_spacing'] = spacing
+  ct_stats = [[float(v) for v in row] for row in cfg_get(data_cfg, 'ct_stats', ())]
+  if ct_stats:
+    if any(len(row) != 4 for row in ct_stats):
+      raise ValueError(f'config.data.ct_stats={ct_stats}: need (low, high, mean, std) per channel')
+    out['ct_stats'] = ct_stats
+  label_resampling = cfg_get(data_cfg, 'label_resampling', 'linear')
+  if label_resampling not in resample.LABEL_METHODS:
+    raise ValueError(f'config.data.label_resampling={label_resampling!r}: expected one of '
+                     f'{resample.LABEL_METHODS}')
+  if label_resampling != 'linear':
+    out['label_resampling'] = label_resampling
+  return out
 
 
 def read_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -192,6 +261,8 @@ def read_kwargs(settings: Mapping[str, Any]) -> dict[str, Any]:
       'clip_percentiles': settings['clip_percentiles'] or None,
       'label_map': dict(settings['label_map']) or None,
       'in_channels': settings['in_channels'] or None,
+      **{k: settings[k] for k in ('target_spacing', 'ct_stats', 'label_resampling')
+         if k in settings},
   }
 
 
@@ -215,5 +286,6 @@ def generate(cases: Sequence[tuple[str, str, str]], read_case: Any,
   for cid, image_path, label_path in cases:
     example = read_case(image_path, label_path, **{**kwargs, 'in_channels': channels[0]})
     channels[0] = example['image'].shape[-1]
+    example.pop('geometry', None)  # for prediction only; not a stored feature
     example['label'] = example['label'].astype(np.uint8)
     yield cid, example
