@@ -34,6 +34,8 @@ import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
+from ml_collections import config_dict
+
 from experiments import sweep
 
 # Runs one command (argv, program first) for the given workdir; returns its exit status.
@@ -93,8 +95,15 @@ def parse_extra_overrides(tokens: Sequence[str]) -> list[tuple[str, str]]:
 
 def plan(config_arg: str, root: pathlib.Path,
          extra: Sequence[tuple[str, str]] = ()) -> list[Job]:
-  """The jobs of a config's sweep; raises on bad points, unknown extra keys or clashes."""
+  """The jobs of a config's sweep, their existing workdirs checked (`check_workdirs`); raises on
+  bad points, unknown extra keys, clashes, or workdirs made by a different sweep."""
   config, points = sweep.load(config_arg)
+  return plan_points(config_arg, config, points, root, extra)
+
+
+def plan_points(config_arg: str, config: config_dict.ConfigDict, points: Sequence[sweep.Point],
+                root: pathlib.Path, extra: Sequence[tuple[str, str]] = ()) -> list[Job]:
+  """`plan` for given points of the config's sweep (e.g. with seeds added by `--until`)."""
   swept = {k for p in points for k in p}
   for key, _ in extra:
     try:
@@ -111,7 +120,8 @@ def plan(config_arg: str, root: pathlib.Path,
     args = ['-m', MAIN_MODULE, f'--config={config_arg}', f'--workdir={workdir}']
     args += [f'--config.{k}={cli_value(v)}' for k, v in point.items()]
     args += [f'--config.{k}={v}' for k, v in extra]
-    jobs.append(Job(name=name, workdir=workdir, overrides=point, args=tuple(args)))
+    jobs.append(Job(name=name, workdir=workdir, overrides=dict(point), args=tuple(args)))
+  check_workdirs(jobs)
   return jobs
 
 
@@ -159,9 +169,9 @@ def run(jobs: Sequence[Job], runner: Runner = subprocess_runner, python: str = s
   """Runs unfinished jobs one after another.
 
   Returns {name: status}, status one of 'skipped' (already finished), 'done', 'stopped' (exit 0
-  before the last step), 'failed', 'not run' (after a failure with fail_fast).
+  before the last step), 'failed', 'not run' (after a failure with fail_fast). The jobs come
+  from `plan`, which has checked their workdirs.
   """
-  check_workdirs(jobs)
   status = {job.name: 'not run' for job in jobs}
   for i, job in enumerate(jobs):
     tag = f'[{i + 1}/{len(jobs)}] {job.name}'
@@ -219,7 +229,6 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
       for job in jobs:
         out(job.command(args.python or 'python'))
       return 0
-    check_workdirs(jobs)
   except (ValueError, FileNotFoundError) as e:
     parser.exit(2, f'error: {e}\n')
   write_manifest(pathlib.Path(args.root), args.config, extra, jobs)

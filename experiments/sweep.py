@@ -46,9 +46,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ml_collections import config_dict
 
+from unet_ds import dirnames
+
 Point = dict[str, Any]
 
-_UNSAFE_CHARS = re.compile(r'[^A-Za-z0-9._+=,-]')
 _KEY_PATTERN = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
 _DEFAULT_MAX_LEN = 100
 _HASH_LEN = 8
@@ -135,9 +136,7 @@ def point_names(points: Sequence[Mapping[str, Any]], max_len: int = _DEFAULT_MAX
   names = []
   for point, fp in zip(points, fingerprints):
     name = ','.join(f'{short[k]}={format_value(v)}' for k, v in point.items()) or 'default'
-    name = _UNSAFE_CHARS.sub('_', name)
-    if name[0] in '.-':
-      name = '_' + name
+    name = dirnames.safe_name(name)
     if len(name) > max_len:
       name = name[:max_len - _HASH_LEN - 1] + '+' + _hash(fp)
     names.append(name)
