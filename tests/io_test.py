@@ -3,8 +3,10 @@ import os
 
 import nibabel
 import numpy as np
+from PIL import Image
 import pytest
 
+from unet_ds.data import folder2d
 from unet_ds.data import io
 
 
@@ -129,3 +131,40 @@ def test_list_files_empty_and_missing(tmp_path):
     io.list_files(tmp_path / 'e', io.NIFTI_SUFFIXES)
   with pytest.raises(io.DataError, match='nope: folder not found'):
     io.list_files(os.path.join(tmp_path, 'nope'), io.NIFTI_SUFFIXES)
+
+
+def _palette_png(path, indices, palette_rgb):
+  img = Image.fromarray(indices.astype(np.uint8), mode='P')
+  img.putpalette(np.asarray(palette_rgb, np.uint8).ravel().tolist())
+  img.save(path)
+
+
+def test_palette_image_reads_as_its_gray_or_rgb_values(tmp_path):
+  rng = np.random.default_rng(0)
+  indices = rng.integers(0, 4, (5, 6))
+  gray_levels = np.array([200, 10, 130, 60])  # not the identity: index 0 shows as 200
+  _palette_png(tmp_path / 'p.png', indices, np.repeat(gray_levels[:, None], 3, axis=1))
+  Image.fromarray(gray_levels[indices].astype(np.uint8), mode='L').save(tmp_path / 'l.png')
+  gray = io.read_image2d(tmp_path / 'l.png')
+  assert gray.shape == (5, 6)
+  np.testing.assert_array_equal(io.read_image2d(tmp_path / 'p.png'), gray)
+  np.testing.assert_array_equal(io.read_image2d(tmp_path / 'p.png', kind='label'), indices)
+
+  colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]])
+  _palette_png(tmp_path / 'c.png', indices, colours)
+  Image.fromarray(colours[indices].astype(np.uint8), mode='RGB').save(tmp_path / 'rgb.png')
+  np.testing.assert_array_equal(io.read_image2d(tmp_path / 'c.png'),
+                                io.read_image2d(tmp_path / 'rgb.png'))
+  assert io.read_image2d(tmp_path / 'c.png').shape == (5, 6, 3)
+  with pytest.raises(ValueError, match="kind 'mask'"):
+    io.read_image2d(tmp_path / 'c.png', kind='mask')
+
+
+def test_folder2d_reads_palette_images_as_values_and_palette_masks_as_indices(tmp_path):
+  indices = np.array([[0, 1], [2, 1]])
+  _palette_png(tmp_path / 'img.png', indices, [[50, 50, 50], [0, 0, 0], [100, 100, 100]])
+  _palette_png(tmp_path / 'mask.png', indices, [[0, 0, 0], [255, 0, 0], [0, 255, 0]])
+  case = folder2d.read_case(str(tmp_path / 'img.png'), str(tmp_path / 'mask.png'),
+                            num_classes=3, normalization='none')
+  np.testing.assert_array_equal(case['image'][..., 0], [[50, 0], [100, 0]])
+  np.testing.assert_array_equal(case['label'], indices)

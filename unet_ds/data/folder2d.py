@@ -19,12 +19,12 @@ from unet_ds.data import io
 from unet_ds.data import prepare
 
 SPATIAL_RANK = 2
-_VERSION = '1.0.0'
+_VERSION = '1.1.0'  # 1.1.0: palette images read as their gray/RGB values, not indices
 
 
 def read_label2d(path: str) -> np.ndarray:
   """A mask file as `[H, W]`; grey masks saved as RGB(A) are reduced to one channel."""
-  raw = io.read_image2d(path)
+  raw = io.read_image2d(path, kind='label')
   if raw.ndim == 3:
     if not all(np.array_equal(raw[..., 0], raw[..., c]) for c in range(1, min(raw.shape[-1], 3))):
       raise io.DataError(f'{path}: label is a colour image (channels differ); save masks as '

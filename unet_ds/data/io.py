@@ -73,18 +73,30 @@ def read_nifti(path: str | os.PathLike[str]) -> Volume:
                 header=img.header)
 
 
-def read_image2d(path: str | os.PathLike[str]) -> np.ndarray:
+IMAGE2D_KINDS = ('image', 'label')
+
+
+def read_image2d(path: str | os.PathLike[str], kind: str = 'image') -> np.ndarray:
   """Reads a PNG/TIFF slice as `[H, W]` or `[H, W, C]` in its stored dtype.
 
-  Palette images keep their indices (label masks are often stored that way).
+  A palette ('P') file means colours for an image but class ids for a label: as `kind='image'` it
+  is converted to the gray (`[H, W]`, when every used colour is gray) or RGB values it shows; as
+  `kind='label'` it keeps its indices (masks are often stored that way).
   """
   path = os.fspath(path)
+  if kind not in IMAGE2D_KINDS:
+    raise ValueError(f'kind {kind!r}: expected one of {IMAGE2D_KINDS}')
   try:
     with Image.open(path) as img:
       if getattr(img, 'n_frames', 1) > 1:
         raise DataError(f'{path}: multi-page TIFF ({img.n_frames} pages); store one slice per file')
       img.load()
-      array = np.array(img)
+      if kind == 'image' and img.mode in ('P', 'PA'):
+        array = np.array(img.convert('RGB'))
+        if (array == array[..., :1]).all():
+          array = array[..., 0]
+      else:
+        array = np.array(img)
   except DataError:
     raise
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for corrupt files
