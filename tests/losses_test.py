@@ -77,7 +77,7 @@ def test_ignore_index_drops_voxels():
   np.testing.assert_allclose(ce, _np_ce(logits[:, :2], label[:, :2]), rtol=1e-6)
 
 
-@pytest.mark.parametrize('name', ['dice', 'dice_ce', 'ce'])
+@pytest.mark.parametrize('name', ['dice', 'dice_ce', 'ce', 'generalized_dice'])
 def test_perfect_prediction_gives_zero_loss(name):
   label = np.random.default_rng(1).integers(0, 3, size=(2, 8, 8, 8))
   logits = 50.0 * jax.nn.one_hot(label, 3)
@@ -95,6 +95,66 @@ def test_bce_dice_binary():
   assert float(fn(-perfect, target, valid)) > 1.0
   with pytest.raises(ValueError, match='single logit channel'):
     fn(np.zeros((2, 8, 8, 2)), target, valid)
+
+
+def test_bce_by_hand_and_ignored_voxels():
+  logits = np.array([[[0.0], [2.0], [-1.0]]], np.float32)
+  label = np.array([[1, 0, 2]])          # 2 is a second foreground class: foreground too
+  target, valid = losses.one_hot_target(label, 3)
+  sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+  expected = -(np.log(sig(0.0)) + np.log(1 - sig(2.0)) + np.log(sig(-1.0))) / 3
+  np.testing.assert_allclose(losses.make_level_loss('bce')(logits, target, valid), expected,
+                             rtol=1e-5)
+  target, valid = losses.one_hot_target(label, 3, ignore_index=0)  # drops the middle voxel
+  expected = -(np.log(sig(0.0)) + np.log(sig(-1.0))) / 2
+  np.testing.assert_allclose(losses.bce(logits, target, valid), expected, rtol=1e-5)
+  with pytest.raises(ValueError, match='single logit channel'):
+    losses.bce(np.zeros((1, 3, 2)), target, valid)
+
+
+def _np_generalized_dice(probs, target):
+  """Sudre et al. 2017 with square weights, batch pooled, by hand."""
+  axes = tuple(range(probs.ndim - 1))
+  w = 1.0 / target.sum(axes) ** 2
+  return 1 - 2 * (w * (probs * target).sum(axes)).sum() / (w * (probs + target).sum(axes)).sum()
+
+
+def test_generalized_dice_by_hand_weights_small_classes_up():
+  rng = np.random.default_rng(3)
+  label = np.zeros((2, 6, 6), np.int32)
+  label[:, :4] = 1
+  label[:, 5, :2] = 2                    # class 2 is small
+  logits = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+  target, valid = losses.one_hot_target(label, 3)
+  probs = np.asarray(jax.nn.softmax(logits, -1))
+  t = np.asarray(target)
+  fn = losses.make_level_loss('generalized_dice', include_background=True)
+  np.testing.assert_allclose(fn(logits, target, valid), _np_generalized_dice(probs, t), rtol=1e-5)
+  fg = losses.make_level_loss('generalized_dice')  # background excluded by default
+  np.testing.assert_allclose(fg(logits, target, valid),
+                             _np_generalized_dice(probs[..., 1:], t[..., 1:]), rtol=1e-5)
+  # Missing the small class costs as much as missing the large one would, unlike plain Dice.
+  miss_small = np.where(label[..., None] == np.arange(3), 9.0, 0.0).astype(np.float32)
+  miss_small[..., 2] = -9.0
+  miss_small[label == 2, 1] = 9.0
+  assert float(fg(miss_small, target, valid)) > 0.05
+
+
+def test_generalized_dice_absent_class_takes_the_largest_weight():
+  label = np.zeros((1, 4, 4), np.int32)
+  label[0, :2] = 1                       # class 2 absent from the target
+  target, valid = losses.one_hot_target(label, 3)
+  perfect = np.where(label[..., None] == np.arange(3), 20.0, -20.0).astype(np.float32)
+  fn = losses.make_level_loss('generalized_dice')
+  assert float(fn(perfect, target, valid)) < 1e-4
+  wrong = perfect.copy()
+  wrong[0, 2:, :, 2] = 40.0              # predicts the absent class on the background half
+  probs = np.asarray(jax.nn.softmax(wrong, -1))[..., 1:]
+  w = np.array([1 / 8 ** 2, 1 / 8 ** 2])  # class 2 borrows class 1's weight
+  t = np.asarray(target)[..., 1:]
+  expected = 1 - 2 * (w * (probs * t).sum((0, 1, 2))).sum() / (
+      w * (probs + t).sum((0, 1, 2))).sum()
+  np.testing.assert_allclose(fn(wrong, target, valid), expected, rtol=1e-4)
 
 
 def test_soft_dice_value_by_hand():

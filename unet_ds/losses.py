@@ -23,7 +23,8 @@ import numpy as np
 from unet_ds import targets
 from unet_ds.models import layers
 
-LOSSES = ('ce', 'dice', 'dice_ce', 'bce_dice')
+LOSSES = ('ce', 'dice', 'dice_ce', 'generalized_dice', 'bce', 'bce_dice')
+BINARY_LOSSES = ('bce', 'bce_dice')  # one sigmoid channel (model.num_classes = 1)
 WEIGHT_SCHEMES = ('exp', 'nnunet', 'same')
 SCHEDULES = ('constant', 'linear', 'cosine')
 TARGET_MODES = ('downsample', 'upsample')
@@ -94,22 +95,57 @@ def dice_ce(logits: jax.Array, target: jax.Array, valid: jax.Array, *,
       smooth=smooth)
 
 
+def generalized_dice(logits: jax.Array, target: jax.Array, valid: jax.Array, *,
+                     include_background: bool = False, batch_dice: bool = True,
+                     smooth: float = 1e-5) -> jax.Array:
+  """1 - generalised Dice (Sudre et al. 2017) of the softmax, square weighting.
+
+  `1 - 2 sum_k w_k sum_n p_kn t_kn / sum_k w_k sum_n (p_kn + t_kn)`, `w_k = 1 / (sum_n t_kn)^2`,
+  so small structures weigh as much as large ones. A class absent from the target would get an
+  infinite weight; it takes the largest finite weight instead (NiftyNet's rule, as the BraTS 2018
+  3D U-Net used). `batch_dice` pools the batch per class, else one score per sample, averaged.
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1) * valid[..., None]
+  if not include_background and logits.shape[-1] > 1:
+    probs, target = probs[..., 1:], target[..., 1:]
+  axes = _sum_axes(probs, batch_dice)
+  volume = jnp.sum(target, axis=axes)
+  inter = jnp.sum(probs * target, axis=axes)
+  denom = jnp.sum(probs, axis=axes) + volume
+  present = volume > 0
+  w = jnp.where(present, 1.0 / jnp.maximum(volume, 1e-12) ** 2, 0.0)
+  w = jnp.where(present, w, jnp.max(w, axis=-1, keepdims=True))
+  gdice = (2.0 * jnp.sum(w * inter, axis=-1) + smooth) / (jnp.sum(w * denom, axis=-1) + smooth)
+  return 1.0 - jnp.mean(gdice)
+
+
+def _binary_foreground(logits: jax.Array, target: jax.Array, name: str
+                       ) -> tuple[jax.Array, jax.Array]:
+  """(float32 logits `[..., 1]`, foreground target `[..., 1]` = any non-background class)."""
+  if logits.shape[-1] != 1:
+    raise ValueError(f'{name} needs a single logit channel (model.num_classes=1), got logits '
+                     f'{logits.shape}')
+  fg = jnp.clip(jnp.sum(target[..., 1:], axis=-1, keepdims=True), 0.0, 1.0)
+  return logits.astype(jnp.float32), fg
+
+
+def bce(logits: jax.Array, target: jax.Array, valid: jax.Array, **unused) -> jax.Array:
+  """Binary cross-entropy of one foreground logit channel (`logits [..., 1]`), mean over valid
+  voxels. The foreground target is every non-background class of `target` (one-hot, >= 2)."""
+  del unused
+  z, fg = _binary_foreground(logits, target, 'bce')
+  # Numerically stable BCE with logits.
+  per_voxel = jnp.maximum(z, 0) - z * fg + jnp.log1p(jnp.exp(-jnp.abs(z)))
+  return jnp.sum(per_voxel[..., 0] * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
 def bce_dice(logits: jax.Array, target: jax.Array, valid: jax.Array, *,
              batch_dice: bool = True, smooth: float = 1.0, **unused) -> jax.Array:
-  """Binary: BCE + (1 - Dice) on a single foreground logit channel (`logits [..., 1]`).
-
-  The foreground target is every non-background class of `target` (one-hot over >= 2 classes).
-  """
+  """Binary: BCE + (1 - soft Dice of the sigmoid) on one foreground logit channel (TGS salt)."""
   del unused
-  if logits.shape[-1] != 1:
-    raise ValueError(f'bce_dice needs a single logit channel (num_classes=1), got {logits.shape}')
-  z = logits.astype(jnp.float32)
-  fg = jnp.clip(jnp.sum(target[..., 1:], axis=-1, keepdims=True), 0.0, 1.0)
-  # Numerically stable BCE with logits.
-  bce = jnp.maximum(z, 0) - z * fg + jnp.log1p(jnp.exp(-jnp.abs(z)))
-  bce = jnp.sum(bce[..., 0] * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  z, fg = _binary_foreground(logits, target, 'bce_dice')
   dice = _dice_from_probs(jax.nn.sigmoid(z), fg, valid, batch_dice=batch_dice, smooth=smooth)
-  return bce + 1.0 - jnp.mean(dice)
+  return bce(logits, target, valid) + 1.0 - jnp.mean(dice)
 
 
 def make_level_loss(name: str, *, include_background: bool = False, batch_dice: bool = True,
@@ -122,6 +158,10 @@ def make_level_loss(name: str, *, include_background: bool = False, batch_dice: 
     return functools.partial(soft_dice, include_background=include_background, **kw)
   if name == 'dice_ce':
     return functools.partial(dice_ce, include_background=include_background, **kw)
+  if name == 'generalized_dice':
+    return functools.partial(generalized_dice, include_background=include_background, **kw)
+  if name == 'bce':
+    return bce
   if name == 'bce_dice':
     return functools.partial(bce_dice, **kw)
   raise ValueError(f'loss.name must be one of {LOSSES}, got {name!r}')
