@@ -154,6 +154,8 @@ def run(config: Any, k: int, steps: int = 5, warmup: int = 1, repeats: int = 3) 
 
 def main(argv):
   del argv
+  from unet_ds.models import ops  # pylint: disable=g-import-not-at-top
+  ops.configure_xla_flags()  # before the first jax computation
   print(json.dumps(run(_CONFIG.value, _K.value, steps=_STEPS.value, warmup=_WARMUP.value,
                        repeats=_REPEATS.value)))
 

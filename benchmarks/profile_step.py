@@ -49,6 +49,8 @@ def _group(op_name: str, depth: int) -> str:
 
 def main(argv):
   del argv
+  from unet_ds.models import ops  # pylint: disable=g-import-not-at-top
+  ops.configure_xla_flags()  # before the first jax computation
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from unet_ds import config_lib  # pylint: disable=g-import-not-at-top

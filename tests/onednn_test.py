@@ -15,7 +15,7 @@ from unet_ds import config_lib
 from unet_ds import sharding
 from unet_ds import train
 from unet_ds.models import layers
-from unet_ds.models import onednn
+from unet_ds.models.ops import onednn
 
 
 def _native(strides, padding):
@@ -93,13 +93,13 @@ def test_layers_route_float32_convs_to_onednn_only():
   k = jnp.ones((3, 3, 3, 2, 3))
   hlo = jax.jit(lambda x, k: layers.conv(x, k, (1, 1, 1), 'onednn')).lower(x, k).as_text()
   assert 'unet_ds_onednn_conv_fwd' in hlo
-  # bfloat16 compute goes through fast_ops (oneDNN shim is float32 only).
+  # bfloat16 compute goes through xla_cpu (oneDNN shim is float32 only).
   xb, kb = x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
   hlo = jax.jit(lambda x, k: layers.conv(x, k, (1, 1, 1), 'onednn')).lower(xb, kb).as_text()
   assert 'unet_ds_onednn' not in hlo
   np.testing.assert_allclose(layers.conv(x, k, (1, 1, 1), 'onednn'),
                              layers.conv(x, k, (1, 1, 1), 'native'), rtol=1e-6)
-  assert layers.uses_fast_ops('onednn') and not layers.uses_fast_ops('native')
+  assert layers.uses_fused_cpu_ops('onednn') and not layers.uses_fused_cpu_ops('native')
 
 
 def test_auto_picks_onednn_on_one_cpu_device_only(monkeypatch):
@@ -124,7 +124,7 @@ def test_failed_build_names_the_command_and_keeps_no_partial_library(tmp_path, m
 
 
 def test_disabled_by_environment_in_a_fresh_process():
-  code = ('from unet_ds.models import layers, onednn; import jax; '
+  code = ('from unet_ds.models import layers; from unet_ds.models.ops import onednn; import jax; '
           'print(jax.device_count(), onednn.available(), layers.resolve_impl("auto"), '
           'onednn.unavailable_reason())')
   env = dict(os.environ, UNET_DS_DISABLE_ONEDNN='1', XLA_FLAGS='')

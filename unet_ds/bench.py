@@ -221,6 +221,8 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
 
 def main(argv):
   del argv
+  from unet_ds.models import ops  # pylint: disable=g-import-not-at-top
+  ops.configure_xla_flags()  # before the first jax computation
   record = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value, mode=_MODE.value,
                peak_flops=_PEAK.value)
   print(json.dumps(record))

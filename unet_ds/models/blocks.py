@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from unet_ds.models import fast_ops
 from unet_ds.models import layers
+from unet_ds.models.ops import fused
 
 NORMS = ('instance', 'group', 'batch', 'none')
 ACTIVATIONS = ('relu', 'leaky_relu')
@@ -55,7 +55,7 @@ class _InstanceNormParams(nn.Module):
 
 
 class InstanceNormAct(nn.Module):
-  """`activation(Norm('instance')(x))` as one fused op (`fast_ops.instance_norm_act`).
+  """`activation(Norm('instance')(x))` as one fused op (`fused.instance_norm_act`).
 
   Same values, gradients and parameter tree as `Norm('instance')` and then `activation(act)`
   when used under the same name (checkpoints move between the two).
@@ -69,7 +69,7 @@ class InstanceNormAct(nn.Module):
       raise ValueError(f'activation must be one of {ACTIVATIONS}, got {self.act!r}')
     scale, bias = _InstanceNormParams(name='InstanceNorm_0')(x.shape[-1])
     slope = None if self.act is None else _NEGATIVE_SLOPES[self.act]
-    return fast_ops.instance_norm_act(x, scale, bias, negative_slope=slope, dtype=self.dtype)
+    return fused.instance_norm_act(x, scale, bias, negative_slope=slope, dtype=self.dtype)
 
 
 class ConvNormAct(nn.Module):
@@ -87,7 +87,7 @@ class ConvNormAct(nn.Module):
     # A bias before a normalisation is redundant.
     x = layers.Conv(self.features, self.kernel_size, self.strides, use_bias=self.norm == 'none',
                     impl=self.impl, dtype=self.dtype)(x)
-    if self.norm == 'instance' and layers.uses_fast_ops(self.impl):
+    if self.norm == 'instance' and layers.uses_fused_cpu_ops(self.impl):
       # XLA:CPU runs the unfused norm and activation as several passes over the volume.
       return InstanceNormAct(self.act, self.dtype, name='Norm_0')(x)
     x = Norm(self.norm, dtype=self.dtype)(x, train)

@@ -1,7 +1,10 @@
-"""The CPU fast path equals the native ops: values and gradients, 2D/3D, shapes, strides, dtypes."""
+"""The ops package: XLA:CPU rewrites, fused ops and upsampling equal the native ops (values and
+gradients, 2D/3D, shapes, strides, dtypes); dispatch; XLA flags set only by the explicit call."""
 
 import functools
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -10,8 +13,11 @@ from jax import lax
 import numpy as np
 import pytest
 
-from unet_ds.models import fast_ops
 from unet_ds.models import layers
+from unet_ds.models import ops
+from unet_ds.models.ops import fused
+from unet_ds.models.ops import upsampling
+from unet_ds.models.ops import xla_cpu
 
 
 def _normal(shape, seed=0):
@@ -30,7 +36,7 @@ def _native_conv(strides, padding):
 
 def _fast_conv(strides, padding):
   # native_below_flops=0: these shapes are tiny, test the rewritten ops, not the fallback.
-  return lambda x, k: fast_ops.conv(x, k, strides=strides, padding=padding,
+  return lambda x, k: xla_cpu.conv(x, k, strides=strides, padding=padding,
                                     native_below_flops=0)
 
 
@@ -38,8 +44,9 @@ def _native_transpose(strides):
   return lambda x, k: lax.conv_transpose(x, k, strides, 'VALID', dimension_numbers=_dn(x.ndim - 2))
 
 
-def _fast_transpose(strides):
-  return lambda x, k: fast_ops.conv_transpose(x, k, strides=strides)
+def _fast_transpose(strides, module=xla_cpu):
+  # xla_cpu: the phase conv through the rewrites; upsampling: through the native conv (GPU form).
+  return lambda x, k: module.conv_transpose(x, k, strides=strides)
 
 
 def _assert_same_op(native, fast, x_shape, k_shape, rtol=1e-5, dtype=jnp.float32, seed=0):
@@ -98,16 +105,17 @@ TRANSPOSE_CASES = [
 ]
 
 
+@pytest.mark.parametrize('module', [xla_cpu, upsampling], ids=['xla_cpu', 'upsampling'])
 @pytest.mark.parametrize('x_shape,k_shape,strides', TRANSPOSE_CASES)
-def test_conv_transpose_matches_native(x_shape, k_shape, strides):
-  _assert_same_op(_native_transpose(strides), _fast_transpose(strides), x_shape, k_shape)
+def test_conv_transpose_matches_native(x_shape, k_shape, strides, module):
+  _assert_same_op(_native_transpose(strides), _fast_transpose(strides, module), x_shape, k_shape)
 
 
 def test_conv_transpose_matches_flax_module():
   x = _normal((1, 3, 4, 5, 2))
   module = nn.ConvTranspose(3, (2, 2, 2), strides=(2, 2, 2), padding='VALID', use_bias=False)
   variables = module.init(jax.random.key(1), x)
-  y = fast_ops.conv_transpose(x, variables['params']['kernel'], strides=(2, 2, 2))
+  y = xla_cpu.conv_transpose(x, variables['params']['kernel'], strides=(2, 2, 2))
   np.testing.assert_allclose(y, module.apply(variables, x), atol=1e-5)
   # Each input voxel lands on its own 2x2x2 block, through the spatially flipped kernel.
   kernel = variables['params']['kernel']
@@ -138,7 +146,7 @@ def test_max_pool_matches_flax(shape, window, ties):
   if ties:  # many equal maxima: the gradient must go to the first one, as select_and_scatter
     x = jnp.round(x)
   y0, vjp0 = jax.vjp(lambda x: nn.max_pool(x, window, strides=window), x)
-  y1, vjp1 = jax.vjp(lambda x: fast_ops.max_pool(x, window), x)
+  y1, vjp1 = jax.vjp(lambda x: fused.max_pool(x, window), x)
   dy = _normal(seed=1, shape=y0.shape)
   np.testing.assert_array_equal(y1, y0)
   np.testing.assert_array_equal(vjp1(dy)[0], vjp0(dy)[0])
@@ -160,11 +168,11 @@ def test_instance_norm_act_matches_flax(shape, slope, dtype):
     y = nn.InstanceNorm(dtype=module_dtype).apply({'params': {'scale': scale, 'bias': bias}}, x)
     return y if slope is None else nn.leaky_relu(y, slope)
 
-  def fused(x, scale, bias):
-    return fast_ops.instance_norm_act(x, scale, bias, negative_slope=slope, dtype=module_dtype)
+  def fused_op(x, scale, bias):
+    return fused.instance_norm_act(x, scale, bias, negative_slope=slope, dtype=module_dtype)
 
   y0, vjp0 = jax.vjp(native, x, scale, bias)
-  y1, vjp1 = jax.vjp(fused, x, scale, bias)
+  y1, vjp1 = jax.vjp(fused_op, x, scale, bias)
   assert y1.dtype == y0.dtype and y1.shape == y0.shape
   dy = jnp.asarray(rng.standard_normal(shape), y0.dtype)
   tol = 1e-5 if dtype == jnp.float32 else 1e-2
@@ -176,7 +184,7 @@ def test_instance_norm_act_matches_flax(shape, slope, dtype):
 
 def test_instance_norm_act_bad_shapes():
   with pytest.raises(ValueError, match=r'scale \(3,\)'):
-    fast_ops.instance_norm_act(jnp.zeros((1, 4, 4, 2)), jnp.ones(3), jnp.zeros(3),
+    fused.instance_norm_act(jnp.zeros((1, 4, 4, 2)), jnp.ones(3), jnp.zeros(3),
                                negative_slope=0.01)
 
 
@@ -204,25 +212,25 @@ def test_second_order_grad_matches_native():
 ])
 def test_bad_shapes_raise_before_compute(x_shape, k_shape, strides, match):
   with pytest.raises(ValueError, match=match):
-    fast_ops.conv(jnp.zeros(x_shape), jnp.zeros(k_shape), strides=strides)
+    xla_cpu.conv(jnp.zeros(x_shape), jnp.zeros(k_shape), strides=strides)
 
 
 def test_bad_padding_and_pool_window_raise():
   with pytest.raises(ValueError, match='padding'):
-    fast_ops.conv(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), strides=(1, 1),
+    xla_cpu.conv(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), strides=(1, 1),
                   padding='CIRCULAR')
   with pytest.raises(ValueError, match='larger than the input'):
-    fast_ops.conv(jnp.zeros((1, 2, 4, 1)), jnp.zeros((3, 3, 1, 1)), strides=(1, 1),
+    xla_cpu.conv(jnp.zeros((1, 2, 4, 1)), jnp.zeros((3, 3, 1, 1)), strides=(1, 1),
                   padding='VALID')
   with pytest.raises(ValueError, match='window'):
-    fast_ops.max_pool(jnp.zeros((1, 4, 4, 1)), (2, 2, 2))
+    fused.max_pool(jnp.zeros((1, 4, 4, 1)), (2, 2, 2))
 
 
 def test_tiny_convs_fall_back_to_native():
   x, k = _normal((1, 4, 4, 4, 2)), _normal((3, 3, 3, 2, 3), seed=1)
-  hlo = jax.jit(lambda x, k: fast_ops.conv(x, k, strides=(1, 1, 1))).lower(x, k).as_text()
+  hlo = jax.jit(lambda x, k: xla_cpu.conv(x, k, strides=(1, 1, 1))).lower(x, k).as_text()
   assert hlo.count('convolution') == 1  # the one native 3D conv
-  hlo = jax.jit(lambda x, k: fast_ops.conv(x, k, strides=(1, 1, 1), native_below_flops=0)
+  hlo = jax.jit(lambda x, k: xla_cpu.conv(x, k, strides=(1, 1, 1), native_below_flops=0)
                 ).lower(x, k).as_text()
   convs = [l for l in hlo.splitlines() if 'stablehlo.convolution' in l]
   assert convs and all('x[0, 1, i, o]' in l for l in convs)  # 2D convs only
@@ -269,17 +277,26 @@ def test_layers_max_pool_dispatch():
     np.testing.assert_array_equal(vjp1(dy)[0], vjp0(dy)[0])
     # cpu_fast (and onednn) reshape and reduce; the others keep XLA's reduce-window.
     hlo = _hlo(lambda x, impl=impl: layers.max_pool(x, window, impl), x)
-    assert ('reduce_window' in hlo) == (not layers.uses_fast_ops(impl)), impl
+    assert ('reduce_window' in hlo) == (not layers.uses_fused_cpu_ops(impl)), impl
 
 
 def test_xla_cpu_flags_added_unless_user_set(monkeypatch):
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
-  fast_ops._add_xla_cpu_flags()
+  ops.configure_xla_flags()
   flags = os.environ['XLA_FLAGS'].split()
   assert flags[0] == '--xla_force_host_platform_device_count=4'
   assert ('--xla_cpu_experimental_ynn_fusion_type='
           'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE') in flags
   user = '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
   monkeypatch.setenv('XLA_FLAGS', user)
-  fast_ops._add_xla_cpu_flags()
+  ops.configure_xla_flags()
   assert os.environ['XLA_FLAGS'] == user
+
+
+def test_importing_the_model_leaves_xla_flags_alone():
+  code = ('import os; os.environ["XLA_FLAGS"] = "--user"; '
+          'import unet_ds.models, unet_ds.models.layers, unet_ds.models.ops.dispatch; '
+          'print(os.environ["XLA_FLAGS"])')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       timeout=120)
+  assert out.stdout.split() == ['--user']

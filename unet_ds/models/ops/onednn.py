@@ -1,6 +1,6 @@
 """oneDNN convolutions for XLA:CPU, as XLA FFI custom calls (`conv_impl='onednn'`).
 
-XLA:CPU has no fast 3D convolution: `fast_ops` rebuilds one from 2D convs and matmuls, but its
+XLA:CPU has no fast 3D convolution: `xla_cpu` rebuilds one from 2D convs and matmuls, but its
 kernel gradients run at ~150 GFLOP/s where oneDNN's direct convolutions (what PyTorch, and so
 MONAI, use on CPU) reach ~300-400 on the same cores. This module compiles a small C++ shim
 (`onednn_conv.cc`: forward, backward-data and backward-weights primitives on the model's
@@ -10,9 +10,9 @@ wheel, registers it with XLA, and exposes `conv` with a custom VJP.
 The shim is built once per source / jaxlib / oneDNN version with the system C++ compiler
 (`$CXX` or `g++`, a few seconds) into `$UNET_DS_CACHE_DIR/onednn` (default
 `~/.cache/unet_ds/onednn`). `available()` says whether it could be built and why not; the
-model falls back to `fast_ops` (`conv_impl='auto'`) when it can't.
+model falls back to `cpu_fast` (`conv_impl='auto'`) when it can't.
 
-Float32 only (other dtypes go through `fast_ops`). The custom call has no SPMD partitioning
+Float32 only (other dtypes go through `xla_cpu`). The custom call has no SPMD partitioning
 rule, so XLA would gather sharded operands onto each device: `conv_impl='auto'` picks it only
 when a single device runs the model.
 """
@@ -202,7 +202,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv_transpose(x: jax.Array, kernel: jax.Array, *, strides: Sequence[int]) -> jax.Array:
-  """Transposed conv with kernel == stride, equal to `fast_ops.conv_transpose` up to rounding.
+  """Transposed conv with kernel == stride, equal to `upsampling.conv_transpose` up to rounding.
 
   That is flax `ConvTranspose(padding='VALID')`'s op, `y[i * s + t] = x[i] @ kernel[k - 1 - t]`
   (output size `in * s`): the input gradient of a stride-s VALID conv whose kernel is `kernel`

@@ -1,11 +1,11 @@
-"""Micro-benchmark: `fast_ops` and `onednn` vs the native XLA ops, per U-Net-sized op.
+"""Micro-benchmark: `ops.xla_cpu` and `ops.onednn` vs the native XLA ops, per U-Net-sized op.
 
 Times forward and forward+backward (grads w.r.t. input and kernel) of each op, interleaving the
 implementations so that load from other processes hits them alike; prints the min over repeats
 (wall and process CPU time) and the speed-ups over native. CPU time is the steadier figure on a
 shared machine. `onednn` is timed where it applies (float32; transposed convs with k == s).
 
-  python benchmarks/fast_ops_bench.py [--repeats=3] [--only=conv3x3] [--skip_native_slow]
+  python benchmarks/ops_bench.py [--repeats=3] [--only=conv3x3] [--skip_native_slow]
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from unet_ds.models import fast_ops
-from unet_ds.models import onednn
+from unet_ds.models import ops
+from unet_ds.models.ops import common
+from unet_ds.models.ops import onednn
+from unet_ds.models.ops import xla_cpu
 
 # name, kind, x shape, kernel shape, strides: the ops of a 4-level 16-128 filter U-Net, batch 2.
 CASES = (
@@ -36,26 +38,21 @@ CASES = (
 )
 
 
-def _dn(rank):
-  sp = 'DHW'[3 - rank:]
-  return (f'N{sp}C', f'{sp}IO', f'N{sp}C')
-
-
 def _ops(kind, strides):
   if kind == 'conv':
-    native = lambda x, k: lax.conv_general_dilated(x, k, strides, 'SAME',
-                                                   dimension_numbers=_dn(x.ndim - 2))
-    fast = lambda x, k: fast_ops.conv(x, k, strides=strides, padding='SAME')
+    native = lambda x, k: lax.conv_general_dilated(
+        x, k, strides, 'SAME', dimension_numbers=common.dimension_numbers(x.ndim - 2))
+    fast = lambda x, k: xla_cpu.conv(x, k, strides=strides, padding='SAME')
   else:
-    native = lambda x, k: lax.conv_transpose(x, k, strides, 'VALID',
-                                             dimension_numbers=_dn(x.ndim - 2))
-    fast = lambda x, k: fast_ops.conv_transpose(x, k, strides=strides)
-  ops = {'native': native, 'fast': fast}
+    native = lambda x, k: lax.conv_transpose(
+        x, k, strides, 'VALID', dimension_numbers=common.dimension_numbers(x.ndim - 2))
+    fast = lambda x, k: xla_cpu.conv_transpose(x, k, strides=strides)
+  impls = {'native': native, 'xla_cpu': fast}
   if onednn.available():
-    ops['onednn'] = ((lambda x, k: onednn.conv(x, k, strides=strides, padding='SAME'))
-                     if kind == 'conv' else
-                     (lambda x, k: onednn.conv_transpose(x, k, strides=strides)))
-  return ops
+    impls['onednn'] = ((lambda x, k: onednn.conv(x, k, strides=strides, padding='SAME'))
+                       if kind == 'conv' else
+                       (lambda x, k: onednn.conv_transpose(x, k, strides=strides)))
+  return impls
 
 
 def _timed(fn, *args):
@@ -71,14 +68,14 @@ def main():
   parser.add_argument('--skip_native', default='',
                       help='comma-separated substrings of cases whose native grad is skipped')
   args = parser.parse_args()
+  ops.configure_xla_flags()
   for name, kind, xs, ks, strides in CASES:
     if args.only not in name:
       continue
     x = jax.random.normal(jax.random.key(0), xs)
     k = jax.random.normal(jax.random.key(1), ks) * 0.1
-    ops = _ops(kind, strides)
     fns = {}
-    for impl, op in ops.items():
+    for impl, op in _ops(kind, strides).items():
       fns[f'{impl}_fwd'] = jax.jit(op)
       if not (impl == 'native' and args.skip_native and
               any(s and s in name for s in args.skip_native.split(','))):
@@ -96,7 +93,7 @@ def main():
       row[f'{n}_ms'] = round(w * 1e3, 1)
       row[f'{n}_cpu_ms'] = round(c * 1e3, 1)
     for part in ('fwd', 'grad'):
-      for impl in ('fast', 'onednn'):
+      for impl in ('xla_cpu', 'onednn'):
         if f'native_{part}' in best and f'{impl}_{part}' in best:
           row[f'speedup_{impl}_{part}'] = round(
               best[f'native_{part}'][1] / best[f'{impl}_{part}'][1], 2)
