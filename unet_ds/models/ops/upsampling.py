@@ -10,7 +10,6 @@ channels and a reshape, exact; this is the `native_einsum_up` (GPU/TPU) default 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Callable, Sequence
 
