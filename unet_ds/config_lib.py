@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from unet_ds import losses
+from unet_ds import metrics
 from unet_ds import models
 from unet_ds import targets
 
@@ -40,7 +41,9 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.data.worker_count = 0             # grain worker processes (keep fixed across resumes)
 
   c.model = ml_collections.ConfigDict()
-  c.model.num_classes = c.data.get_ref('num_classes')
+  # Output channels: data.num_classes unless set (1: one sigmoid channel for two-class data).
+  # A one-way reference: setting it leaves data.num_classes (the label values) alone.
+  c.model.num_classes = c.data.get_ref('num_classes').identity()
   c.model.depth = 4
   c.model.base_filters = 8
   c.model.filter_growth = 2
@@ -261,15 +264,8 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
   model_cfg = models.model_config(c.model)
   if c.data.ndim not in (2, 3):
     raise ValueError(f'config.data.ndim: must be 2 or 3, got {c.data.ndim}')
-  binary = model_cfg.num_classes == 1 and c.data.num_classes == 2  # one sigmoid logit
-  if model_cfg.num_classes != c.data.num_classes and not binary:
-    raise ValueError(f'config.model.num_classes ({model_cfg.num_classes}) != config.data.'
-                     f'num_classes ({c.data.num_classes}) (1 is allowed for 2 data classes)')
   _check_choice(c.loss.name, losses.LOSSES, 'loss.name')
-  if (c.loss.name == 'bce_dice') != (model_cfg.num_classes == 1):
-    raise ValueError('config.loss.name: bce_dice needs model.num_classes=1 (one foreground logit) '
-                     f'and other losses need >= 2; got {c.loss.name!r} with num_classes='
-                     f'{model_cfg.num_classes}')
+  _check_outputs(c, model_cfg.num_classes)
   _check_choice(c.loss.ds_schedule, losses.SCHEDULES, 'loss.ds_schedule')
   _check_choice(c.loss.target, losses.TARGET_MODES, 'loss.target')
   _check_choice(c.loss.downsample, targets.DOWNSAMPLE_METHODS, 'loss.downsample')
@@ -299,6 +295,38 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
                      f'{shape[0] // m} of the first spatial axis')
   _validate_multirun(c, model_cfg)
   return model_cfg
+
+
+def _check_outputs(c: ml_collections.ConfigDict, channels: int) -> None:
+  """Output channels, label values, loss and regions agree; errors say what to set.
+
+  `data.num_classes` counts the label values (background included); `model.num_classes` the
+  output channels: the same (softmax), or 1 (one sigmoid channel) for two-class data.
+  """
+  k, loss = int(c.data.num_classes), c.loss.name
+  if channels == 1:
+    if k != 2:
+      raise ValueError(f'config.model.num_classes=1 (one sigmoid channel) needs two-class data, '
+                       f'but config.data.num_classes={k}; set --config.model.num_classes={k} '
+                       'with a softmax loss (dice_ce, dice, ce, generalized_dice)')
+    if loss not in losses.BINARY_LOSSES:
+      raise ValueError(f'config.loss.name={loss!r} is a softmax loss but config.model.'
+                       'num_classes=1 (one sigmoid channel); set --config.loss.name=bce_dice (or '
+                       'bce), or --config.model.num_classes=2 for a two-channel softmax')
+  elif channels != k:
+    raise ValueError(f'config.model.num_classes={channels} output channels for config.data.'
+                     f'num_classes={k} label values; set --config.model.num_classes={k} (or 1 '
+                     'with loss.name=bce_dice for two-class data)')
+  elif loss in losses.BINARY_LOSSES:
+    raise ValueError(f'config.loss.name={loss!r} trains one sigmoid channel but config.model.'
+                     f'num_classes={channels}; set --config.model.num_classes=1'
+                     + (' (two-class data)' if k == 2 else
+                        f', which needs data.num_classes=2 (here {k}); for {k} classes use '
+                        'dice_ce, dice, ce or generalized_dice'))
+  try:
+    metrics.parse_regions(c.get('eval', {}).get('regions', ''), k)
+  except ValueError as e:
+    raise ValueError(f'config.{e}') from None
 
 
 MULTIRUN_LISTS = ('seeds', 'ds_weights', 'ds_schedule', 'ds_floor')
