@@ -1,0 +1,134 @@
+"""Overlay PNGs: the label and each prediction drawn over the image, side by side.
+
+One PNG per case, a grid of panels: columns are the label, then each prediction in the order
+given (e.g. each variant's final output, each DS head's own prediction); rows are the views, the
+image itself for 2D, or for 3D the three orthogonal slices through the label's foreground centroid
+(through the centre when the label is empty): axis 0, axis 1, axis 2. A prediction of a coarser
+grid (a DS head's logits' argmax) is upsampled to the image's grid by nearest neighbour, each
+voxel taking the class of the coarse voxel that covers it.
+
+Every panel is `PANEL_PX` pixels square, so a grid of R x C panels is a PNG of
+`R * PANEL_PX` x `C * PANEL_PX` pixels. Drawing uses matplotlib's object API with the Agg canvas
+(no pyplot state, no display).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Mapping, Sequence
+
+from matplotlib import colors as mpl_colors
+from matplotlib import figure as mpl_figure
+from matplotlib.backends import backend_agg
+import numpy as np
+
+PANEL_PX = 200
+_DPI = 100
+_ALPHA = 0.45
+_CLASS_COLOURS = ('#e6194b', '#3cb44b', '#4363d8', '#ffe119', '#f58231', '#911eb4', '#46f0f0',
+                  '#f032e6', '#bcf60c', '#fabebe')
+
+
+def grid_shape(ndim: int, num_predictions: int) -> tuple[int, int]:
+  """(rows, columns) of panels: one row (2D) or three (3D); the label plus each prediction."""
+  if ndim not in (2, 3):
+    raise ValueError(f'overlays: need a 2D or 3D image, got {ndim} spatial axes')
+  return (1 if ndim == 2 else 3), 1 + num_predictions
+
+
+def upsample_nearest(labels: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+  """An integer map on a coarser grid brought to `shape`: each output voxel takes the class of
+  the input voxel covering it (the grids span the same extent)."""
+  labels = np.asarray(labels)
+  if labels.ndim != len(shape):
+    raise ValueError(f'overlays: prediction shape {labels.shape} and image shape {tuple(shape)} '
+                     'have different numbers of axes')
+  index = np.ix_(*[np.minimum((np.arange(n) * m) // n, m - 1)
+                   for n, m in zip(shape, labels.shape)])
+  return labels[index]
+
+
+def slice_centre(label: np.ndarray) -> tuple[int, ...]:
+  """The voxel nearest the label's foreground centroid (the centre if it has no foreground)."""
+  fg = np.argwhere(np.asarray(label) > 0)
+  if not fg.size:
+    return tuple(n // 2 for n in label.shape)
+  return tuple(int(round(c)) for c in fg.mean(0))
+
+
+def write_overlay(path: str | pathlib.Path, image: np.ndarray, label: np.ndarray,
+                  preds: Mapping[str, np.ndarray], *, spacing: Sequence[float] | None = None,
+                  title: str | None = None, num_classes: int | None = None) -> pathlib.Path:
+  """Writes one case's overlay grid (module doc) to `path` (a PNG); returns the path.
+
+  Args:
+    path: the PNG to write (its folder is created).
+    image: `[*spatial]` or `[*spatial, C]` (the first channel is shown), 2D or 3D.
+    label: integer map of the image's spatial shape (0 = background, not drawn).
+    preds: column title -> integer map of the image's shape or of a coarser grid (upsampled).
+    spacing: voxel size per axis, for the panels' aspect ratio (default: square voxels).
+    title: a line above the grid (e.g. the case id).
+    num_classes: fixes the colour of each class across files (default: the largest class shown).
+  """
+  image, label = np.asarray(image), np.asarray(label)
+  if image.ndim == label.ndim + 1:
+    image = image[..., 0]
+  if image.shape != label.shape:
+    raise ValueError(f'overlays: image shape {image.shape} != label shape {label.shape}')
+  rows, cols = grid_shape(label.ndim, len(preds))
+  spacing = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * label.ndim
+  if len(spacing) != label.ndim:
+    raise ValueError(f'overlays: spacing {spacing} needs {label.ndim} values')
+  maps = {'label': label}
+  for name, pred in preds.items():
+    pred = np.asarray(pred)
+    maps[name] = pred if pred.shape == label.shape else upsample_nearest(pred, label.shape)
+  top = num_classes if num_classes is not None else max(int(m.max(initial=0)) for m in maps.values()) + 1
+  cmap = mpl_colors.ListedColormap(['none'] + [_CLASS_COLOURS[i % len(_CLASS_COLOURS)]
+                                               for i in range(max(top - 1, 1))])
+  norm = mpl_colors.BoundaryNorm(np.arange(-0.5, max(top, 2) + 0.5), cmap.N)
+  lo, hi = np.percentile(image, (0.5, 99.5)) if image.size else (0.0, 1.0)
+
+  inch = PANEL_PX / _DPI
+  fig = mpl_figure.Figure(figsize=(cols * inch, rows * inch), dpi=_DPI)
+  backend_agg.FigureCanvasAgg(fig)
+  fig.subplots_adjust(left=0, right=1, bottom=0, top=1, wspace=0, hspace=0)
+  axes = fig.subplots(rows, cols, squeeze=False)
+  views = _views(label)
+  for r, (view_name, index, aspect_axes) in enumerate(views):
+    aspect = spacing[aspect_axes[0]] / spacing[aspect_axes[1]]
+    for c, (name, labels) in enumerate(maps.items()):
+      ax = axes[r, c]
+      ax.imshow(image[index], cmap='gray', vmin=lo, vmax=hi, aspect=aspect,
+                interpolation='nearest')
+      ax.imshow(np.ma.masked_equal(labels[index], 0), cmap=cmap, norm=norm, alpha=_ALPHA,
+                aspect=aspect, interpolation='nearest')
+      ax.set_axis_off()
+      text = name if r == 0 else ''
+      if c == 0 and view_name:
+        text = f'{text} ({view_name})' if text else view_name
+      if text:
+        ax.text(0.02, 0.98, text, transform=ax.transAxes, va='top', ha='left', fontsize=7,
+                color='white', bbox={'facecolor': 'black', 'alpha': 0.6, 'pad': 1.5,
+                                     'linewidth': 0})
+  if title:
+    fig.text(0.5, 0.0, title, ha='center', va='bottom', fontsize=7, color='white',
+             bbox={'facecolor': 'black', 'alpha': 0.6, 'pad': 1.5, 'linewidth': 0})
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=_DPI, facecolor='black')
+  return path
+
+
+def _views(label: np.ndarray) -> list[tuple[str, tuple, tuple[int, int]]]:
+  """(name, index into the volume, the (row, column) axes the slice shows) per row."""
+  if label.ndim == 2:
+    return [('', (slice(None), slice(None)), (0, 1))]
+  centre = slice_centre(label)
+  views = []
+  for axis in range(3):
+    index = [slice(None)] * 3
+    index[axis] = centre[axis]
+    shown = tuple(a for a in range(3) if a != axis)
+    views.append((f'axis {axis} = {centre[axis]}', tuple(index), shown))
+  return views
