@@ -301,30 +301,29 @@ def _check_outputs(c: ml_collections.ConfigDict, channels: int) -> None:
   """Output channels, label values, loss and regions agree; errors say what to set.
 
   `data.num_classes` counts the label values (background included); `model.num_classes` the
-  output channels: the same (softmax), or 1 (one sigmoid channel) for two-class data.
+  output channels: the same (softmax), or 1, one sigmoid channel for the foreground (class 1 of
+  two-class data, the union of the foreground classes otherwise), trained by a binary loss.
   """
   k, loss = int(c.data.num_classes), c.loss.name
+  regions = c.get('eval', {}).get('regions', '')
   if channels == 1:
-    if k != 2:
-      raise ValueError(f'config.model.num_classes=1 (one sigmoid channel) needs two-class data, '
-                       f'but config.data.num_classes={k}; set --config.model.num_classes={k} '
-                       'with a softmax loss (dice_ce, dice, ce, generalized_dice)')
     if loss not in losses.BINARY_LOSSES:
       raise ValueError(f'config.loss.name={loss!r} is a softmax loss but config.model.'
                        'num_classes=1 (one sigmoid channel); set --config.loss.name=bce_dice (or '
-                       'bce), or --config.model.num_classes=2 for a two-channel softmax')
+                       f'bce), or --config.model.num_classes={k} for a softmax over the classes')
+    if regions:
+      raise ValueError('config.eval.regions need a softmax output; with config.model.'
+                       'num_classes=1 (foreground only) set --config.eval.regions=""')
   elif channels != k:
     raise ValueError(f'config.model.num_classes={channels} output channels for config.data.'
-                     f'num_classes={k} label values; set --config.model.num_classes={k} (or 1 '
-                     'with loss.name=bce_dice for two-class data)')
+                     f'num_classes={k} label values; set --config.model.num_classes={k} (softmax) '
+                     'or 1 (one sigmoid foreground channel, with loss.name=bce_dice)')
   elif loss in losses.BINARY_LOSSES:
     raise ValueError(f'config.loss.name={loss!r} trains one sigmoid channel but config.model.'
-                     f'num_classes={channels}; set --config.model.num_classes=1'
-                     + (' (two-class data)' if k == 2 else
-                        f', which needs data.num_classes=2 (here {k}); for {k} classes use '
-                        'dice_ce, dice, ce or generalized_dice'))
+                     f'num_classes={channels}; set --config.model.num_classes=1 (foreground = '
+                     'every label > 0), or a softmax loss (dice_ce, dice, ce, generalized_dice)')
   try:
-    metrics.parse_regions(c.get('eval', {}).get('regions', ''), k)
+    metrics.parse_regions(regions, k)
   except ValueError as e:
     raise ValueError(f'config.{e}') from None
 
