@@ -86,6 +86,18 @@ def test_binary_output_counts_foreground_at_half_probability_per_head():
   assert out['heads'][0]['dice'] == [0.0, 0.0]  # predicted bg where the (shrunk) label is fg
 
 
+def test_binary_output_on_multiclass_labels_scores_the_foreground_union():
+  label = np.array([[0, 1, 2, 2, 3, 0]])              # 3 = ignore
+  logits = np.array([[-1.0, 1.0, 1.0, -1.0, 1.0, 1.0]])[..., None]
+  counts = np.asarray(metrics.output_counts(logits, (), label, 4, ignore_index=3))
+  assert counts.shape == (1, 3, 2)                     # background / foreground
+  np.testing.assert_array_equal(counts[0], [[1, 2], [1, 1], [1, 1]])
+  np.testing.assert_array_equal(metrics.foreground_label(label, 3), [[0, 1, 1, 1, 3, 0]])
+  np.testing.assert_array_equal(metrics.foreground_label(label), [[0, 1, 1, 1, 1, 0]])
+  with pytest.raises(ValueError, match='regions need a softmax'):
+    metrics.output_counts(logits, (), label, 4, regions=(('a', (1, 2)),))
+
+
 def _partly_ignored(seed=0):
   """Labels 0..2 with 3 as the ignore label; a prediction right on every annotated voxel and
   wrong (classes 1, 2) on the ignored ones."""

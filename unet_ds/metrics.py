@@ -15,6 +15,8 @@ rest. A negative `ignore_index` or None means none.
 
 Logits with one channel are a binary (sigmoid) output: the foreground is `sigmoid > 0.5`, i.e.
 `logit > 0`, and it is class 1 of a two-class map (`labels_from_logits`, `probs_from_logits`).
+It is scored against `foreground_label(label)`: 1 where the label is any class > 0 (class 1 of
+two-class data; the union of the foreground classes of multi-class data), as `bce_dice` trains.
 
 Regions (`eval.regions`, e.g. BraTS whole tumour = labels {1, 2, 3}) are unions of classes,
 scored as one foreground each; their counts follow the class counts on the last axis
@@ -60,6 +62,14 @@ def probs_from_logits(logits: jax.Array) -> jax.Array:
     p = jax.nn.sigmoid(logits)
     return jnp.concatenate([1 - p, p], axis=-1)
   return jax.nn.softmax(logits, axis=-1)
+
+
+def foreground_label(label: jax.Array, ignore_index: int | None = None) -> jax.Array:
+  """The two-class label a one-sigmoid-channel output is scored against: 1 where `label > 0`
+  (every foreground class), 0 elsewhere; voxels labelled `ignore_index` keep that value."""
+  fg = (label > 0).astype(label.dtype)
+  ignore_index = _ignore(ignore_index)
+  return fg if ignore_index is None else jnp.where(label == ignore_index, label, fg)
 
 
 def _ignore(ignore_index: int | None) -> int | None:
@@ -154,9 +164,16 @@ def output_counts(final: jax.Array, intermediates: Sequence[jax.Array], label: j
                   ignore_index: int | None = None, regions: Regions = ()) -> jax.Array:
   """`[1 + n_heads, 3, K + R]` counts for `final` and every head (label shrunk to each head).
 
-  Logits may have K channels (softmax) or one (sigmoid, foreground at p > 0.5; `num_classes`
-  stays the number of label values, 2).
+  Logits have K = `num_classes` channels (softmax), or one (sigmoid): then the counts are of the
+  two classes background / foreground (`foreground_label`), `[1 + n_heads, 3, 2]`, whatever
+  `num_classes` (the label values) is, and there are no regions.
   """
+  binary = final.shape[-1] == 1
+  if binary:
+    if regions:
+      raise ValueError('eval.regions need a softmax output (model.num_classes > 1); a single '
+                       'sigmoid channel has only background / foreground')
+    label, num_classes = foreground_label(label, ignore_index), 2
   counts = []
   for out in (final, *intermediates):
     lab = label if out.shape[1:-1] == label.shape[1:] else targets.nearest(label, out.shape[1:-1])
