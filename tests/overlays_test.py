@@ -73,3 +73,21 @@ def test_bad_input(tmp_path):
   with pytest.raises(ValueError, match='spacing'):
     overlays.write_overlay(tmp_path / 'x.png', np.zeros((4, 4)), np.zeros((4, 4)), {},
                            spacing=(1.0,))
+
+
+def test_output_predict_fns_resize_each_head():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def apply_fn(x):  # a stand-in model: final at full size, heads at 1/2 and 1/4
+    final = jnp.concatenate([x, -x], -1)
+    return final, (final[:, ::2, ::2] + 1.0, final[:, ::4, ::4] + 2.0)
+
+  fns = overlays.output_predict_fns(apply_fn, (1, 8, 8, 1))
+  assert list(fns) == ['final', 'head 1', 'head 2']
+  x = jnp.arange(64, dtype=jnp.float32).reshape(1, 8, 8, 1)
+  np.testing.assert_array_equal(fns['final'](x), apply_fn(x)[0])
+  head2 = np.asarray(fns['head 2'](x))
+  assert head2.shape == (1, 8, 8, 2)
+  # Nearest neighbour: each 4x4 block holds the coarse value of its corner voxel, + 2.
+  np.testing.assert_array_equal(head2[0, :4, :4, 0], np.full((4, 4), 0.0 + 2.0))
+  np.testing.assert_array_equal(head2[0, 4:, 4:, 1], np.full((4, 4), -36.0 + 2.0))

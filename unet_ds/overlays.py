@@ -10,13 +10,18 @@ voxel taking the class of the coarse voxel that covers it.
 Every panel is `PANEL_PX` pixels square, so a grid of R x C panels is a PNG of
 `R * PANEL_PX` x `C * PANEL_PX` pixels. Drawing uses matplotlib's object API with the Agg canvas
 (no pyplot state, no display).
+
+`output_predict_fns` turns a model into one window function per output (the final logits and
+each DS head's, resized to the window), so that every output of a run is predicted over the whole
+image by the same sliding window as the final one.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
+import jax
 from matplotlib import colors as mpl_colors
 from matplotlib import figure as mpl_figure
 from matplotlib.backends import backend_agg
@@ -27,6 +32,27 @@ _DPI = 100
 _ALPHA = 0.45
 _CLASS_COLOURS = ('#e6194b', '#3cb44b', '#4363d8', '#ffe119', '#f58231', '#911eb4', '#46f0f0',
                   '#f032e6', '#bcf60c', '#fabebe')
+
+
+def output_predict_fns(apply_fn: Callable[[jax.Array], tuple[jax.Array, Sequence[jax.Array]]],
+                       window_shape: Sequence[int]
+                       ) -> dict[str, Callable[[jax.Array], jax.Array]]:
+  """`{'final': fn, 'head 1': fn, ...}`: each `[B, *patch, C] -> logits [B, *patch, K]`.
+
+  `apply_fn` is the model's `x -> (final, intermediates)` (e.g. `lambda x: model.apply(variables,
+  x, train=False)`); `window_shape` is one input `[B, *patch, C]`, used to count the heads
+  (highest resolution first, as the model returns them). A head's logits are resized to the
+  window by nearest neighbour, so its prediction keeps its own resolution.
+  """
+  _, heads = jax.eval_shape(apply_fn, jax.ShapeDtypeStruct(tuple(window_shape), 'float32'))
+  fns = {'final': lambda x: apply_fn(x)[0]}
+  for h in range(len(heads)):
+    fns[f'head {h + 1}'] = lambda x, h=h: _resize_to(apply_fn(x)[1][h], x.shape)
+  return fns
+
+
+def _resize_to(logits: jax.Array, input_shape: Sequence[int]) -> jax.Array:
+  return jax.image.resize(logits, (*input_shape[:-1], logits.shape[-1]), method='nearest')
 
 
 def grid_shape(ndim: int, num_predictions: int) -> tuple[int, int]:
