@@ -91,3 +91,22 @@ def test_output_predict_fns_resize_each_head():
   # Nearest neighbour: each 4x4 block holds the coarse value of its corner voxel, + 2.
   np.testing.assert_array_equal(head2[0, :4, :4, 0], np.full((4, 4), 0.0 + 2.0))
   np.testing.assert_array_equal(head2[0, 4:, 4:, 1], np.full((4, 4), -36.0 + 2.0))
+
+
+def test_output_windows_predict_every_output_over_the_whole_image():
+  import types  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def apply_fn(x):  # pointwise: class 1 where x > 0; one head at 1/2 resolution
+    final = jnp.concatenate([-x, x], -1)
+    return final, (final[:, ::2, ::2],)
+
+  settings = types.SimpleNamespace(patch_size=(8, 8), overlap=0.5, batch_size=2,
+                                   sigma_scale=1 / 8, tta_axes=())
+  windows = overlays.OutputWindows(apply_fn, settings, in_channels=1)
+  assert windows.names == ['final', 'head 1']
+  image = np.random.default_rng(1).normal(size=(13, 11, 1)).astype(np.float32)
+  labels = windows.labels(image)
+  np.testing.assert_array_equal(labels['final'], image[..., 0] > 0)
+  assert labels['head 1'].shape == (13, 11)
+  assert overlays.example_spacing({'image': image}) is None

@@ -12,20 +12,27 @@ Every panel is `PANEL_PX` pixels square, so a grid of R x C panels is a PNG of
 (no pyplot state, no display).
 
 `output_predict_fns` turns a model into one window function per output (the final logits and
-each DS head's, resized to the window), so that every output of a run is predicted over the whole
-image by the same sliding window as the final one.
+each DS head's, resized to the window), and `OutputWindows` predicts every output of a run over a
+whole image by the same sliding window as the final one:
+
+  windows = overlays.OutputWindows(lambda x: model.apply(variables, x, train=False), settings,
+                                   in_channels)
+  overlays.write_overlay(path, example['image'], example['label'], windows.labels(
+      example['image']), spacing=overlays.example_spacing(example), title=case_id)
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 from matplotlib import colors as mpl_colors
 from matplotlib import figure as mpl_figure
 from matplotlib.backends import backend_agg
 import numpy as np
+
+from unet_ds import inference
 
 PANEL_PX = 200
 _DPI = 100
@@ -53,6 +60,46 @@ def output_predict_fns(apply_fn: Callable[[jax.Array], tuple[jax.Array, Sequence
 
 def _resize_to(logits: jax.Array, input_shape: Sequence[int]) -> jax.Array:
   return jax.image.resize(logits, (*input_shape[:-1], logits.shape[-1]), method='nearest')
+
+
+class OutputWindows:
+  """Every output of a model (final, head 1, ...) predicted over whole images by sliding window.
+
+  `settings` is the run's sliding-window settings (`patch_size`, `overlap`, `batch_size`,
+  `sigma_scale`, `tta_axes`: `predict.settings_from_config(config)`); each output is jitted
+  once and reused across images.
+  """
+
+  def __init__(self, apply_fn: Callable[[jax.Array], tuple[jax.Array, Sequence[jax.Array]]],
+               settings: Any, in_channels: int):
+    self.settings = settings
+    patch = tuple(int(p) for p in settings.patch_size)
+    weight = inference.gaussian_importance(patch, settings.sigma_scale)
+    fns = output_predict_fns(apply_fn, (int(settings.batch_size), *patch, int(in_channels)))
+    self._window_fns = {name: inference.make_window_fn(fn, weight, settings.tta_axes)
+                        for name, fn in fns.items()}
+
+  @property
+  def names(self) -> list[str]:
+    return list(self._window_fns)
+
+  def labels(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    """`{output: integer map [*spatial]}` of one image `[*spatial, C]`."""
+    s = self.settings
+    return {name: np.argmax(inference.sliding_window_predict(
+                None, image, patch_size=s.patch_size, overlap=s.overlap,
+                batch_size=s.batch_size, sigma_scale=s.sigma_scale, tta_axes=s.tta_axes,
+                window_fn=window_fn), -1)
+            for name, window_fn in self._window_fns.items()}
+
+
+def example_spacing(example: Mapping[str, Any]) -> tuple[float, ...] | None:
+  """The voxel size (mm) of an example's grid from its `geometry` (None: no physical size)."""
+  g = example.get('geometry')
+  if g is None or g.original_spacing is None:
+    return None
+  return tuple(float(sp) * n0 / n for sp, n0, n in zip(g.original_spacing, g.original_shape,
+                                                       g.shape))
 
 
 def grid_shape(ndim: int, num_predictions: int) -> tuple[int, int]:
