@@ -14,6 +14,7 @@ from unet_ds import bench
 from unet_ds import config_lib
 from unet_ds import models
 from unet_ds import optim
+from unet_ds import state as state_lib
 from unet_ds import train
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,8 @@ def test_bench_record_2d_smoke():
   assert record['train_flops_per_step'] > 2 * record['infer_flops'] > 0
   assert record['achieved_flops_per_s'] == pytest.approx(
       record['train_flops_per_step'] / record['step_s_median'])
-  assert record['peak_rss_mb'] > 0
+  assert 0 < record['baseline_rss_mb'] <= record['train_peak_rss_mb'] <= record['peak_rss_mb']
+  assert record['threads'] >= 1
   assert record['config']['model']['depth'] == c.model.depth
 
 
@@ -76,7 +78,7 @@ def _train(c, steps):
   # Learnable: the image is the label plus noise.
   image = (label + 0.3 * rng.standard_normal(shape)).astype(np.float32)[..., None]
   batch = {'image': jax.numpy.asarray(image), 'label': jax.numpy.asarray(label)}
-  state = jax.jit(functools.partial(train.create_train_state, model, tx, 0, image.shape))()
+  state = jax.jit(functools.partial(state_lib.create, model, tx, 0, image.shape))()
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, ds_loss=ds_loss))
   losses = []
   for _ in range(steps):

@@ -108,29 +108,51 @@ def model_flops(fn: Callable[..., Any], *args: Any) -> float | None:
     return None
 
 
-def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
-        peak_flops: float = 0.0) -> dict[str, Any]:
-  """Builds the model, optimiser and DS loss of `config`, times them; returns the JSON record."""
+def peak_rss_mb() -> float:
+  """The process's peak resident set size so far (MiB): what the host had to hold at once."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dataclasses.dataclass
+class TrainStep:
+  """A compiled, donating train step of a config on one fixed random batch."""
+  compiled: Any
+  state: Any
+  batch: dict[str, Any]
+  impl: str                 # the resolved conv_impl
+  flops: float | None       # XLA's count of the same step with the native ops
+  compile_s: float
+  setup: Any               # state.Setup: model, model config, optimiser
+  native_model: Any         # the same model with the native ops (FLOP counts)
+
+  def __call__(self) -> Any:
+    self.state, metrics = self.compiled(self.state, self.batch)
+    return metrics
+
+
+def prepare_train(config: Any) -> TrainStep:
+  """Builds the model, optimiser and DS loss of `config`, a random batch, and compiles the step.
+
+  The batch is built on the host once and placed like the trainer places its batches; the state
+  is donated to each step, as in training.
+  """
   import jax  # pylint: disable=g-import-not-at-top  (after flags)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
   from unet_ds import models  # pylint: disable=g-import-not-at-top
-  from unet_ds import optim  # pylint: disable=g-import-not-at-top
   from unet_ds import sharding  # pylint: disable=g-import-not-at-top
+  from unet_ds import state as state_lib  # pylint: disable=g-import-not-at-top
   from unet_ds import train  # pylint: disable=g-import-not-at-top
   from unet_ds.data import datasets  # pylint: disable=g-import-not-at-top
   from unet_ds.models import layers  # pylint: disable=g-import-not-at-top
 
-  if steps < 1 or warmup < 0:
-    raise ValueError(f'bench: need steps >= 1 and warmup >= 0, got {steps}, {warmup}')
-  model_cfg = config_lib.validate(config)
+  setup = state_lib.Setup.from_config(config)
+  model_cfg = setup.model_config
   sharding.maybe_initialize_distributed(config.mesh)
   mesh = sharding.make_mesh(config.mesh)
   batch_size = int(config.train.batch_size)
   sharding.check_batch_size(mesh, batch_size, 'batch_size')
   shape = tuple(datasets.training_shape(config.data))
   num_classes = max(int(config.data.num_classes), 2)
-  tx, _ = optim.make_optimizer(config.optim, int(config.train.steps))
   ds_loss = train.DSLoss.from_config(config, model_cfg)
   input_shape = (batch_size, *shape, int(config.data.in_channels))
 
@@ -140,42 +162,53 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
       'label': rng.integers(0, num_classes, (batch_size, *shape), dtype=np.int32),
   }
   batch = sharding.shard_batch(mesh, host_batch)
+  del host_batch
 
-  def build(impl: str):
-    model = models.get_model(dataclasses.replace(model_cfg, conv_impl=impl))
-    step = functools.partial(train.train_step, model=model, tx=tx, ds_loss=ds_loss)
-    return model, step
+  def step_fn(model):
+    return functools.partial(train.train_step, model=model, tx=setup.tx, ds_loss=ds_loss)
 
-  impl = layers.resolve_impl(model_cfg.conv_impl)
-  model, step = build(model_cfg.conv_impl)
   repl = sharding.replicated(mesh)
-  init = functools.partial(train.create_train_state, model, tx, int(config.seed), input_shape)
+  init = functools.partial(state_lib.create, setup.model, setup.tx, int(config.seed), input_shape)
   state = jax.jit(init, out_shardings=repl)()
-  native_model, native_step = build('native')
+  native_model = models.get_model(dataclasses.replace(model_cfg, conv_impl='native'))
+  flops = model_flops(step_fn(native_model), state, batch)
+  train_fn = jax.jit(step_fn(setup.model), out_shardings=(repl, repl), donate_argnums=0)
+  t = time.perf_counter()
+  compiled = train_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  return TrainStep(compiled=compiled, state=state, batch=batch,
+                   impl=layers.resolve_impl(model_cfg.conv_impl), flops=flops,
+                   compile_s=compile_s, setup=setup, native_model=native_model)
+
+
+def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
+        peak_flops: float = 0.0) -> dict[str, Any]:
+  """Builds the model, optimiser and DS loss of `config`, times them; returns the JSON record."""
+  import jax  # pylint: disable=g-import-not-at-top  (after flags)
+  from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
+
+  if steps < 1 or warmup < 0:
+    raise ValueError(f'bench: need steps >= 1 and warmup >= 0, got {steps}, {warmup}')
+  baseline_rss = peak_rss_mb()
+  train_step = prepare_train(config)
+  model_cfg = train_step.setup.model_config
+  shape = list(train_step.batch['label'].shape[1:])
+  batch_size = int(train_step.batch['label'].shape[0])
 
   dev = jax.devices()[0]
   record: dict[str, Any] = {
       'backend': jax.default_backend(), 'device_kind': dev.device_kind,
-      'num_devices': jax.device_count(), 'conv_impl': impl, 'dtype': model_cfg.dtype,
-      'remat': model_cfg.remat, 'batch_size': batch_size, 'shape': list(shape),
-      'timed_steps': steps,
+      'num_devices': jax.device_count(), 'conv_impl': train_step.impl, 'dtype': model_cfg.dtype,
+      'remat': model_cfg.remat, 'batch_size': batch_size, 'shape': shape,
+      'timed_steps': steps, 'threads': len(os.sched_getaffinity(0)),
   }
   voxels = batch_size * math.prod(shape)
   peak = peak_flops or known_peak(dev.device_kind, model_cfg.dtype)
 
   if mode in ('train', 'both'):
-    record['train_flops_per_step'] = model_flops(native_step, state, batch)
-    train_fn = jax.jit(step, out_shardings=(repl, repl), donate_argnums=0)
-    t = time.perf_counter()
-    compiled = train_fn.lower(state, batch).compile()
-    record['compile_s'] = time.perf_counter() - t
-    holder = {'state': state}
-
-    def one_step():
-      holder['state'], m = compiled(holder['state'], batch)
-      return m
-
-    first, times, cpu_times = _time_calls(one_step, steps, warmup)
+    record['train_flops_per_step'] = train_step.flops
+    record['compile_s'] = train_step.compile_s
+    first, times, cpu_times = _time_calls(train_step, steps, warmup)
     record['first_step_s'] = first
     record.update(_stats(times, 'step_s'))
     record['step_cpu_s_median'] = statistics.median(cpu_times)
@@ -184,21 +217,21 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
       record['achieved_flops_per_s'] = record['train_flops_per_step'] / record['step_s_median']
       if peak:
         record['fraction_of_peak'] = record['achieved_flops_per_s'] / peak
-    state = holder['state']
+    record['train_peak_rss_mb'] = peak_rss_mb()
 
   if mode in ('infer', 'both'):
     def forward(m, variables, x):
       return m.apply(variables, x, train=False)
 
-    variables = state.variables()
-    record['infer_flops'] = model_flops(functools.partial(forward, native_model), variables,
-                                        batch['image'])
-    infer_fn = jax.jit(functools.partial(forward, model))
+    variables = train_step.state.variables()
+    image = train_step.batch['image']
+    record['infer_flops'] = model_flops(functools.partial(forward, train_step.native_model),
+                                        variables, image)
+    infer_fn = jax.jit(functools.partial(forward, train_step.setup.model))
     t = time.perf_counter()
-    compiled_infer = infer_fn.lower(variables, batch['image']).compile()
+    compiled_infer = infer_fn.lower(variables, image).compile()
     record['infer_compile_s'] = time.perf_counter() - t
-    _, times, cpu_times = _time_calls(lambda: compiled_infer(variables, batch['image']), steps,
-                                      warmup)
+    _, times, cpu_times = _time_calls(lambda: compiled_infer(variables, image), steps, warmup)
     record.update(_stats(times, 'infer_s'))
     record['infer_cpu_s_median'] = statistics.median(cpu_times)
     record['infer_voxels_per_s'] = voxels / record['infer_s_median']
@@ -208,7 +241,8 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
   if peak:
     record['peak_flops_per_s'] = peak
   record['load_avg_1min'] = os.getloadavg()[0]  # other jobs on the machine skew the timings
-  record['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  record['baseline_rss_mb'] = baseline_rss  # after imports, before any model work
+  record['peak_rss_mb'] = peak_rss_mb()
   try:
     mem = dev.memory_stats() or {}
   except Exception:  # pylint: disable=broad-except
