@@ -1,0 +1,230 @@
+"""Tests for unet_ds.plan and configs/auto.py on small NIfTI / PNG folders written here:
+anisotropic (1 x 1 x 4 mm), CT-like (HU, -1024 air), multi-channel 4D; planned values against hand
+computation."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import nibabel
+import numpy as np
+from PIL import Image
+import pytest
+
+from unet_ds import config_lib
+from unet_ds import plan as plan_lib
+from unet_ds.data import msd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write(root, name, image, label, spacing):
+  affine = np.diag([*spacing, 1.0])
+  nibabel.save(nibabel.Nifti1Image(image, affine), root / 'imagesTr' / f'{name}.nii.gz')
+  nibabel.save(nibabel.Nifti1Image(label, affine), root / 'labelsTr' / f'{name}.nii.gz')
+
+
+def _folder(root, modality=None):
+  (root / 'imagesTr').mkdir(parents=True)
+  (root / 'labelsTr').mkdir()
+  if modality:
+    meta = {'modality': {str(i): m for i, m in enumerate(modality)},
+            'labels': {'0': 'background', '1': 'organ'}}
+    (root / 'dataset.json').write_text(json.dumps(meta))
+
+
+def _anisotropic_set(root):
+  """Five MRI-like cases at 1 x 1 x z mm, z in 3.5..5 (median 4), 24 x 28 x 6 voxels."""
+  _folder(root)
+  rng = np.random.default_rng(0)
+  for i, z in enumerate((4.0, 4.0, 5.0, 3.5, 4.5)):
+    image = rng.normal(300, 50, (24, 28, 6)).astype(np.float32)
+    label = np.zeros((24, 28, 6), np.uint8)
+    label[8:16, 10:20, 2:4] = 1
+    _write(root, f'mr_{i}', image, label, (1.0, 1.0, z))
+
+
+def _ct_set(root, channels=1):
+  """HU volumes: air -1024, soft tissue ~40 HU in the organ (label 1), a few bone voxels."""
+  _folder(root, ['CT', 'MRI'][:channels])
+  rng = np.random.default_rng(1)
+  cases = {}
+  for i in range(3):
+    ct = np.full((12, 10, 8), -1024.0, np.float32)
+    organ = np.zeros((12, 10, 8), bool)
+    organ[3:9, 2:8, 2:6] = True
+    ct[organ] = rng.normal(40, 10, organ.sum())
+    ct[0, 0, :] = 1500.0  # bone outside the organ
+    image = ct if channels == 1 else np.stack([ct, rng.normal(5, 2, ct.shape)], -1)
+    label = organ.astype(np.uint8)
+    _write(root, f'ct_{i}', image.astype(np.float32), label, (0.7, 0.7, 1.5))
+    cases[f'ct_{i}'] = (image, organ)
+  return cases
+
+
+def test_target_spacing_median_and_anisotropic_rule():
+  shapes = np.array([[100, 100, 20]] * 5)
+  iso = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 2.0], [1.0, 1.0, 1.5], [1.0, 1.0, 1.2],
+                  [1.0, 1.0, 2.5]])
+  assert plan_lib.target_spacing(iso, shapes) == ([1.0, 1.0, 1.5], None)
+  aniso = np.array([[0.8, 0.8, 5.0], [0.8, 0.8, 4.0], [0.8, 0.8, 6.0], [0.8, 0.8, 3.0],
+                    [0.8, 0.8, 5.0]])
+  target, axis = plan_lib.target_spacing(aniso, shapes)
+  # 10th percentile of [3, 4, 5, 5, 6]: 3 + 0.4 * (4 - 3) = 3.4
+  assert axis == 2 and target == pytest.approx([0.8, 0.8, 3.4])
+
+
+def test_pooling_waits_for_the_coarse_axis():
+  strides = plan_lib.pooling([64, 64, 16], [1.0, 1.0, 4.0])
+  assert strides == [[2, 2, 1], [2, 2, 1], [2, 2, 2], [2, 2, 2]]
+  assert plan_lib.multiples(strides, 3) == [16, 16, 4]
+  assert plan_lib.pooling([40, 56, 40], [1.0, 1.0, 1.0]) == [[2, 2, 2]] * 3  # 5 < 2 * 4 stops
+
+
+def test_patch_size_fits_the_budget():
+  # Task04 hippocampus: median 36 x 51 x 36.5 at 1 mm -> nnU-Net's (40, 56, 40), 3 pools.
+  patch, strides = plan_lib.patch_and_pooling([36, 51, 36.5], [1.0, 1.0, 1.0], 100_000)
+  assert patch == [40, 56, 40] and len(strides) == 3
+  patch, strides = plan_lib.patch_and_pooling([512, 512], [1.0, 1.0], 256 * 256)
+  assert patch == [256, 256] and len(strides) == 5
+  patch, _ = plan_lib.patch_and_pooling([200, 200, 200], [1.0, 1.0, 1.0], 30_000)
+  assert np.prod(patch) <= 30_000 and max(patch) - min(patch) <= 8
+
+
+def test_batch_size_rules():
+  strides = [[2, 2, 2]] * 3
+  kw = dict(budget=100_000, memory_mb=2048, dataset_voxels=1e9)
+  assert plan_lib.batch_size([40, 56, 40], strides, 8, **kw) == 2  # 200000 // 89600
+  assert plan_lib.batch_size([16, 16, 16], strides, 8, **kw) == 48  # 200000 // 4096
+  assert plan_lib.batch_size([16, 16, 16], strides, 8, **{**kw, 'dataset_voxels': 4096 * 100}) == 5
+  tight = plan_lib.activation_bytes([16, 16, 16], strides, 8) * 3 / 2**20
+  assert plan_lib.batch_size([16, 16, 16], strides, 8, **{**kw, 'memory_mb': tight}) == 3
+
+
+def test_anisotropic_plan_and_prepared_data(tmp_path):
+  root = tmp_path / 'Aniso'
+  _anisotropic_set(root)
+  plan = plan_lib.plan_for(str(root), str(tmp_path / 'tfds'))
+  # median z 4 > 3 x 1 and 6 slices * 3 < 24: z takes the 10th percentile of [3.5, 4, 4, 4.5, 5]
+  assert plan['target_spacing'] == pytest.approx([1.0, 1.0, 3.7])
+  assert plan['anisotropic_axis'] == 2 and plan['resampling']['needed']
+  assert plan['normalization'] == ['zscore'] and plan['ct_stats'] == []
+  assert plan['num_classes'] == 2 and plan['in_channels'] == 1
+  assert plan['strides'][0] == [2, 2, 1]  # in-plane first: z spacing is 3.7x the finest
+  mult = plan_lib.multiples(plan['strides'], 3)
+  assert all(p % m == 0 for p, m in zip(plan['patch_size'], mult))
+  assert os.path.exists(os.path.join(plan['plan_dir'], 'plan.json'))
+  sources = msd.load({'path': str(root), 'num_classes': 2, 'data_dir': str(tmp_path / 'tfds'),
+                      'val_fraction': 0.0, 'target_spacing': plan['target_spacing']})
+  shapes = {tuple(ex['shape']) for ex in (sources['train'][i] for i in range(5))}
+  # z: round(6 * z / 3.7) for z in (4, 4, 5, 3.5, 4.5)
+  assert shapes == {(24, 28, round(6 * z / 3.7)) for z in (4.0, 5.0, 3.5, 4.5)}
+
+
+def test_ct_plan_uses_dataset_foreground_statistics(tmp_path):
+  root = tmp_path / 'CT'
+  cases = _ct_set(root)
+  plan = plan_lib.plan_for(str(root), str(tmp_path / 'tfds'))
+  fg = np.concatenate([img[organ] for img, organ in cases.values()]).astype(np.float64)
+  low, high = np.percentile(fg, [0.5, 99.5])
+  assert plan['normalization'] == ['ct']
+  np.testing.assert_allclose(plan['ct_stats'][0], [low, high, fg.mean(), fg.std()], rtol=1e-5)
+  assert plan['target_spacing'] == [] and plan['anisotropic_axis'] is None  # all at 0.7x0.7x1.5
+  c = _auto_config(f'path={root},data_dir={tmp_path / "tfds"}')
+  assert c.data.normalization == 'ct' and c.plan.normalization == ('ct',)
+  sources = msd.load(c.data)
+  ex = next(sources[s][i] for s in sources for i in range(len(sources[s])))
+  image, organ = cases[ex['case_id']]
+  expected = (np.clip(image, low, high) - fg.mean()) / fg.std()
+  np.testing.assert_allclose(ex['image'][..., 0], expected, rtol=1e-4, atol=1e-4)
+  assert ex['image'][-1, -1, -1, 0] == pytest.approx((low - fg.mean()) / fg.std(), rel=1e-4)  # air
+  assert ex['image'][0, 0, 0, 0] == pytest.approx((high - fg.mean()) / fg.std(), rel=1e-4)  # bone
+
+
+def test_multichannel_ct_and_mri_channels(tmp_path):
+  root = tmp_path / 'Multi'
+  cases = _ct_set(root, channels=2)
+  plan = plan_lib.plan_for(str(root), str(tmp_path / 'tfds'))
+  assert plan['in_channels'] == 2 and plan['normalization'] == ['ct', 'zscore']
+  assert len(plan['ct_stats']) == 2
+  c = _auto_config(f'path={root},data_dir={tmp_path / "tfds"}')
+  assert c.data.normalization == 'ct,zscore' and c.data.in_channels == 2
+  sources = msd.load({**c.data.to_dict(), 'val_fraction': 0.0})
+  ex = sources['train'][0]
+  image, _ = cases[ex['case_id']]
+  low, high, mean, std = plan['ct_stats'][0]
+  np.testing.assert_allclose(ex['image'][..., 0], (np.clip(image[..., 0], low, high) - mean) / std,
+                             rtol=1e-4, atol=1e-4)
+  assert abs(ex['image'][..., 1].mean()) < 1e-4 and abs(ex['image'][..., 1].std() - 1) < 1e-3
+
+
+def test_fingerprint_is_cached_and_keyed_by_the_files(tmp_path, monkeypatch):
+  root = tmp_path / 'Aniso'
+  _anisotropic_set(root)
+  data_dir = str(tmp_path / 'tfds')
+  first = plan_lib.plan_for(str(root), data_dir)
+  def recompute(*args, **kwargs):
+    raise RuntimeError('fingerprint recomputed')
+  monkeypatch.setattr(plan_lib, 'compute_fingerprint', recompute)
+  assert plan_lib.plan_for(str(root), data_dir) == first
+  image = nibabel.load(root / 'imagesTr' / 'mr_0.nii.gz')
+  nibabel.save(nibabel.Nifti1Image(np.asarray(image.dataobj)[:20], image.affine),
+               root / 'imagesTr' / 'mr_0.nii.gz')
+  with pytest.raises(RuntimeError, match='fingerprint recomputed'):
+    plan_lib.plan_for(str(root), data_dir)
+
+
+def test_2d_folder_plan_derives_a_label_map(tmp_path):
+  root = tmp_path / 'em'
+  (root / 'image').mkdir(parents=True)
+  (root / 'label').mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 255, (64, 48), dtype=np.uint8)).save(root / 'image' / f'{i}.png')
+    mask = np.full((64, 48), 255, np.uint8)
+    mask[::8] = 0
+    Image.fromarray(mask).save(root / 'label' / f'{i}.png')
+  plan = plan_lib.plan_for(str(root), str(tmp_path / 'tfds'))
+  assert plan['kind'] == 'folder2d' and plan['ndim'] == 2
+  assert plan['num_classes'] == 2 and plan['label_map'] == [[0, 0], [255, 1]]
+  assert plan['patch_size'] == [64, 48] and plan['target_spacing'] == []
+  c = _auto_config(f'path={root},data_dir={tmp_path / "tfds"},label_map=0:1;255:0,smoke')
+  config_lib.validate(c)
+  assert c.data.name == 'folder2d' and c.data.label_map == '0:1,255:0'
+  assert c.plan.label_map == ((0, 1), (255, 0))
+
+
+def _auto_config(arg):
+  spec = importlib.util.spec_from_file_location('auto', os.path.join(ROOT, 'configs', 'auto.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_auto_config_records_the_plan(tmp_path):
+  root = tmp_path / 'Aniso'
+  _anisotropic_set(root)
+  c = _auto_config(f'path={root},data_dir={tmp_path / "tfds"},fold=1,ds=none,seed=3')
+  config_lib.validate(c)
+  assert c.data.target_spacing == pytest.approx((1.0, 1.0, 3.7))
+  assert (c.data.num_folds, c.data.fold, c.model.ds.mode, c.seed) == (5, 1, 'none', 3)
+  assert c.model.depth == c.plan.depth and c.train.batch_size == c.plan.batch_size
+  m = 2 ** (c.model.depth - 1)
+  assert all(p % m == 0 and p >= q for p, q in zip(c.data.patch_size, c.plan.patch_size))
+  recorded = json.loads(config_lib.to_json(c))
+  assert recorded['plan']['target_spacing'] == pytest.approx([1.0, 1.0, 3.7])
+  assert recorded['plan']['anisotropic_axis'] == 2
+
+
+def test_cli_prints_the_plan(tmp_path):
+  root = tmp_path / 'CT'
+  _ct_set(root)
+  out = subprocess.run([sys.executable, '-m', 'unet_ds.plan', f'--input={root}',
+                        f'--data_dir={tmp_path / "tfds"}'], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300, check=True)
+  plan = json.loads(out.stdout)
+  assert plan['normalization'] == ['ct'] and plan['num_classes'] == 2
+  bad = subprocess.run([sys.executable, '-m', 'unet_ds.plan', f'--input={tmp_path}'],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert bad.returncode != 0 and 'neither an MSD task folder' in bad.stderr
