@@ -191,3 +191,54 @@ def test_missing_required_settings(tmp_path):
     msd.load({'num_classes': 3})
   with pytest.raises(ValueError, match='config.data.num_classes'):
     msd.load({'path': str(tmp_path)})
+
+
+def _anisotropic_case(root):
+  """One 1 x 1 x 4 mm case, 16 x 12 x 5 voxels, with an oblique affine and a box label."""
+  (root / 'imagesTr').mkdir(parents=True)
+  (root / 'labelsTr').mkdir()
+  affine = nibabel.affines.from_matvec(np.diag([1.0, -1.0, 4.0]), [5.0, 20.0, -8.0])
+  image = np.random.default_rng(0).normal(100, 10, (16, 12, 5)).astype(np.float32)
+  label = np.zeros((16, 12, 5), np.uint8)
+  label[4:12, 3:9, 1:4] = 1
+  _write_case(root, 'mr', image, label, affine)
+  return affine, label
+
+
+def test_read_case_resamples_to_the_target_spacing_and_keeps_the_geometry(tmp_path):
+  root = tmp_path / 'Aniso'
+  affine, label = _anisotropic_case(root)
+  paths = (str(root / 'imagesTr' / 'mr.nii.gz'), str(root / 'labelsTr' / 'mr.nii.gz'))
+  ex = msd.read_case(*paths, num_classes=2, target_spacing=(2.0, 2.0, 2.0))
+  g = ex['geometry']
+  assert g.original_shape == (16, 12, 5) and g.original_spacing == (1.0, 1.0, 4.0)
+  assert g.shape == (8, 6, 10) and g.coarse_axis == 2  # the input is 4x coarser along z
+  np.testing.assert_allclose(g.affine, affine)
+  assert ex['image'].shape == (8, 6, 10, 1) and ex['label'].shape == (8, 6, 10)
+  np.testing.assert_array_equal(ex['shape'], (8, 6, 10))
+  np.testing.assert_allclose(np.abs(np.diag(ex['affine'])[:3]), (2.0, 2.0, 2.0))
+  # z by whole slices: output slices 2..7 come from input slices 1..3 (the labelled ones)
+  np.testing.assert_array_equal(ex['label'][:, :, [2, 7]].any(axis=(0, 1)), [True, True])
+  assert not ex['label'][:, :, [0, 1, 8, 9]].any()
+  kept = msd.read_case(*paths, num_classes=2, target_spacing=(2.0, 2.0, 2.0),
+                       resample_label=False)
+  np.testing.assert_array_equal(kept['label'], label)  # scored on the input's own grid
+  assert kept['image'].shape == (8, 6, 10, 1)
+  same = msd.read_case(*paths, num_classes=2)
+  assert not same['geometry'].resampled and same['image'].shape == (16, 12, 5, 1)
+
+
+def test_prepared_data_is_resampled_and_named_by_the_spacing(tmp_path):
+  root = tmp_path / 'Aniso'
+  _anisotropic_case(root)
+  base = _cfg(root, tmp_path, num_classes=2, val_fraction=0.0)
+  plain = msd.load(base)['train'][0]
+  resampled = msd.load({**base, 'target_spacing': (1.0, 1.0, 2.0)})['train'][0]
+  assert plain['image'].shape == (16, 12, 5, 1) and resampled['image'].shape == (16, 12, 10, 1)
+  assert resampled['label'].shape == (16, 12, 10)
+  with pytest.raises(ValueError, match='config.data.target_spacing'):
+    msd.load({**base, 'target_spacing': (1.0, 0.0, 2.0)})
+  with pytest.raises(ValueError, match='config.data.normalization'):
+    msd.load({**base, 'normalization': 'ct,hu'})
+  with pytest.raises(ValueError, match=r"config.data.ct_stats=None: normalization .ct. needs"):
+    msd.read_case(str(root / 'imagesTr' / 'mr.nii.gz'), None, num_classes=2, normalization='ct')
