@@ -1,13 +1,17 @@
 """Ablation report over a sweep root: which DS form (or weights) gave the best Dice, and how sure.
 
     python -m experiments.report ROOT [--target-dice 0.8] [--out DIR] [--ignore KEY ...]
+                                      [--overlays N]
 
 Reads every finished workdir `ROOT/*/` (see `experiments.runs` for what counts as finished and
 what is skipped) and writes into `--out` (default ROOT):
   * `report.md`: a line saying which variant won, the per-variant table, the plots, the runs;
   * `report.csv`: one row per variant, full precision; `runs.csv`: one row per run;
   * `dice_vs_step.png` (validation Dice per variant, mean and spread over seeds) and
-    `level_losses.png` (training loss of each output level per variant).
+    `level_losses.png` (training loss of each output level per variant);
+  * `overlays/<case>.png` for the first N held-out cases (`--overlays`, default 3 for runs on data
+    files, none for synthetic data): the label, each variant's prediction and each of its DS
+    heads' own, over the image (see `experiments.case_overlays`).
 
 Variants: runs whose configs are equal once seeds (`seed`, `*_seed` keys), folds (`data.fold`,
 `data.val_cases`: which cases are held out), workdir-like keys and `--ignore` keys are removed. A variant's label is the keys on which variants differ
@@ -36,6 +40,7 @@ from typing import Any, Sequence
 
 from absl import logging
 
+from experiments import case_overlays
 from experiments import plots
 from experiments import runs as runs_lib
 from experiments import stats
@@ -299,8 +304,10 @@ def headline(report: Report) -> str:
           f'which {verdict}.')
 
 
-def markdown(report: Report, figures: Sequence[str] = ()) -> str:
-  """report.md's text; figures are file names (relative to report.md) to embed."""
+def markdown(report: Report, figures: Sequence[str] = (),
+             overlays: case_overlays.Result | None = None) -> str:
+  """report.md's text; figures are file names (relative to report.md) to embed; overlays the
+  held-out cases' PNGs and notes."""
   target = f'{report.target_dice:g}'
   num_classes = max(len(v.class_dice) for v in report.variants)
   max_heads = max(len(v.head_dice) for v in report.variants)
@@ -332,6 +339,11 @@ def markdown(report: Report, figures: Sequence[str] = ()) -> str:
   lines += _fold_tables(report)
   for fig in figures:
     lines += [f'![{fig}]({fig})', '']
+  if overlays is not None and (overlays.paths or overlays.notes):
+    lines += ['## Held-out cases', '']
+    lines += [line for note in overlays.notes for line in (note, '')]
+    for path in overlays.paths:
+      lines += [f'![{path.stem}]({path.as_posix()})', '']
   lines += ['## Runs', '', '| run | variant | seeds | mean fg Dice | steps to target | final step |',
             '|---|---|---|---|---|---|']
   for v in report.variants:
@@ -433,8 +445,16 @@ def run_rows(report: Report) -> list[dict[str, Any]]:
   return rows
 
 
-def write(report: Report, out_dir: str | pathlib.Path | None = None) -> dict[str, pathlib.Path]:
-  """Writes report.md, report.csv, runs.csv (folds.csv) and the PNGs; returns paths by name."""
+DEFAULT_OVERLAYS = 3
+
+
+def write(report: Report, out_dir: str | pathlib.Path | None = None,
+          overlays: int | None = None) -> dict[str, pathlib.Path]:
+  """Writes report.md, report.csv, runs.csv (folds.csv) and the PNGs; returns paths by name.
+
+  `overlays`: how many held-out cases to draw (`overlays/<case>.png`, named `overlays/<case>`
+  in the result; None: `DEFAULT_OVERLAYS`); runs on synthetic data have none (report.md says so).
+  """
   out_dir = pathlib.Path(out_dir or report.root)
   out_dir.mkdir(parents=True, exist_ok=True)
   paths = {'dice_vs_step.png': out_dir / 'dice_vs_step.png',
@@ -447,8 +467,11 @@ def write(report: Report, out_dir: str | pathlib.Path | None = None) -> dict[str
   if report.folds:
     paths['folds.csv'] = _write_csv(out_dir / 'folds.csv', fold_rows(report))
   figures = [p.relative_to(out_dir).as_posix() for k, p in paths.items() if k.endswith('.png')]
+  drawn = case_overlays.write(report.variants, out_dir,
+                              DEFAULT_OVERLAYS if overlays is None else overlays)
+  paths.update({p.with_suffix('').as_posix(): out_dir / p for p in drawn.paths})
   paths['report.md'] = out_dir / 'report.md'
-  paths['report.md'].write_text(markdown(report, figures))
+  paths['report.md'].write_text(markdown(report, figures, drawn))
   return paths
 
 
@@ -520,14 +543,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--out', default=None, help='output folder (default: ROOT)')
   parser.add_argument('--ignore', action='append', default=[],
                       help='dotted config key to leave out of variants (repeatable)')
+  parser.add_argument('--overlays', type=int, default=None,
+                      help=f'held-out cases to draw (default {DEFAULT_OVERLAYS} for runs on data '
+                      'files; synthetic runs have none); 0: no overlays')
   args = parser.parse_args(argv)
   try:
     report = build(args.root, target_dice=args.target_dice, ignore=args.ignore)
   except (ValueError, FileNotFoundError) as e:
     parser.exit(2, f'error: {e}\n')
-  paths = write(report, args.out)
+  paths = write(report, args.out, overlays=args.overlays)
   print(headline(report))
-  print(f'wrote {paths["report.md"]}, {paths["report.csv"]}, {paths["runs.csv"]} and plots')
+  drawn = sum(name.startswith(case_overlays.OVERLAY_DIR + '/') for name in paths)
+  print(f'wrote {paths["report.md"]}, {paths["report.csv"]}, {paths["runs.csv"]} and plots'
+        + (f', {drawn} overlays' if drawn else ''))
   return 0
 
 

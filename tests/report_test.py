@@ -5,11 +5,15 @@ import json
 import logging
 import math
 
+import numpy as np
+from PIL import Image
 import pytest
 
+from experiments import case_overlays
 from experiments import report
 from experiments import runs as runs_lib
 from experiments import stats
+from unet_ds import overlays
 
 _T_975_DF2 = 4.302652729749462  # Student t, two-sided 95%, 2 degrees of freedom (tables: 4.303).
 _T_975_DF1 = 12.706204736174694
@@ -305,8 +309,9 @@ def test_folds_pair_with_seeds(tmp_path):
   assert r.vs_baseline.n == 2 and r.vs_baseline.mean == pytest.approx(0.02, abs=1e-12)
   assert r.vs_baseline.ci_high == pytest.approx(0.02 + _T_975_DF1 * 0.03, abs=1e-9)
 
-  paths = report.write(rep, tmp_path / 'out')
+  paths = report.write(rep, tmp_path / 'out', overlays=0)
   md = paths['report.md'].read_text()
+  assert '## Held-out cases' not in md
   assert '## Per fold' in md and '| variant | fold 0 | fold 1 | fold 2 |' in md
   assert '| `model.ds.mode=none` | 0.7100 ± 0.0141 (2) | 0.7900 ± 0.0141 (2) | 0.6300 ± 0.0424 (2) |' in md
   assert '| `model.ds.mode=deep` | +0.0300 [' in md
@@ -323,3 +328,62 @@ def test_no_fold_table_without_folds(root):
   rep = report.build(root)
   assert rep.folds == [] and report.per_fold(rep) == []
   assert '## Per fold' not in report.markdown(rep)
+
+
+def test_synthetic_runs_skip_overlays_with_a_note(root, tmp_path):
+  md = report.write(report.build(root), tmp_path / 'out')['report.md'].read_text()
+  assert '## Held-out cases' in md and 'Overlays skipped: the runs are on synthetic data' in md
+  assert not (tmp_path / 'out' / 'overlays').exists()
+
+
+def test_overlays_of_the_first_common_pair(tmp_path, monkeypatch):
+  """Real-data runs: each variant's run of one (fold, seed) pair draws the same held-out cases."""
+  root = tmp_path / 'cv'
+  for fold in (0, 1):
+    for seed in (0, 1):
+      _make_run(root, f'none,fold={fold},seed={seed}', 'none', seed, 0.7, [0.9, 0.7], fold=fold,
+                evals=[(1, 0.7)])
+      if (fold, seed) != (0, 0):  # deep lacks the first pair: fold 0, seed 1 is the common one
+        _make_run(root, f'deep,fold={fold},seed={seed}', 'deep', seed, 0.8, [0.9, 0.8],
+                  heads=(0.5,), fold=fold, evals=[(1, 0.8)])
+  _make_run(root, 'hyper,fold=1,seed=5', 'hypercolumn', 5, 0.8, [0.9, 0.8], heads=(0.5,), fold=1,
+            evals=[(1, 0.8)])
+  loaded = []
+
+  def fake_load(workdir):
+    loaded.append(workdir.name)
+    label = np.zeros((12, 10), np.int64)
+    label[3:8, 2:6] = 1
+    outputs = {'final': label}
+    if 'deep' in workdir.name:
+      outputs['head 1'] = label[::2, ::2]
+    cases = [(f'case{i}', f'img{i}', f'lab{i}') for i in range(5)]
+    return case_overlays.RunModel(
+        cases=cases, read=lambda image, lab: {'image': np.zeros((12, 10, 1)), 'label': label},
+        labels=lambda image: outputs, num_classes=2)
+
+  monkeypatch.setattr(case_overlays, 'load_run', fake_load)
+  rep = report.build(root)
+  paths = report.write(rep, tmp_path / 'out', overlays=2)
+  assert sorted(loaded) == ['deep,fold=0,seed=1', 'none,fold=0,seed=1']
+  assert [k for k in paths if k.startswith('overlays/')] == ['overlays/case0', 'overlays/case1']
+  pixels = np.asarray(Image.open(paths['overlays/case0']))
+  # Columns: label, none, deep, deep head 1.
+  assert pixels.shape[:2] == (overlays.PANEL_PX, 4 * overlays.PANEL_PX)
+  md = paths['report.md'].read_text()
+  assert 'each variant\'s run with data.fold=0, data.shuffle_seed=11, seed=1' in md
+  assert 'Not in the overlays (no run with that fold and seed): `model.ds.mode=hypercolumn`' in md
+  assert '![case1](overlays/case1.png)' in md
+
+
+def test_overlay_failures_are_notes(tmp_path, monkeypatch):
+  root = tmp_path / 'r'
+  for seed in (0, 1):
+    _make_run(root, f'none{seed}', 'none', seed, 0.7, [0.9, 0.7], fold=0, evals=[(1, 0.7)])
+
+  def broken(workdir):
+    raise FileNotFoundError(f'no checkpoints in {workdir}/checkpoints')
+
+  monkeypatch.setattr(case_overlays, 'load_run', broken)
+  md = report.write(report.build(root), tmp_path / 'out')['report.md'].read_text()
+  assert '`(all runs)` left out of the overlays: ' in md and 'FileNotFoundError' in md
