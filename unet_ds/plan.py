@@ -412,22 +412,26 @@ def plan_for(path: str, data_dir: str | None = None, *, label_map: io.LabelMap |
 
 # ----------------------------------------------------------------------------- CLI
 
-_INPUT = flags.DEFINE_string('input', None, 'MSD task folder or 2D image/ + label/ folder.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'prepared-data folder (fingerprint cache).')
-_LABEL_MAP = flags.DEFINE_string('label_map', None, "label value -> class, e.g. '0:1,255:0'.")
-_PATCH_VOXELS = flags.DEFINE_integer('patch_voxels', None, 'patch voxel budget.')
-_MEMORY_MB = flags.DEFINE_float('memory_mb', MEMORY_MB, 'activation memory budget (MB).')
+def define_flags() -> None:
+  """The CLI flags (defined only when run as a script: `unet_ds.main` has its own --input)."""
+  flags.DEFINE_string('input', None, 'MSD task folder or 2D image/ + label/ folder.')
+  flags.DEFINE_string('data_dir', None, 'prepared-data folder (fingerprint cache).')
+  flags.DEFINE_string('label_map', None, "label value -> class, e.g. '0:1,255:0'.")
+  flags.DEFINE_integer('patch_voxels', None, 'patch voxel budget.')
+  flags.DEFINE_float('memory_mb', MEMORY_MB, 'activation memory budget (MB).')
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  if not _INPUT.value:
+  f = flags.FLAGS
+  if not f.input:
     raise app.UsageError('--input=DIR is required')
-  plan = plan_for(_INPUT.value, _DATA_DIR.value, label_map=_LABEL_MAP.value,
-                  patch_voxels=_PATCH_VOXELS.value, memory_mb=_MEMORY_MB.value)
+  plan = plan_for(f.input, f.data_dir, label_map=f.label_map, patch_voxels=f.patch_voxels,
+                  memory_mb=f.memory_mb)
   print(json.dumps(prepare.jsonable(plan), indent=1))
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
