@@ -167,3 +167,90 @@ def test_conv_impls_agree():
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
       scale = max(float(jnp.abs(a).max()), 1e-6)
       np.testing.assert_allclose(np.asarray(b) / scale, np.asarray(a) / scale, atol=1e-4)
+
+
+def _tgs(**kw):
+  """The TGS salt model's options on a tiny 2D U-Net with one sigmoid channel."""
+  cfg = dict(num_classes=1, depth=3, base_filters=2, block='preact_residual', norm='batch',
+             activation='relu', down_dropout=(0.25, 0.5), up_dropout=0.5, up_kernel=3,
+             ds={'mode': 'hypercolumn', 'fusion': 'conv_act', 'fusion_dropout': 0.5})
+  return models.get_model({**cfg, **kw})
+
+
+def test_tgs_options_shapes_params_and_dropout():
+  model = _tgs()
+  assert model.config.down_dropout == (0.25, 0.5) and model.config.up_dropout == (0.5,)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
+  variables = model.init(jax.random.key(0, impl='rbg'), x, train=False)
+  flat = flax.traverse_util.flatten_dict(variables['params'])
+  enc = {k[1:] for k in flat if k[0] == 'enc_l1'}
+  # conv, then two pre-activation units (norm-act-conv-norm-act-conv), the last ending in norm-act.
+  assert ('Conv_0', 'kernel') in enc and ('Conv_0', 'bias') in enc
+  assert {k[0] for k in enc if k[0].startswith('PreActResidualUnit')} == {
+      'PreActResidualUnit_0', 'PreActResidualUnit_1'}
+  assert ('PreActResidualUnit_1', 'NormAct_2', 'Norm_0', 'BatchNorm_0', 'scale') in enc
+  assert ('PreActResidualUnit_0', 'NormAct_2', 'Norm_0', 'BatchNorm_0', 'scale') not in enc
+  assert flat[('up_l0', 'kernel')].shape == (3, 3, 4, 2)  # 3x3 stride-2 transposed conv
+  fusion = {k[2:] for k in flat if k[:2] == ('ds', 'fusion')}
+  assert fusion == {('Conv_0', 'kernel'), ('Conv_0', 'bias')}  # conv + bias, no norm
+  final, heads = model.apply(variables, x, train=False)
+  assert final.shape == (2, 16, 16, 1) and heads[0].shape == (2, 8, 8, 1)
+  # Dropout: eval is deterministic; train draws differ by rng.
+  run = lambda seed: model.apply(variables, x, train=True, mutable=['batch_stats'],  # noqa: E731
+                                 rngs={'dropout': jax.random.key(seed)})[0][0]
+  assert not np.allclose(run(1), run(2))
+  np.testing.assert_array_equal(model.apply(variables, x)[0], final)
+
+
+def test_preact_unit_is_identity_plus_residual():
+  from unet_ds.models import blocks  # pylint: disable=g-import-not-at-top
+  unit = blocks.PreActResidualUnit(4, norm='none', act='relu')
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+  v = unit.init(jax.random.key(1), x, train=False)
+  zero = jax.tree.map(jnp.zeros_like, v)
+  np.testing.assert_array_equal(unit.apply(zero, x, train=False), x)  # zero convs: identity
+  y = unit.apply(v, x, train=False)
+  k = v['params']
+  h = jax.lax.conv_general_dilated(jax.nn.relu(x), k['Conv_0']['kernel'], (1, 1), 'SAME',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  h = jax.nn.relu(h + k['Conv_0']['bias'])
+  h = jax.lax.conv_general_dilated(h, k['Conv_1']['kernel'], (1, 1), 'SAME',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(y, x + h + k['Conv_1']['bias'], rtol=1e-5, atol=1e-5)
+
+
+def test_up_kernel_3_is_tf_same_transposed_conv():
+  # The decoder input holds the upsampled features: they must equal a 'SAME' 3x3 stride-2
+  # transposed conv (TF/Keras Conv2DTranspose(padding='same'), as lax's 'SAME').
+  model = models.get_model(dict(num_classes=2, depth=2, base_filters=2, up_kernel=3,
+                                ds={'mode': 'none'}, conv_impl='native'))
+  x = jax.random.normal(jax.random.key(0), (1, 6, 10, 1))
+  variables = model.init(jax.random.key(0, impl='rbg'), x)
+  seen = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and context.module.name in ('up_l0', 'dec_l0'):
+      seen[context.module.name] = args[0]
+    return next_fun(*args, **kwargs)
+
+  with flax.linen.intercept_methods(interceptor):
+    final, _ = model.apply(variables, x)
+  assert final.shape == (1, 6, 10, 2)
+  p = variables['params']['up_l0']
+  expected = jax.lax.conv_transpose(seen['up_l0'], p['kernel'], (2, 2), 'SAME',
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['bias']
+  np.testing.assert_allclose(seen['dec_l0'][..., :2], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('kw, match', [
+    (dict(block='dense'), 'block must be one of'),
+    (dict(block='preact_residual', residual=True), 'residual=True'),
+    (dict(down_dropout=(0.1, 0.2, 0.3)), 'down_dropout needs 1 or depth-1=2'),
+    (dict(up_dropout=1.5), r'up_dropout rates must be in \[0, 1\)'),
+    (dict(up_kernel=4), 'up_kernel must be 2 or 3'),
+    (dict(ds={'mode': 'hypercolumn', 'fusion': 'sum'}), 'ds.fusion must be one of'),
+    (dict(ds={'mode': 'deep', 'fuse': 1}), r"config.model.ds.fuse: unknown key"),
+])
+def test_bad_model_options_name_the_key(kw, match):
+  with pytest.raises(ValueError, match=match):
+    models.model_config({**dict(num_classes=2, depth=3), **kw})

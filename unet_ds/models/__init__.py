@@ -11,6 +11,9 @@ UNet = unet.UNet
 UNetConfig = unet.UNetConfig
 
 
+_RATE_TUPLES = ('down_dropout', 'up_dropout')
+
+
 def model_config(cfg: Mapping[str, Any]) -> unet.UNetConfig:
   """Converts `config.model` (ConfigDict or dict, with a nested `ds`) to a validated `UNetConfig`.
 
@@ -20,14 +23,17 @@ def model_config(cfg: Mapping[str, Any]) -> unet.UNetConfig:
   ds = dict(cfg.pop('ds', {}) or {})
   known = {f.name for f in dataclasses.fields(unet.UNetConfig)}
   kwargs = {}
+  ds_keys = sorted(k[3:] for k in known if k.startswith('ds_'))
   for key, value in cfg.items():
     if key not in known or key.startswith('ds_'):
       raise ValueError(f'config.model.{key}: unknown key; known keys: '
-                       f'{sorted(k for k in known if not k.startswith("ds_"))} and ds.mode/ds.levels')
+                       f'{sorted(k for k in known if not k.startswith("ds_"))} and ds.{ds_keys}')
+    if key in _RATE_TUPLES:  # one rate for every level, or one per level
+      value = tuple(float(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
     kwargs[key] = value
   for key, value in ds.items():
-    if key not in ('mode', 'levels'):
-      raise ValueError(f'config.model.ds.{key}: unknown key; known keys: mode, levels')
+    if key not in ds_keys:
+      raise ValueError(f'config.model.ds.{key}: unknown key; known keys: {ds_keys}')
     if key == 'levels' and value is not None:
       value = tuple(int(v) for v in value) or None
     kwargs[f'ds_{key}'] = value

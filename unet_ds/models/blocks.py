@@ -1,4 +1,5 @@
-"""Rank-agnostic U-Net building blocks: conv-norm-act, plain and residual conv blocks."""
+"""Rank-agnostic U-Net building blocks: conv-norm-act, plain and residual conv blocks, and the
+pre-activation residual stage of the Kaggle TGS salt U-Net."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from unet_ds.models import layers
 from unet_ds.models.ops import fused
 
 NORMS = ('instance', 'group', 'batch', 'none')
+BLOCKS = ('conv', 'preact_residual')  # `model.block`: ConvBlock | PreActResidualStage
 ACTIVATIONS = ('relu', 'leaky_relu')
 _NEGATIVE_SLOPES = {'relu': 0.0, 'leaky_relu': 0.01}  # leaky: nnU-Net's slope
 
@@ -125,4 +127,59 @@ class ConvBlock(nn.Module):
         shortcut = ConvNormAct(self.features, 1, self.strides, self.norm, None,
                                self.impl, self.dtype)(shortcut, train)
       x = activation(self.act)(x + shortcut)
+    return x
+
+
+class NormAct(nn.Module):
+  """norm -> activation (the "BatchActivate" of pre-activation blocks)."""
+  norm: str = 'batch'
+  act: str = 'relu'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return activation(self.act)(Norm(self.norm, dtype=self.dtype)(x, train))
+
+
+class PreActResidualUnit(nn.Module):
+  """`x + conv(norm-act(conv(norm-act(x))))`, optionally then norm-act (He et al. 2016's
+  identity-mapping unit). Convs carry a bias, as in the Keras original; widths are unchanged."""
+  features: int
+  norm: str = 'batch'
+  act: str = 'relu'
+  post_act: bool = False
+  impl: str = 'native'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if x.shape[-1] != self.features:
+      raise ValueError(f'PreActResidualUnit: input has {x.shape[-1]} channels, the unit '
+                       f'{self.features} (identity skip)')
+    y = NormAct(self.norm, self.act, self.dtype)(x, train)
+    y = layers.Conv(self.features, 3, impl=self.impl, dtype=self.dtype)(y)
+    y = NormAct(self.norm, self.act, self.dtype)(y, train)
+    y = layers.Conv(self.features, 3, impl=self.impl, dtype=self.dtype)(y)
+    x = x + y.astype(x.dtype)
+    return NormAct(self.norm, self.act, self.dtype)(x, train) if self.post_act else x
+
+
+class PreActResidualStage(nn.Module):
+  """One U-Net level of the TGS salt kernel: a 3x3 conv (bias, no activation; strided when it
+  downsamples) to `features`, then `num_units` pre-activation residual units, the last one
+  ending in norm-act so the level's output is activated."""
+  features: int
+  num_units: int = 2
+  strides: int = 1
+  norm: str = 'batch'
+  act: str = 'relu'
+  impl: str = 'native'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    x = layers.Conv(self.features, 3, self.strides, impl=self.impl, dtype=self.dtype)(x)
+    for i in range(self.num_units):
+      x = PreActResidualUnit(self.features, self.norm, self.act, i == self.num_units - 1,
+                             self.impl, self.dtype)(x, train)
     return x

@@ -10,8 +10,9 @@ ordered from the highest resolution to the lowest, each at its own resolution (`
   `acc = up(acc + head_l)`, and added into the final logits (3DUnet-Tensorflow-Brats18); one loss
   on `final`, heads may get side losses.
 - `hypercolumn`: decoder features of every level resized to full size, concatenated and fused by
-  conv-norm-act + 1x1 into the final logits (Kaggle TGS salt); per-level heads for optional
-  side losses.
+  a 3x3 conv-norm-act (`fusion='conv_norm_act'`) or conv-act with a bias (`'conv_act'`, the TGS
+  kernel), after an optional dropout, + 1x1 into the final logits (Kaggle TGS salt); per-level
+  heads for optional side losses.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from unet_ds.models import blocks
 from unet_ds.models import layers
 
 MODES = ('none', 'deep', 'additive', 'hypercolumn')
+FUSIONS = ('conv_norm_act', 'conv_act')
 
 
 class Head(nn.Module):
@@ -50,6 +52,8 @@ class DSOutput(nn.Module):
   act: str = 'leaky_relu'
   impl: str = 'native'
   dtype: Any = None
+  fusion: str = 'conv_norm_act'
+  fusion_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array],
@@ -63,7 +67,12 @@ class DSOutput(nn.Module):
     if self.mode == 'hypercolumn':
       size = full.shape[1:-1]
       column = jnp.concatenate([layers.resize(f, size) for f in features], axis=-1)
-      fused = blocks.ConvNormAct(self.fusion_features, 3, 1, self.norm, self.act, self.impl,
+      if self.fusion_dropout > 0:
+        column = nn.Dropout(self.fusion_dropout, deterministic=not train)(column)
+      if self.fusion not in FUSIONS:
+        raise ValueError(f'model.ds.fusion must be one of {FUSIONS}, got {self.fusion!r}')
+      norm = self.norm if self.fusion == 'conv_norm_act' else 'none'  # 'none': conv with bias
+      fused = blocks.ConvNormAct(self.fusion_features, 3, 1, norm, self.act, self.impl,
                                  self.dtype, name='fusion')(column, train)
       final = Head(self.num_classes, self.impl, self.dtype, name='final_head')(fused)
     else:

@@ -30,15 +30,21 @@ class UNetConfig:
   base_filters: int = 16
   filter_growth: int = 2        # 2: double per level; 1: constant width (Brats18 FILTER_GROW=False)
   max_filters: int = 320
-  convs_per_block: int = 2
-  residual: bool = False
+  convs_per_block: int = 2      # block='preact_residual': residual units per level
+  residual: bool = False        # block='conv': add the (projected) input, nnU-Net ResEnc style
+  block: str = 'conv'           # conv (ConvBlock) | preact_residual (TGS salt's level)
   norm: str = 'instance'
   activation: str = 'leaky_relu'
-  dropout: float = 0.0
+  dropout: float = 0.0          # inside each conv block, after its first conv
+  down_dropout: tuple[float, ...] = ()  # after each downsampling (levels 1..depth-1): 1 or depth-1
+  up_dropout: tuple[float, ...] = ()    # after each decoder concatenation, lowest level first
   down: str = 'maxpool'
   up: str = 'transpose'
+  up_kernel: int = 2            # transposed-conv kernel (stride 2): 2, or 3 ('SAME', as Keras)
   ds_mode: str = 'deep'
   ds_levels: tuple[int, ...] | None = None  # None: every decoder level below full resolution
+  ds_fusion: str = 'conv_norm_act'  # hypercolumn fusion conv: conv_norm_act | conv_act (no norm)
+  ds_fusion_dropout: float = 0.0    # hypercolumn: dropout on the concatenated column
   conv_impl: str = 'auto'
   dtype: str = 'float32'        # compute dtype; params and logits stay float32
   remat: bool = False           # rematerialise each conv block in the backward pass
@@ -56,6 +62,20 @@ class UNetConfig:
     check(self.activation in blocks.ACTIVATIONS,
           f'activation must be one of {blocks.ACTIVATIONS}, got {self.activation!r}')
     check(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
+    check(self.block in blocks.BLOCKS, f'block must be one of {blocks.BLOCKS}, got {self.block!r}')
+    check(not (self.residual and self.block != 'conv'),
+          f'residual=True is the conv block\'s skip; block={self.block!r} is residual already '
+          '(set residual=False)')
+    for key in ('down_dropout', 'up_dropout'):
+      rates = getattr(self, key)
+      check(len(rates) in (0, 1, self.depth - 1),
+            f'{key} needs 1 or depth-1={self.depth - 1} rates (one per level), got {rates}')
+      check(all(0.0 <= r < 1.0 for r in rates), f'{key} rates must be in [0, 1), got {rates}')
+    check(0.0 <= self.ds_fusion_dropout < 1.0,
+          f'ds.fusion_dropout must be in [0, 1), got {self.ds_fusion_dropout}')
+    check(self.ds_fusion in ds.FUSIONS,
+          f'ds.fusion must be one of {ds.FUSIONS}, got {self.ds_fusion!r}')
+    check(self.up_kernel in (2, 3), f'up_kernel must be 2 or 3, got {self.up_kernel}')
     check(self.down in DOWNSAMPLING, f'down must be one of {DOWNSAMPLING}, got {self.down!r}')
     check(self.up in UPSAMPLING, f'up must be one of {UPSAMPLING}, got {self.up!r}')
     check(self.ds_mode in ds.MODES, f'ds.mode must be one of {ds.MODES}, got {self.ds_mode!r}')
@@ -89,6 +109,13 @@ class UNetConfig:
   def filters(self, level: int) -> int:
     return min(self.base_filters * self.filter_growth ** level, self.max_filters)
 
+  def level_rate(self, key: str, index: int) -> float:
+    """The `down_dropout` / `up_dropout` rate of the `index`-th downsampling / decoder step."""
+    rates = getattr(self, key)
+    if not rates:
+      return 0.0
+    return float(rates[0] if len(rates) == 1 else rates[index])
+
   @property
   def size_multiple(self) -> int:
     """Every spatial size must be divisible by this (one halving per level below the top)."""
@@ -118,11 +145,18 @@ class UNet(nn.Module):
     self._check_input(x)
     impl = layers.resolve_impl(cfg.conv_impl)
     dtype = jnp.bfloat16 if cfg.dtype == 'bfloat16' else None
-    block_cls = nn.remat(blocks.ConvBlock, static_argnums=(2,)) if cfg.remat else blocks.ConvBlock
+    remat = (lambda cls: nn.remat(cls, static_argnums=(2,))) if cfg.remat else (lambda cls: cls)
 
     def block(features: int, strides: int, name: str):
-      return block_cls(features, cfg.convs_per_block, strides, cfg.residual, cfg.norm,
-                       cfg.activation, cfg.dropout, impl, dtype, name=name)
+      if cfg.block == 'preact_residual':
+        return remat(blocks.PreActResidualStage)(features, cfg.convs_per_block, strides, cfg.norm,
+                                                 cfg.activation, impl, dtype, name=name)
+      return remat(blocks.ConvBlock)(features, cfg.convs_per_block, strides, cfg.residual,
+                                     cfg.norm, cfg.activation, cfg.dropout, impl, dtype,
+                                     name=name)
+
+    def dropout(x: jax.Array, rate: float) -> jax.Array:
+      return nn.Dropout(rate, deterministic=not train)(x) if rate > 0 else x
 
     # Encoder: level l has resolution 1/2^l.
     skips = []
@@ -134,25 +168,30 @@ class UNet(nn.Module):
           x = layers.max_pool(x, window, impl)
         else:
           strides = 2
+        x = dropout(x, cfg.level_rate('down_dropout', level - 1))
       x = block(cfg.filters(level), strides, f'enc_l{level}')(x, train)
       skips.append(x)
 
     # Decoder: features[l] is the decoder output at level l (0 = full resolution).
     features = [None] * (cfg.depth - 1)
-    for level in reversed(range(cfg.depth - 1)):
+    for step, level in enumerate(reversed(range(cfg.depth - 1))):
       skip = skips[level]
       f = cfg.filters(level)
       if cfg.up == 'transpose':
-        x = layers.ConvTranspose(f, 2, 2, impl, dtype, name=f'up_l{level}')(x)
+        x = layers.ConvTranspose(f, cfg.up_kernel, 2, impl, dtype, name=f'up_l{level}')(x)
+        # A 3-wide kernel overhangs by one voxel: keep the first 2n, as TF's 'SAME' padding.
+        x = x[(slice(None), *(slice(0, n) for n in skip.shape[1:-1]))]
       else:
         x = layers.resize(x, skip.shape[1:-1], 'linear')
         x = layers.Conv(f, 1, impl=impl, dtype=dtype, name=f'up_l{level}')(x)
       x = jnp.concatenate([x.astype(skip.dtype), skip], axis=-1)
+      x = dropout(x, cfg.level_rate('up_dropout', step))
       x = block(f, 1, f'dec_l{level}')(x, train)
       features[level] = x
 
     return ds.DSOutput(cfg.ds_mode, cfg.head_levels, cfg.num_classes, cfg.filters(0),
-                       cfg.norm, cfg.activation, impl, dtype, name='ds')(features, train)
+                       cfg.norm, cfg.activation, impl, dtype, fusion=cfg.ds_fusion,
+                       fusion_dropout=cfg.ds_fusion_dropout, name='ds')(features, train)
 
 
 def param_count(params: Any) -> int:
