@@ -22,7 +22,8 @@ def get_sources(data_cfg: Any) -> dict[str, Any]:
     return synthetic.load(ndim=data_cfg.ndim, shape=tuple(data_cfg.shape),
                           num_classes=data_cfg.num_classes, num_train=data_cfg.num_train,
                           num_val=data_cfg.num_val, seed=data_cfg.seed,
-                          data_dir=data_cfg.data_dir or synthetic.default_data_dir())
+                          data_dir=data_cfg.data_dir or synthetic.default_data_dir(),
+                          in_channels=int(data_cfg.get('in_channels', 1)))
   if data_cfg.name == 'msd':
     from unet_ds.data import msd  # pylint: disable=g-import-not-at-top
     return msd.load(data_cfg)

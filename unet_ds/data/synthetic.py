@@ -10,6 +10,11 @@ Each example is a 2D image or 3D volume holding a few rotated objects, one foreg
 
 Image values: background ~ N(0, 0.2); class c has mean intensity 1 + 0.5 (c - 1) before the bias field.
 
+Multi-channel mode (`in_channels` > 1, like MRI modalities): channel 0 is the single-channel image above;
+every further channel has its own bias field and noise and a channel-dependent contrast, the class ramp
+rotated by the channel index with one class hidden at background level (`channel_means`), so no channel
+alone tells every class apart and a model gains from combining them. Single-channel data are unchanged.
+
 Generation is vectorised numpy and deterministic: example `i` of a split depends only on
 `(seed, split, i)`. The builder config name encodes every generation parameter and the builder VERSION the
 algorithm, so different parameters never share files; `load()` prepares a config on first use and reuses it.
@@ -60,14 +65,16 @@ def default_data_dir() -> str:
 
 
 def config_name(*, ndim: int, shape: Sequence[int], num_classes: int, num_train: int, num_val: int,
-                seed: int) -> str:
-  """The builder config name; it encodes every generation parameter, e.g. `3d_32x32x32_k3_n64v16_s0`."""
+                seed: int, in_channels: int = 1) -> str:
+  """The builder config name; it encodes every generation parameter, e.g. `3d_32x32x32_k3_n64v16_s0`
+  (`_c4` appended for 4 channels; single-channel names predate the multi-channel mode)."""
   dims = 'x'.join(str(int(s)) for s in shape)
-  return f'{ndim}d_{dims}_k{num_classes}_n{num_train}v{num_val}_s{seed}'
+  channels = f'_c{in_channels}' if in_channels != 1 else ''
+  return f'{ndim}d_{dims}_k{num_classes}_n{num_train}v{num_val}_s{seed}{channels}'
 
 
 def _validate(*, ndim: int, shape: Sequence[int], num_classes: int, num_train: int, num_val: int,
-              seed: int) -> tuple[int, ...]:
+              seed: int, in_channels: int = 1) -> tuple[int, ...]:
   """Checks the generation parameters; returns the shape as a tuple of ints."""
   if ndim not in (2, 3):
     raise ValueError(f'synthetic data: ndim must be 2 or 3, got {ndim!r}')
@@ -84,6 +91,9 @@ def _validate(*, ndim: int, shape: Sequence[int], num_classes: int, num_train: i
       raise ValueError(f'synthetic data: {key} must be a positive int, got {value!r}')
   if not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f'synthetic data: seed must be a non-negative int, got {seed!r}')
+  if isinstance(in_channels, bool) or not isinstance(in_channels, (int, np.integer)) or not (
+      1 <= in_channels <= 16):
+    raise ValueError(f'synthetic data: in_channels must be an int in [1, 16], got {in_channels!r}')
   return tuple(int(s) for s in shape)
 
 
@@ -118,9 +128,26 @@ def _spread_center(rng: np.random.Generator, shape: tuple[int, ...],
   return candidates[np.argmax(dists.min(axis=1))]
 
 
+def channel_means(channel: int, num_classes: int) -> np.ndarray:
+  """Mean intensity of background and of each class `[num_classes]` in `channel` (before jitter).
+
+  Channel 0: `1 + 0.5 (c - 1)` for class c. Channel j > 0: the ramp rotated by j, and class
+  `1 + (j - 1) % (K - 1)` at background level 0 (with two or more foreground classes).
+  """
+  num_fg = num_classes - 1
+  c = np.arange(1, num_classes)
+  if channel == 0:
+    fg = _BASE_INTENSITY + _INTENSITY_STEP * (c - 1)
+  else:
+    fg = _BASE_INTENSITY + _INTENSITY_STEP * ((c - 1 + channel) % num_fg)
+    if num_fg > 1:
+      fg = np.where(c - 1 == (channel - 1) % num_fg, 0.0, fg)
+  return np.concatenate([[0.0], fg]).astype(np.float32)
+
+
 def generate_example(rng: np.random.Generator, shape: Sequence[int],
-                     num_classes: int) -> dict[str, np.ndarray]:
-  """One synthetic example: `{'image': float32 [*shape, 1], 'label': uint8 [*shape]}`."""
+                     num_classes: int, in_channels: int = 1) -> dict[str, np.ndarray]:
+  """One synthetic example: `{'image': float32 [*shape, in_channels], 'label': uint8 [*shape]}`."""
   shape = tuple(shape)
   ndim = len(shape)
   side = float(min(shape))
@@ -136,6 +163,8 @@ def generate_example(rng: np.random.Generator, shape: Sequence[int],
     half_sizes.append(rng.uniform(lo, hi, size=ndim) * side * size_scale)
   label = np.zeros(shape, np.uint8)
   intensity = np.zeros(shape, np.float32)
+  painted = np.full(shape, -1, np.int16)  # index of the object on top (-1: background)
+  jitter = np.zeros(len(classes), np.float32)
   centers = []
   # Paint the largest objects first so small ones stay visible on top.
   for i in np.argsort([-np.prod(h) for h in half_sizes], kind='stable'):
@@ -151,11 +180,20 @@ def generate_example(rng: np.random.Generator, shape: Sequence[int],
     else:
       r2 = (u**2).sum(0)
       inside = r2 <= 1.0 if family == 'ellipsoid' else (r2 <= 1.0) & (r2 >= _SHELL_INNER**2)
-    mean = _BASE_INTENSITY + _INTENSITY_STEP * (c - 1) + _INTENSITY_JITTER * rng.normal()
+    jitter[i] = _INTENSITY_JITTER * rng.normal()
     label[inside] = c
-    intensity[inside] = mean
+    intensity[inside] = _BASE_INTENSITY + _INTENSITY_STEP * (c - 1) + jitter[i]
+    painted[inside] = i
   image = intensity * _bias_field(rng, grid, side) + rng.normal(0.0, _NOISE_STD, shape)
-  return {'image': image.astype(np.float32)[..., None], 'label': label}
+  channels = [image.astype(np.float32)]
+  # Further channels draw after every draw of channel 0, which so stays the single-channel image.
+  for channel in range(1, in_channels):
+    object_means = channel_means(channel, num_classes)[classes] + jitter
+    object_means = np.where(channel_means(channel, num_classes)[classes] > 0, object_means, 0.0)
+    mean = np.where(painted >= 0, object_means[np.maximum(painted, 0)], 0.0).astype(np.float32)
+    channels.append((mean * _bias_field(rng, grid, side)
+                     + rng.normal(0.0, _NOISE_STD, shape)).astype(np.float32))
+  return {'image': np.stack(channels, axis=-1), 'label': label}
 
 
 def _example_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -172,17 +210,19 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   num_train: int = 64
   num_val: int = 16
   seed: int = 0
+  in_channels: int = 1
 
   @classmethod
   def create(cls, *, ndim: int, shape: Sequence[int], num_classes: int, num_train: int,
-             num_val: int, seed: int) -> 'SyntheticConfig':
+             num_val: int, seed: int, in_channels: int = 1) -> 'SyntheticConfig':
     params = dict(ndim=ndim, shape=shape, num_classes=num_classes, num_train=num_train,
-                  num_val=num_val, seed=seed)
+                  num_val=num_val, seed=seed, in_channels=in_channels)
     shape = _validate(**params)
     params['shape'] = shape
     return cls(name=config_name(**params), description=f'synthetic shapes {params}',
                ndim=int(ndim), shape=shape, num_classes=int(num_classes),
-               num_train=int(num_train), num_val=int(num_val), seed=int(seed))
+               num_train=int(num_train), num_val=int(num_val), seed=int(seed),
+               in_channels=int(in_channels))
 
 
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
@@ -192,6 +232,8 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {
       '1.0.0': 'Ellipsoids, boxes, diamonds; bias field; gaussian noise 0.25.',
       '1.1.0': 'Shells replace diamonds (distinct from boxes in 2D); intensity step 0.5, noise 0.2.',
+      # Multi-channel configs (`_cN` names) are new; single-channel data are bit-identical to 1.1.0,
+      # so the version stays and prepared copies are reused.
   }
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
@@ -201,7 +243,7 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             # BYTES: raw float32 bytes (noise does not compress); labels compress well.
-            'image': tfds.features.Tensor(shape=cfg.shape + (1,), dtype=np.float32,
+            'image': tfds.features.Tensor(shape=cfg.shape + (cfg.in_channels,), dtype=np.float32,
                                           encoding=tfds.features.Encoding.BYTES),
             'label': tfds.features.Tensor(shape=cfg.shape, dtype=np.uint8,
                                           encoding=tfds.features.Encoding.ZLIB),
@@ -220,7 +262,8 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, num: int):
     cfg = self.builder_config
     for index in range(num):
-      yield index, generate_example(_example_rng(cfg.seed, split, index), cfg.shape, cfg.num_classes)
+      yield index, generate_example(_example_rng(cfg.seed, split, index), cfg.shape, cfg.num_classes,
+                                    cfg.in_channels)
 
 
 class _Source:
@@ -244,13 +287,15 @@ class _Source:
 
 
 def load(*, ndim: int, shape: Sequence[int], num_classes: int, num_train: int, num_val: int,
-         seed: int, data_dir: str) -> dict[str, Any]:
+         seed: int, data_dir: str, in_channels: int = 1) -> dict[str, Any]:
   """Returns `{'train': source, 'validation': source}`, generating into `data_dir` on first use.
 
-  A source has `len()` and `source[i] -> {'image': float32 [*shape, 1], 'label': int32 [*shape]}`.
+  A source has `len()` and
+  `source[i] -> {'image': float32 [*shape, in_channels], 'label': int32 [*shape]}`.
   """
   config = SyntheticConfig.create(ndim=ndim, shape=shape, num_classes=num_classes,
-                                  num_train=num_train, num_val=num_val, seed=seed)
+                                  num_train=num_train, num_val=num_val, seed=seed,
+                                  in_channels=in_channels)
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   os.makedirs(data_dir, exist_ok=True)
   builder = SyntheticShapes(config=config, data_dir=data_dir, file_format='array_record')
