@@ -56,6 +56,7 @@ def main(argv):
   from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
   from unet_ds import models  # pylint: disable=g-import-not-at-top
   from unet_ds import optim  # pylint: disable=g-import-not-at-top
+  from unet_ds import state as state_lib  # pylint: disable=g-import-not-at-top
   from unet_ds import train  # pylint: disable=g-import-not-at-top
   from unet_ds.data import datasets  # pylint: disable=g-import-not-at-top
 
@@ -66,7 +67,7 @@ def main(argv):
   ds_loss = train.DSLoss.from_config(c, model_cfg)
   shape = tuple(datasets.training_shape(c.data))
   input_shape = (int(c.train.batch_size), *shape, int(c.data.in_channels))
-  state = jax.jit(functools.partial(train.create_train_state, model, tx, int(c.seed),
+  state = jax.jit(functools.partial(state_lib.create, model, tx, int(c.seed),
                                     input_shape))()
   rng = np.random.default_rng(0)
   batch = {'image': jax.numpy.asarray(rng.standard_normal(input_shape, dtype=np.float32)),

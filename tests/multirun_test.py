@@ -13,6 +13,7 @@ from unet_ds import config_lib
 from unet_ds import losses
 from unet_ds import multirun
 from unet_ds import sharding
+from unet_ds import state as state_lib
 from unet_ds import train
 
 # Two runs differing in seed and in every per-run DS setting.
@@ -71,7 +72,7 @@ def test_multirun_equals_runs_one_by_one_and_resumes(tmp_path, data_dir):
 
   for i, (run, name) in enumerate(zip(_RUNS, _NAMES)):
     single = train.train_and_evaluate(_single(data_dir, run, **kw), str(tmp_path / f's{i}'))
-    _, state = train.restore_state(_single(data_dir, run, **kw), str(tmp_path / f's{i}'))
+    _, state, _ = state_lib.restore(_single(data_dir, run, **kw), str(tmp_path / f's{i}'))
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(states.params)):
       np.testing.assert_allclose(b[i], a, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(states.rng[i], state.rng)

@@ -1,4 +1,5 @@
-"""Tests for unet_ds.predict: folder prediction written back in the input format, folder eval."""
+"""Tests for unet_ds.predict and unet_ds.evaluate: folder prediction written back in the input
+format, whole-image eval of folders and of a run's held-out cases."""
 import csv
 import json
 import os
@@ -17,8 +18,11 @@ from unet_ds import config_lib
 from unet_ds import inference
 from unet_ds import models
 from unet_ds import optim
+from unet_ds import evaluate
 from unet_ds import predict
+from unet_ds import state as state_lib
 from unet_ds import train
+from unet_ds.data import cases as cases_lib
 from unet_ds.data import folder2d
 from unet_ds.data import io
 
@@ -82,9 +86,9 @@ def test_eval_validation_split_writes_json_and_csv(tmp_path):
   # Intensity 20 (class 2) is nearer 10 than 40: class 2 is always predicted as class 1.
   predictor = predict.Predictor(_oracle([0, 10, 40]), config.data,
                                 predict.settings_from_config(config))
-  cases = predict.find_labelled(str(root), config.data, 'validation')
+  cases = cases_lib.find_labelled(str(root), config.data, 'validation')
   assert len(cases) == 2 and set(c[0] for c in cases) < set(labels)
-  summary = predict.evaluate_cases(predictor, cases, str(tmp_path / 'ev'), log=lambda _: None)
+  summary = evaluate.evaluate_cases(predictor, cases, str(tmp_path / 'ev'), log=lambda _: None)
   expected_d1 = []
   for cid, _, _ in cases:
     label = labels[cid][0]
@@ -109,12 +113,12 @@ def test_eval_perfect_and_wrong_models(tmp_path):
   _msd_folder(root, n=2)
   config = _config('msd', root, (8, 8, 8))
   settings = predict.settings_from_config(config)
-  cases = predict.find_labelled(str(root), config.data)
-  perfect = predict.evaluate_cases(predict.Predictor(_oracle([0, 10, 20]), config.data, settings),
+  cases = cases_lib.find_labelled(str(root), config.data)
+  perfect = evaluate.evaluate_cases(predict.Predictor(_oracle([0, 10, 20]), config.data, settings),
                                    cases, str(tmp_path / 'a'), log=lambda _: None)
   assert perfect['mean_foreground_dice'] == pytest.approx(1.0)
   assert perfect['pooled']['mean_foreground_dice'] == pytest.approx(1.0)
-  swapped = predict.evaluate_cases(predict.Predictor(_oracle([0, 20, 10]), config.data, settings),
+  swapped = evaluate.evaluate_cases(predict.Predictor(_oracle([0, 20, 10]), config.data, settings),
                                    cases, str(tmp_path / 'b'), log=lambda _: None)
   assert swapped['mean_foreground_dice'] == pytest.approx(0.0)
   assert swapped['per_class']['dice'][0] == pytest.approx(1.0)
@@ -140,9 +144,9 @@ def test_predict_png_writes_original_label_values(tmp_path):
   for path in written:
     np.testing.assert_array_equal(np.array(Image.open(path)), masks[io.case_id(path)])
   assert np.load(tmp_path / 'out' / '0_probs.npy').shape == (20, 13, 2)
-  cases = predict.find_labelled(str(root), config.data, 'validation')
+  cases = cases_lib.find_labelled(str(root), config.data, 'validation')
   assert [c[0] for c in cases] == ['2']
-  summary = predict.evaluate_cases(predictor, cases, str(tmp_path / 'ev'), log=lambda _: None)
+  summary = evaluate.evaluate_cases(predictor, cases, str(tmp_path / 'ev'), log=lambda _: None)
   assert summary['mean_foreground_dice'] == pytest.approx(1.0)
 
 
@@ -155,9 +159,9 @@ def test_bad_inputs(tmp_path):
     (tmp_path / 'x.png').write_bytes(b'')
     predict.find_inputs(str(tmp_path / 'x.png'), config.data)
   with pytest.raises(ValueError, match="config.data.name='synthetic'"):
-    predict.data_kind({'name': 'synthetic'})
+    cases_lib.data_kind({'name': 'synthetic'})
   with pytest.raises(ValueError, match='need 3 sizes'):
-    predict.Predictor(_oracle([0]), config.data, predict.Settings(patch_size=(4, 4)))
+    predict.Predictor(_oracle([0]), config.data, inference.Settings(patch_size=(4, 4)))
 
 
 def _fake_run(config, workdir, step=7):
@@ -165,7 +169,7 @@ def _fake_run(config, workdir, step=7):
   random weights from the state's shapes (model.init's compile alone takes ~15 s on CPU)."""
   model = models.get_model(config_lib.validate(config))
   tx, _ = optim.make_optimizer(config.optim, config.train.steps)
-  shapes = jax.eval_shape(lambda: train.create_train_state(
+  shapes = jax.eval_shape(lambda: state_lib.create(
       model, tx, 0, (1, *config.data.patch_size, 1)))
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda a: rng.normal(0, 0.3, a.shape).astype(a.dtype), shapes)
@@ -199,7 +203,7 @@ def test_predict_and_eval_restore_the_run_from_its_workdir(tmp_path):
   workdir = str(tmp_path / 'run')
   state, model = _fake_run(config, workdir)
 
-  out = predict.run(None, workdir, mode='predict', input_path=str(root / 'image' / '1.png'),
+  out = predict.run(None, workdir, input_path=str(root / 'image' / '1.png'),
                     output=str(tmp_path / 'pred'), probabilities=True)
   assert out['step'] == 7 and len(out['written']) == 1
   pred = np.array(Image.open(out['written'][0]))
@@ -213,7 +217,7 @@ def test_predict_and_eval_restore_the_run_from_its_workdir(tmp_path):
       patch_size=config.data.patch_size, batch_size=2)
   np.testing.assert_allclose(probs, direct, atol=2e-3)  # probabilities stored as float16
 
-  summary = predict.run(None, workdir, mode='eval', input_path=None,
+  summary = evaluate.run(None, workdir, input_path=None,
                         output=str(tmp_path / 'ev'))
   assert summary['cases_selected'] == 'validation' and summary['num_cases'] == 1
   on_disk = json.loads((tmp_path / 'ev' / 'metrics.json').read_text())
@@ -221,7 +225,7 @@ def test_predict_and_eval_restore_the_run_from_its_workdir(tmp_path):
   assert on_disk['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
   assert (tmp_path / 'ev' / 'metrics.csv').exists() and (tmp_path / 'ev' / '3.png').exists()
   with pytest.raises(FileNotFoundError, match='config.json not found'):
-    predict.run(None, str(tmp_path / 'nothing'), mode='predict', input_path=str(root),
+    predict.run(None, str(tmp_path / 'nothing'), input_path=str(root),
                 output=str(tmp_path / 'x'))
 
 
@@ -229,21 +233,21 @@ def test_saved_split_keeps_the_held_out_cases_when_files_change(tmp_path):
   root = tmp_path / 'Task'
   _msd_folder(root, n=4)
   config = _config('msd', root, (4, 4, 4))
-  split = predict.case_split(config.data)
+  split = cases_lib.case_split(config.data)
   assert sorted(split['train'] + split['validation']) == ['c0', 'c1', 'c2', 'c3']
   # New cases arrive after training: the seeded split of the larger folder differs, the saved
   # one does not.
   for i in range(4, 9):
     for sub in ('imagesTr', 'labelsTr'):
       (root / sub / f'c{i}.nii.gz').write_bytes((root / sub / 'c0.nii.gz').read_bytes())
-  saved = predict.find_labelled(str(root), config.data, 'validation', split=split)
+  saved = cases_lib.find_labelled(str(root), config.data, 'validation', split=split)
   assert [c[0] for c in saved] == split['validation']
-  recomputed = predict.find_labelled(str(root), config.data, 'validation')
+  recomputed = cases_lib.find_labelled(str(root), config.data, 'validation')
   assert [c[0] for c in recomputed] != split['validation']
   (root / 'imagesTr' / f'{split["validation"][0]}.nii.gz').unlink()
   (root / 'labelsTr' / f'{split["validation"][0]}.nii.gz').unlink()
   with pytest.raises(io.DataError, match=split['validation'][0]):
-    predict.find_labelled(str(root), config.data, 'validation', split=split)
+    cases_lib.find_labelled(str(root), config.data, 'validation', split=split)
 
 
 def test_train_on_a_folder_then_eval_its_saved_split(tmp_path):
@@ -258,5 +262,5 @@ def test_train_on_a_folder_then_eval_its_saved_split(tmp_path):
   assert summary['step'] == config.train.steps
   split = json.loads((tmp_path / 'run' / 'split.json').read_text())
   assert split == {'train': ['0', '1', '3'], 'validation': ['2']}
-  result = predict.run(None, workdir, mode='eval', input_path=None, output=str(tmp_path / 'ev'))
+  result = evaluate.run(None, workdir, input_path=None, output=str(tmp_path / 'ev'))
   assert result['num_cases'] == 1 and result['cases'][0]['case_id'] == '2'

@@ -45,6 +45,7 @@ def _step_result(c, host_batch):
   from unet_ds import models  # pylint: disable=g-import-not-at-top
   from unet_ds import optim  # pylint: disable=g-import-not-at-top
   from unet_ds import sharding  # pylint: disable=g-import-not-at-top
+  from unet_ds import state as state_lib  # pylint: disable=g-import-not-at-top
   from unet_ds import train  # pylint: disable=g-import-not-at-top
 
   model_cfg = config_lib.validate(c)
@@ -55,7 +56,7 @@ def _step_result(c, host_batch):
   ds_loss = train.DSLoss.from_config(c, model_cfg)
   input_shape = (c.train.batch_size, *c.data.shape, 1)
   repl = sharding.replicated(mesh)
-  state = jax.jit(functools.partial(train.create_train_state, model, tx, 0, input_shape),
+  state = jax.jit(functools.partial(state_lib.create, model, tx, 0, input_shape),
                   out_shardings=repl)()
   before = jax.tree.map(np.asarray, state.params)
   batch = sharding.shard_batch(mesh, host_batch)

@@ -11,7 +11,9 @@ import pytest
 
 from unet_ds import checkpoint
 from unet_ds import config_lib
+from unet_ds import evaluate
 from unet_ds import sharding
+from unet_ds import state as state_lib
 from unet_ds import train
 
 
@@ -35,6 +37,9 @@ def test_one_step_train_and_evaluate_every_mode(tmp_path, data_dir, ndim, mode):
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert summary['step'] == 1
   assert 0.0 <= summary['mean_foreground_dice'] <= 1.0
+  # The top-level score is the whole-volume eval of the 2 validation volumes, as --mode=eval.
+  assert summary['eval']['num_cases'] == 2 and summary['eval']['cases_selected'] == 'validation'
+  assert 0.0 <= summary['pooled_foreground_dice'] <= 1.0
   n_heads = 0 if mode == 'none' else 1
   assert len(summary['heads']) == n_heads
   (record,) = _lines(tmp_path / 'metrics.jsonl')
@@ -44,6 +49,7 @@ def test_one_step_train_and_evaluate_every_mode(tmp_path, data_dir, ndim, mode):
     assert record['ds_weights'][1:] == [0.0] * n_heads
   (ev,) = _lines(tmp_path / 'eval.jsonl')
   assert ev['step'] == 1 and len(ev['final']['dice']) == 3
+  assert ev['pooled_foreground_dice'] == summary['pooled_foreground_dice']
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['model']['ds']['mode'] == mode
   saved_summary = json.loads((tmp_path / 'summary.json').read_text())
@@ -85,8 +91,8 @@ def test_resume_equals_uninterrupted(tmp_path, data_dir):
   part = train.train_and_evaluate(_smoke(data_dir, 2, stop_at_step=2, **kw), str(tmp_path / 'b'))
   assert part == {'step': 2, 'stopped_early': True}
   resumed = train.train_and_evaluate(_smoke(data_dir, 2, **kw), str(tmp_path / 'b'))
-  _, state_a = train.restore_state(_smoke(data_dir, 2, **kw), str(tmp_path / 'a'))
-  _, state_b = train.restore_state(_smoke(data_dir, 2, **kw), str(tmp_path / 'b'))
+  _, state_a, _ = state_lib.restore(_smoke(data_dir, 2, **kw), str(tmp_path / 'a'))
+  _, state_b, _ = state_lib.restore(_smoke(data_dir, 2, **kw), str(tmp_path / 'b'))
   assert int(state_a.step) == int(state_b.step) == 4
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)
@@ -97,13 +103,19 @@ def test_resume_equals_uninterrupted(tmp_path, data_dir):
   np.testing.assert_array_equal([r['loss'] for r in la], [r['loss'] for r in lb])
 
 
-def test_eval_mode_scores_latest_checkpoint(tmp_path, data_dir):
+def test_eval_mode_gives_the_number_training_ended_with(tmp_path, data_dir):
   c = _smoke(data_dir, 2, steps=2, eval_every=2, checkpoint_every=2)
   summary = train.train_and_evaluate(c, str(tmp_path))
-  again = train.evaluate_checkpoint(c, str(tmp_path))
-  assert again['step'] == 2 and again['final'] == summary['final']
+  again = evaluate.run(None, str(tmp_path))
+  assert again['step'] == 2
+  assert again['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
+  assert again['per_class'] == summary['eval']['per_class']
+  on_disk = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
+  assert len(on_disk['cases']) == 2
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'config.json').write_text(config_lib.to_json(c))
   with pytest.raises(FileNotFoundError, match='no checkpoints'):
-    train.evaluate_checkpoint(c, str(tmp_path / 'empty'))
+    evaluate.run(None, str(tmp_path / 'empty'))
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, monkeypatch):
@@ -133,10 +145,27 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, data_dir, mon
   monkeypatch.setattr(train.Experiment, 'train_loader', poisoned)
   with pytest.raises(FloatingPointError, match='at step 3'):
     train.train_and_evaluate(c, str(tmp_path))
+  # Step 3's loss is the first to see the parameters of step 2: their checkpoint goes too.
   ckpts = checkpoint.Checkpoints(str(tmp_path / 'checkpoints'))
-  assert ckpts.latest_step() == 2
+  assert ckpts.latest_step() is None
   ckpts.close()
   assert not (tmp_path / 'summary.json').exists()
+
+
+def test_diverged_parameters_never_stay_in_a_checkpoint(tmp_path, data_dir):
+  c = _smoke(data_dir, 2, steps=8, eval_every=8, checkpoint_every=1, max_to_keep=8)
+  c.optim.update(lr=1e6, schedule='constant', warmup_steps=0, grad_clip=0.0)
+  with pytest.raises(FloatingPointError, match=r'at step (\d+).*last good checkpoint') as err:
+    train.train_and_evaluate(c, str(tmp_path))
+  failed = int(err.value.step)
+  ckpts = checkpoint.Checkpoints(str(tmp_path / 'checkpoints'), 8)
+  kept = ckpts.latest_step()
+  ckpts.close()
+  assert kept is None or kept <= failed - 2
+  if kept is not None:  # what is kept trains on with a sane learning rate
+    c.optim.lr, c.train.steps = 1e-3, kept + 2
+    summary = train.train_and_evaluate(c, str(tmp_path), allow_changes=['optim', 'train.steps'])
+    assert summary['step'] == kept + 2
 
 
 def test_data_parallel_step_matches_single_device(data_dir):

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import numpy as np
 
+from unet_ds import inference
 from unet_ds import losses
 from unet_ds import metrics
 from unet_ds import models
@@ -102,6 +103,8 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.mesh.coordinator_address = ''     # 'host:port' of process 0; '': from env / auto-detection
   c.mesh.num_processes = -1           # -1: from env / auto-detection
   c.mesh.process_id = -1              # -1: from env / auto-detection
+
+  c.inference = inference_group()     # --mode=eval/predict: sliding-window overlap, batch, TTA
 
   # K runs trained together in one vmapped program (unet_ds.multirun); per-run lists: () = same.
   c.multirun = ml_collections.ConfigDict()
@@ -198,13 +201,12 @@ def real_data_config(ndim: int, name: str) -> ml_collections.ConfigDict:
   c.train.batch_size = 2
   c.train.log_every = 20
 
-  c.inference = ml_collections.ConfigDict()
-  c.inference.overlap = 0.5             # sliding-window overlap (nnU-Net: 0.5)
-  c.inference.batch_size = 2            # windows per model call
-  c.inference.sigma_scale = 1 / 8       # Gaussian importance sigma / patch size
-  c.inference.tta_axes = ()             # flip TTA over these spatial axes, e.g. (0, 1, 2)
-  c.inference.save_probs = False        # also write class probabilities
   return c
+
+
+def inference_group() -> ml_collections.ConfigDict:
+  """`config.inference` with `inference.Settings`' defaults (documented there)."""
+  return ml_collections.ConfigDict(inference.Settings.config_defaults())
 
 
 def _real_data_smoke(c: ml_collections.ConfigDict) -> None:

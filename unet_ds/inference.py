@@ -8,9 +8,11 @@ softmax over every combination of flips of `tta_axes` (2^n passes, as nnU-Net's 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 import itertools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,47 @@ import numpy as np
 from unet_ds.data import patches
 
 PredictFn = Callable[[jax.Array], jax.Array]  # [B, *patch, C] -> logits [B, *patch, K]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """How to predict whole images: window, blending, TTA, and what to write.
+
+  The one set of defaults: `config_lib` builds the `config.inference` group from them, and
+  `from_dict` reads that group back (the window is the run's training patch).
+  """
+  patch_size: tuple[int, ...] = ()
+  overlap: float = 0.5          # fraction of a window shared with its neighbour (nnU-Net: 0.5)
+  batch_size: int = 2           # windows per model call
+  sigma_scale: float = 1 / 8    # Gaussian importance sigma / patch size
+  tta_axes: tuple[int, ...] = ()  # flip TTA over these spatial axes, e.g. (0, 1, 2)
+  save_probs: bool = False      # also write class probabilities
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> 'Settings':
+    """Settings from `config.inference` (+ patch_size); an unknown key is an error naming it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f'config.inference.{unknown[0]}: unknown key; known: '
+                       f'{sorted(known - {"patch_size"})}')
+    v = dict(values)
+    s = cls(patch_size=tuple(int(p) for p in v.get('patch_size', ())),
+            overlap=float(v.get('overlap', cls.overlap)),
+            batch_size=int(v.get('batch_size', cls.batch_size)),
+            sigma_scale=float(v.get('sigma_scale', cls.sigma_scale)),
+            tta_axes=tuple(int(a) for a in v.get('tta_axes', ())),
+            save_probs=bool(v.get('save_probs', cls.save_probs)))
+    if not 0 <= s.overlap < 1:
+      raise ValueError(f'config.inference.overlap={s.overlap}: need 0 <= overlap < 1')
+    if s.batch_size < 1:
+      raise ValueError(f'config.inference.batch_size={s.batch_size}: need >= 1')
+    return s
+
+  @classmethod
+  def config_defaults(cls) -> dict[str, Any]:
+    """The `config.inference` group's fields and defaults (the window comes from the data)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name != 'patch_size'}
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
@@ -137,3 +180,20 @@ def sliding_window_predict(predict_fn: PredictFn, image: np.ndarray, *, patch_si
       norm[window] += weight
   out = acc / norm[..., None]
   return out[tuple(slice(lo, lo + n) for (lo, _), n in zip(pads, image.shape[:rank]))]
+
+
+class Windows:
+  """A model's sliding-window predictor, jitted once for many images of any size."""
+
+  def __init__(self, predict_fn: PredictFn, settings: Settings):
+    self.settings = settings
+    self._window_fn = make_window_fn(
+        predict_fn, gaussian_importance(settings.patch_size, settings.sigma_scale),
+        settings.tta_axes)
+
+  def probs(self, image: np.ndarray) -> np.ndarray:
+    """Class probabilities `[*spatial, K]` of one image `[*spatial, C]`."""
+    s = self.settings
+    return sliding_window_predict(None, image, patch_size=s.patch_size, overlap=s.overlap,
+                                  batch_size=s.batch_size, sigma_scale=s.sigma_scale,
+                                  tta_axes=s.tta_axes, window_fn=self._window_fn)

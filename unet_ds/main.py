@@ -1,16 +1,27 @@
 """Command line: `python -m unet_ds.main --config=configs/FILE.py[:ARGS] --workdir=DIR [--mode=...]`.
 
-Modes: `train` (resumes from the workdir's latest checkpoint); `eval` alone scores the latest
-checkpoint on the validation split as during training; `predict`, and `eval` with `--output`
-(and optionally `--input`), run whole images or volumes with sliding windows and write files
-(see `unet_ds.predict`). predict/eval use the run's own saved `config.json`. Any config field can be overridden:
-`--config.loss.ds_weights=exp --config.model.ds.mode=hypercolumn`.
+Modes:
+* `train`: trains (resuming from the workdir's latest checkpoint), then scores the held-out cases
+  whole, as `eval` does; prints one JSON line.
+* `eval`: the latest checkpoint on whole held-out cases (sliding window, per-case means as
+  nnU-Net): the run's validation cases, or every labelled case of `--input`. Writes
+  `metrics.json` / `metrics.csv` into `--output` (default `WORKDIR/eval`), with each case's
+  prediction when `--output` is given; prints one JSON line.
+* `predict`: label maps of `--input` (a file or folder) into `--output`.
+eval/predict use the run's own saved `config.json` (only `--config.inference.*` is taken from the
+command line). Any config field can be overridden: `--config.model.ds.mode=hypercolumn`.
+
+Errors end with one line `error: <cause>` naming the file or key at fault (exit status 1; the
+traceback is printed above it with `--traceback`); SIGTERM / SIGINT while training checkpoint the
+current step and exit with status 128 + signal after one line saying so.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -24,9 +35,18 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs).')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
-_INPUT = flags.DEFINE_string('input', None, 'predict/eval: image/volume file or folder.')
+_INPUT = flags.DEFINE_string('input', None, 'predict: image file or folder; eval: a labelled '
+                             'folder (default: the run\'s own held-out cases).')
 _OUTPUT = flags.DEFINE_string('output', None, 'predict/eval: output folder.')
+_CASES = flags.DEFINE_string('cases', None, "eval: 'all', 'validation', 'train' or 'id,id'.")
 _PROBS = flags.DEFINE_bool('probabilities', False, 'predict: also write class probabilities.')
+_ALLOW = flags.DEFINE_list('allow_config_change', [], 'train: config keys that may differ from '
+                           'the checkpoint being resumed (e.g. train.steps,optim.lr).')
+_TRACEBACK = flags.DEFINE_bool('traceback', False, 'Print the traceback above an error line.')
+
+# Errors whose message already names the file, key or shape at fault: one line is enough.
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, OSError,
+                KeyError)
 
 
 def main(argv):
@@ -34,38 +54,68 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
-  from unet_ds import multirun, train  # pylint: disable=g-import-not-at-top  (fast --help)
-  config = _CONFIG.value
-  if _MODE.value == 'train':
+  try:
+    result = _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except Exception as e:  # pylint: disable=broad-except
+    _exit_with(e)
+  print(json.dumps(result))
+
+
+def _run(mode: str, config, workdir: str) -> dict:
+  """The mode's work; returns the JSON line to print."""
+  # pylint: disable=g-import-not-at-top  (fast --help)
+  from unet_ds.models.ops import xla_flags
+  xla_flags.configure_xla_flags()  # before the first jax computation
+  if mode == 'train':
+    from unet_ds import multirun, train
     trainer = multirun if config.get('multirun', {}).get('k', 0) > 1 else train  # K runs, 1 program
-    summary = trainer.train_and_evaluate(config, _WORKDIR.value)
-    _print_summary(summary)
-    return
-  from unet_ds import predict  # pylint: disable=g-import-not-at-top
-  if _MODE.value == 'eval' and not (_INPUT.value or _OUTPUT.value):
-    # In-training-style scores of the latest checkpoint, with the run's own saved config.
-    summary = train.evaluate_checkpoint(predict.run_config(config, _WORKDIR.value), _WORKDIR.value)
-    _print_summary(summary)
-    return
-  result = predict.run(config, _WORKDIR.value, mode=_MODE.value, input_path=_INPUT.value,
-                       output=_OUTPUT.value, probabilities=_PROBS.value)
-  if _MODE.value == 'eval':
-    print(json.dumps({'step': result.get('step'),
-                      'mean_foreground_dice': result.get('mean_foreground_dice'),
-                      'output': _OUTPUT.value}))
+    summary = trainer.train_and_evaluate(config, workdir, allow_changes=_ALLOW.value)
+    return _train_line(summary)
+  if mode == 'eval':
+    from unet_ds import evaluate
+    s = evaluate.run(config, workdir, input_path=_INPUT.value, output=_OUTPUT.value,
+                     cases=_CASES.value)
+    return {'step': s['step'], 'mean_foreground_dice': s['mean_foreground_dice'],
+            'dice_per_class': s['per_class']['dice'], 'num_cases': s['num_cases'],
+            'output': s['output']}
+  from unet_ds import predict
+  out = predict.run(config, workdir, input_path=_INPUT.value, output=_OUTPUT.value,
+                    probabilities=_PROBS.value)
+  return {'step': out['step'], 'written': len(out['written']),
+          'output': os.path.abspath(_OUTPUT.value)}
 
 
-def _print_summary(summary: dict) -> None:
-  if 'final' not in summary:  # stopped early (train.stop_at_step): nothing scored yet
-    print(json.dumps(summary))
-    return
-  final = summary['final']
-  print(json.dumps({'step': summary['step'],
-                    'mean_foreground_dice': summary['mean_foreground_dice'],
-                    'dice_per_class': final['dice'],
-                    'heads_mean_foreground_dice': [h['mean_foreground_dice']
-                                                   for h in summary['heads']]}))
+def _train_line(summary: dict) -> dict:
+  if 'runs' in summary:  # multi-run: one entry per run
+    return {'step': summary['step'], 'runs': {name: _train_line(s)
+                                              for name, s in summary['runs'].items()}}
+  if 'mean_foreground_dice' not in summary:  # stopped early (train.stop_at_step)
+    return summary
+  return {'step': summary['step'], 'mean_foreground_dice': summary['mean_foreground_dice'],
+          'dice_per_class': summary['dice_per_class'],
+          'pooled_foreground_dice': summary.get('pooled_foreground_dice'),
+          'heads_pooled_dice': [h['mean_foreground_dice'] for h in summary.get('heads', [])]}
+
+
+def _exit_with(error: BaseException) -> None:
+  """One last line naming the cause; the process ends without shutdown noise after it."""
+  from unet_ds import loop  # pylint: disable=g-import-not-at-top
+  if isinstance(error, loop.Interrupted):
+    print(f'interrupted: {error}', file=sys.stderr, flush=True)
+    os._exit(128 + error.signum)  # pylint: disable=protected-access
+  if _TRACEBACK.value or not isinstance(error, _USER_ERRORS):
+    traceback.print_exception(error, file=sys.stderr)
+  message = ' '.join(str(error).split()) or repr(error)
+  print(f'error: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  # Library threads (orbax, grain) can print at interpreter shutdown and bury this line.
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def run_cli() -> None:
+  """The `unet-ds` console script (same flags as `python -m unet_ds.main`)."""
+  app.run(main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli()

@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 from typing import Any, Callable, Sequence
 
 import flax
@@ -37,15 +36,16 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from unet_ds import checkpoint
 from unet_ds import config_lib
+from unet_ds import dirnames
 from unet_ds import logs
+from unet_ds import loop
 from unet_ds import losses
 from unet_ds import metrics
 from unet_ds import sharding
+from unet_ds import state as state_lib
 from unet_ds import train
-
-_UNSAFE_CHARS = re.compile(r'[^A-Za-z0-9._+=,-]')
+from unet_ds import workdir as workdir_lib
 
 
 # ----------------------------------------------------------------------------- runs
@@ -100,7 +100,7 @@ def member_runs(config: ml_collections.ConfigDict) -> list[Run]:
     c.multirun.k, c.multirun.vectorize = 0, 'vmap'  # the single run's config: multi-run off
     for key in config_lib.MULTIRUN_LISTS:
       c.multirun[key] = ()
-    name = _UNSAFE_CHARS.sub('_', ','.join(f'{key}={_format(v)}' for key, v in parts.items()))
+    name = dirnames.safe_name(','.join(f'{key}={_format(v)}' for key, v in parts.items()))
     runs.append(Run(name=name, config=c))
   names = [r.name for r in runs]
   if len(set(names)) != len(names):
@@ -138,13 +138,13 @@ def scheduled_weights(run: RunWeights, step: jax.Array, *, decay_steps: int) -> 
 
 
 def create_train_states(model: Any, tx: optax.GradientTransformation, seeds: jax.Array, *,
-                        input_shape: tuple[int, ...]) -> train.TrainState:
-  """`train.create_train_state` of each seed in `seeds [K]` (int32), stacked (pure; jit it).
+                        input_shape: tuple[int, ...]) -> state_lib.TrainState:
+  """`state.create` of each seed in `seeds [K]` (int32), stacked (pure; jit it).
 
   A loop (`lax.map`), not `vmap`: the parameters are drawn with the 'rbg' PRNG, whose bits under
   vmap differ from the unbatched ones, and each run must start exactly as its single run would.
   """
-  return jax.lax.map(lambda seed: train.create_train_state(model, tx, seed, input_shape), seeds)
+  return jax.lax.map(lambda seed: state_lib.create(model, tx, seed, input_shape), seeds)
 
 
 def _over_runs(fn: Callable[..., Any], vectorize: str, *args: Any) -> Any:
@@ -156,10 +156,10 @@ def _over_runs(fn: Callable[..., Any], vectorize: str, *args: Any) -> Any:
   raise ValueError(f"config.multirun.vectorize: must be 'vmap' or 'map', got {vectorize!r}")
 
 
-def multi_train_step(states: train.TrainState, batches: dict[str, jax.Array],
+def multi_train_step(states: state_lib.TrainState, batches: dict[str, jax.Array],
                      run_weights: RunWeights, *, model: Any, tx: optax.GradientTransformation,
                      ds_loss: train.DSLoss, vectorize: str = 'vmap'
-                     ) -> tuple[train.TrainState, dict[str, jax.Array]]:
+                     ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
   """`train.train_step` over stacked states, batches `[K, B, ...]` and run weights."""
   def one(state, batch, run):
     weights = scheduled_weights(run, state.step, decay_steps=ds_loss.decay_steps)
@@ -167,7 +167,7 @@ def multi_train_step(states: train.TrainState, batches: dict[str, jax.Array],
   return _over_runs(one, vectorize, states, batches, run_weights)
 
 
-def multi_eval_step(states: train.TrainState, batch: dict[str, jax.Array], *, model: Any,
+def multi_eval_step(states: state_lib.TrainState, batch: dict[str, jax.Array], *, model: Any,
                     num_classes: int, vectorize: str = 'vmap') -> jax.Array:
   """`[K, 1 + n_heads, 3, C]` confusion counts: every run scores the same batch."""
   def one(state):
@@ -199,45 +199,60 @@ class MultiExperiment:
   def build(cls, config: ml_collections.ConfigDict, workdir: str) -> 'MultiExperiment':
     runs = member_runs(config)  # every config error before any compute
     exp = train.Experiment.build(runs[0].config, workdir)
-    model_cfg = config_lib.validate(runs[0].config)
-    ds_losses = [train.DSLoss.from_config(r.config, model_cfg) for r in runs]
-    return cls(exp=exp, runs=runs, run_weights=RunWeights.from_losses(ds_losses))
+    ds_losses = [train.DSLoss.from_config(r.config, exp.setup.model_config) for r in runs]
+    return cls(exp=exp, runs=runs, run_weights=RunWeights.from_losses(ds_losses),
+               config=config)
+
+  config: ml_collections.ConfigDict = None  # the multi-run config (checkpointed with the state)
 
   @property
   def k(self) -> int:
     return len(self.runs)
 
+  @property
+  def workdir(self) -> str:
+    return self.exp.workdir
+
+  @property
+  def lr(self) -> optax.Schedule:
+    return self.exp.lr
+
+  @property
+  def run_names(self) -> list[str]:
+    return [r.name for r in self.runs]
+
   def run_experiment(self, index: int) -> train.Experiment:
     """The shared experiment seen with run `index`'s config (its seed, its DS loss)."""
     run = self.runs[index]
-    model_cfg = config_lib.validate(run.config)
     return dataclasses.replace(self.exp, config=run.config,
                                workdir=os.path.join(self.exp.workdir, run.name),
-                               ds_loss=train.DSLoss.from_config(run.config, model_cfg))
+                               ds_loss=train.DSLoss.from_config(run.config,
+                                                                self.exp.setup.model_config))
 
-  def _init_fn(self) -> Callable[[jax.Array], train.TrainState]:
+  def _init_fn(self) -> Callable[[jax.Array], state_lib.TrainState]:
     return functools.partial(create_train_states, self.exp.model, self.exp.tx,
                              input_shape=self.exp.input_shape)
 
   def _seeds(self) -> jax.Array:
     return jnp.asarray([int(r.config.seed) for r in self.runs], jnp.int32)
 
-  def init_state(self) -> train.TrainState:
+  def init_state(self) -> state_lib.TrainState:
     return jax.jit(self._init_fn(), out_shardings=sharding.replicated(self.exp.mesh))(self._seeds())
 
-  def abstract_state(self) -> train.TrainState:
-    shapes = jax.eval_shape(self._init_fn(), self._seeds())
-    repl = sharding.replicated(self.exp.mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+  def abstract_state(self) -> state_lib.TrainState:
+    return state_lib.abstract(self.exp.setup, self.exp.input_shape,
+                              sharding.replicated(self.exp.mesh), num_runs=self.k)
 
   def jit_train_step(self) -> Callable:
     exp = self.exp
     repl = sharding.replicated(exp.mesh)
     step = functools.partial(multi_train_step, model=exp.model, tx=exp.tx, ds_loss=exp.ds_loss,
                              vectorize=exp.config.multirun.vectorize)
-    return jax.jit(step, out_shardings=(repl, repl), donate_argnums=0)
+    jitted = jax.jit(step, out_shardings=(repl, repl), donate_argnums=0)
+    return lambda states, batches: jitted(states, batches, self.run_weights)
 
-  def jit_eval_step(self) -> Callable:
+  @functools.cached_property
+  def _eval_fn(self) -> Callable:
     step = functools.partial(multi_eval_step, model=self.exp.model,
                              num_classes=self.exp.num_classes,
                              vectorize=self.exp.config.multirun.vectorize)
@@ -247,14 +262,37 @@ class MultiExperiment:
     """Each run's loader, exactly as its single run builds it (seeded with the run's seed)."""
     return [self.run_experiment(i).train_loader() for i in range(self.k)]
 
-  def shard_batches(self, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
+  # -- loop.Trainer
+  def writers(self) -> list[logs.Writer]:
+    return [logs.Writer(os.path.join(self.workdir, r.name)) for r in self.runs]
+
+  def write_run_files(self, fresh: bool) -> None:
+    """Each run's config.json (its single-run config), and `multirun.json` naming the runs."""
+    for i in range(self.k):
+      self.run_experiment(i).write_run_files(fresh)
+    if jax.process_index() == 0:
+      workdir_lib.write_json(os.path.join(self.workdir, state_lib.MULTIRUN_FILE),
+                             {'runs': self.run_names,
+                              'config': json.loads(config_lib.to_json(self.config))})
+
+  def data_iterator(self) -> '_Iterators':
+    return _Iterators(self.train_loaders(), self.run_names)
+
+  def shard(self, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, jax.Array]:
     return shard_stacked(self.exp.mesh, batches)
 
-  def evaluate(self, states: train.TrainState, eval_fn: Callable | None = None
-               ) -> list[dict[str, Any]]:
-    """Each run's scores on the whole validation split (`train.Experiment.evaluate` per run)."""
-    counts = self.exp.eval_counts(states, eval_fn or self.jit_eval_step())
+  def evaluate(self, states: state_lib.TrainState) -> list[dict[str, Any]]:
+    """Each run's in-training scores on the validation split (pooled counts)."""
+    counts = self.exp.eval_counts(states, self._eval_fn)
     return [metrics.summarize_outputs(c) for c in counts]
+
+  def final_eval(self, states: state_lib.TrainState, step: int) -> list[dict[str, Any]]:
+    """Each run's whole-image eval of the held-out cases (as `--mode=eval` in its folder)."""
+    return [self.run_experiment(i).final_eval(jax.tree.map(lambda x, i=i: x[i], states), step)
+            for i in range(self.k)]
+
+  def num_params(self, states: state_lib.TrainState) -> int:
+    return state_lib.num_params(states.params, stacked=True)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -273,73 +311,35 @@ class _Iterators:
     return json.dumps([{'run': n, 'iterator': it.get_state().decode()}
                        for n, it in zip(self._names, self._iters)]).encode()
 
-  def set_state(self, state: bytes, where: str) -> None:
+  def set_state(self, state: bytes) -> None:
     saved = json.loads(state.decode())
     names = [s['run'] for s in saved]
     if names != self._names:
-      raise ValueError(f'{where} holds the runs {names}, but config.multirun gives {self._names}; '
-                       'use a new workdir for different runs')
+      raise ValueError(f'the checkpoint holds the runs {names}, but config.multirun gives '
+                       f'{self._names}; use a new workdir for different runs')
     for it, s in zip(self._iters, saved):
       it.set_state(s['iterator'].encode())
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains the K runs of `config.multirun` together (resuming), evaluates, writes per-run logs.
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_changes: Sequence[str] = ()) -> dict[str, Any]:
+  """Trains the K runs of `config.multirun` together (resuming), scores them, writes per-run logs.
 
   Returns `{'step', 'runs': {name: summary}}` (or `{'step', 'stopped_early': True}` when
   `train.stop_at_step` stopped it), each summary as `train.train_and_evaluate` returns it.
   """
   mexp = MultiExperiment.build(config, workdir)
-  exp = mexp.exp
-  writers = [logs.Writer(os.path.join(exp.workdir, r.name)) for r in mexp.runs]
-  for run, writer in zip(mexp.runs, writers):
-    if writer.enabled:
-      with open(writer.path('config.json'), 'w') as f:
-        f.write(config_lib.to_json(run.config))
-  config_json = config_lib.to_json(config)
-  if jax.process_index() == 0:  # what the workdir holds: the runs and the config that made them
-    with open(os.path.join(exp.workdir, 'multirun.json'), 'w') as f:
-      json.dump({'runs': [r.name for r in mexp.runs], 'config': json.loads(config_json)}, f,
-                indent=2)
-  ckpts = checkpoint.Checkpoints(os.path.join(exp.workdir, 'checkpoints'),
-                                 config.train.max_to_keep)
-  data_iter = _Iterators(mexp.train_loaders(), [r.name for r in mexp.runs])
-  if ckpts.latest_step() is not None:
-    states, data_state, start = ckpts.restore(mexp.abstract_state())
-    if data_state is not None:
-      data_iter.set_state(data_state, f'checkpoint {start} in {ckpts.directory}')
-    for writer in writers:
-      writer.truncate_after(start)
-  else:
-    states, start = mexp.init_state(), 0
-
-  try:
-    return _train_loop(mexp, states, start, data_iter, ckpts, writers, config_json)
-  finally:  # on any error too: finish the async saves, so the last good checkpoint is complete
-    ckpts.wait()
-    ckpts.close()
-    for writer in writers:
-      writer.close()
-
-
-def _train_loop(mexp: MultiExperiment, states: train.TrainState, start: int,
-                data_iter: _Iterators, ckpts: checkpoint.Checkpoints,
-                writers: Sequence[logs.Writer], config_json: str) -> dict[str, Any]:
-  c = mexp.exp.config
-  step_fn, eval_fn = mexp.jit_train_step(), mexp.jit_eval_step()
-  states, evals, seconds = train.run_loop(
-      c, states, start, step_fn=lambda s, b: step_fn(s, b, mexp.run_weights),
-      next_batch=lambda: mexp.shard_batches(next(data_iter)),
-      save=lambda step, s: ckpts.save(step, s, data_iter.get_state(), config_json),
-      evaluate=lambda s: mexp.evaluate(s, eval_fn), writers=writers, lr=mexp.exp.lr,
-      run_names=[r.name for r in mexp.runs])
-  if evals is None:
-    return {'step': train.last_step(c), 'stopped_early': True}
-  num_params = int(sum(p[0].size for p in jax.tree.leaves(states.params)))
+  out = loop.fit(mexp, allow_changes)
+  if out.get('stopped_early'):
+    return out
+  conv_impl = train.layers.resolve_impl(config.model.conv_impl)
   summaries = {}
-  for i, (run, writer) in enumerate(zip(mexp.runs, writers)):
+  for i, run in enumerate(mexp.runs):
     summaries[run.name] = {
-        **train.summary_record(evals[i], c, train_seconds=seconds, num_params=num_params),
+        **loop.summary_record(out['evals'][i], out['in_training'][i], run.config,
+                              step=out['step'], train_seconds=out['seconds'],
+                              num_params=out['num_params'], conv_impl=conv_impl),
         'multirun': {'k': mexp.k, 'index': i, 'name': run.name}}
-    writer.write_json('summary.json', summaries[run.name])
-  return {'step': evals[0]['step'], 'runs': summaries}
+    logs.Writer(os.path.join(mexp.workdir, run.name)).write_json('summary.json',
+                                                                 summaries[run.name])
+  return {'step': out['step'], 'runs': summaries}

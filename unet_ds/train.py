@@ -1,4 +1,5 @@
-"""Training and evaluation: pure jitted `train_step` / `eval_step` and `train_and_evaluate`.
+"""Training of one run: the pure jitted `train_step` / `eval_step`, the `Experiment` they run in,
+and `train_and_evaluate` (the loop itself is `unet_ds.loop.fit`, shared with multi-run training).
 
 The step is written against a ('data', 'space') mesh from the start: the batch is sharded over
 `data` (and optionally the first spatial axis over `space`), the state is replicated, and the
@@ -10,44 +11,30 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-import flax
+from absl import logging
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
-from unet_ds import checkpoint
 from unet_ds import config_lib
+from unet_ds import evaluate as evaluate_lib
 from unet_ds import logs
+from unet_ds import loop
 from unet_ds import losses
 from unet_ds import metrics
 from unet_ds import models
-from unet_ds import optim
 from unet_ds import sharding
+from unet_ds import state as state_lib
+from unet_ds.data import cases as cases_lib
 from unet_ds.data import datasets
 from unet_ds.data import pipeline
 from unet_ds.models import layers
 
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array  # raw uint32 key: checkpoints as a plain array
-
-  def variables(self) -> dict[str, Any]:
-    v = {'params': self.params}
-    if self.batch_stats:
-      v['batch_stats'] = self.batch_stats
-    return v
+TrainState = state_lib.TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,19 +70,6 @@ class DSLoss:
 
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                       input_shape: tuple[int, ...]) -> TrainState:
-  """Initial state from `seed` (pure; jit it with a replicated out-sharding)."""
-  # Parameters are drawn with the RngBitGenerator PRNG: XLA:CPU compiles a U-Net's init ~8x
-  # faster than with threefry (seconds instead of a minute for a tiny model).
-  init_rng = jax.random.key(seed, impl='rbg')
-  state_rng = jax.random.PRNGKey(seed)  # dropout stream
-  variables = model.init(init_rng, jnp.zeros(input_shape, jnp.float32), train=False)
-  params = variables['params']
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
-                    rng=state_rng)
-
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                tx: optax.GradientTransformation, ds_loss: DSLoss,
@@ -122,11 +96,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   deltas, opt_state = tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, deltas),
+  params = optax.apply_updates(state.params, deltas)
+  new_state = state.replace(step=state.step + 1, params=params,
                             batch_stats=updates.get('batch_stats', state.batch_stats),
                             opt_state=opt_state)
+  # param_norm: a non-finite update is caught at its own step, before it can be checkpointed.
   return new_state, {'loss': loss, 'level_losses': aux['level_losses'],
-                     'ds_weights': aux['ds_weights'], 'grad_norm': optax.global_norm(grads)}
+                     'ds_weights': aux['ds_weights'], 'grad_norm': optax.global_norm(grads),
+                     'param_norm': optax.global_norm(params)}
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
@@ -139,50 +116,54 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
 
 @dataclasses.dataclass
 class Experiment:
-  """Everything built from a config before the loop (no compute yet beyond state init)."""
+  """One run built from a config (no compute yet): what `loop.fit` trains and scores."""
   config: ml_collections.ConfigDict
   workdir: str
-  model: nn.Module
+  setup: state_lib.Setup
   mesh: jax.sharding.Mesh
   sources: dict[str, Any]
-  tx: optax.GradientTransformation
-  lr: optax.Schedule
   ds_loss: DSLoss
   num_classes: int
+  run_names = None  # one run (`loop.Trainer`)
 
   @classmethod
   def build(cls, config: ml_collections.ConfigDict, workdir: str) -> 'Experiment':
-    model_cfg = config_lib.validate(config)  # every config error before any compute
+    setup = state_lib.Setup.from_config(config)  # validates: every config error before compute
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(mesh, config.train.batch_size, 'batch_size')
     sharding.check_batch_size(mesh, config.train.eval_batch_size, 'eval_batch_size')
-    tx, lr = optim.make_optimizer(config.optim, config.train.steps)
-    return cls(config=config, workdir=os.path.abspath(workdir), model=models.get_model(model_cfg),
-               mesh=mesh, sources=datasets.get_sources(config.data), tx=tx, lr=lr,
-               ds_loss=DSLoss.from_config(config, model_cfg),
+    return cls(config=config, workdir=os.path.abspath(workdir), setup=setup, mesh=mesh,
+               sources=datasets.get_sources(config.data),
+               ds_loss=DSLoss.from_config(config, setup.model_config),
                num_classes=max(int(config.data.num_classes), 2))
+
+  @property
+  def model(self) -> nn.Module:
+    return self.setup.model
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return self.setup.tx
+
+  @property
+  def lr(self) -> optax.Schedule:
+    return self.setup.lr
 
   @property
   def input_shape(self) -> tuple[int, ...]:
     c = self.config
     return (c.train.batch_size, *datasets.training_shape(c.data), c.data.in_channels)
 
-  def _init_fn(self) -> Callable[[jax.Array], TrainState]:
+  def init_state(self) -> TrainState:
     # The seed is an argument, not a constant: runs that differ only in seed share one compiled
     # init (in a process, and through the persistent compilation cache).
-    return lambda seed: create_train_state(self.model, self.tx, seed, self.input_shape)
-
-  def _seed(self) -> np.int32:
-    return np.int32(self.config.seed)  # validate() checked it is in [0, 2**31)
-
-  def init_state(self) -> TrainState:
-    return jax.jit(self._init_fn(), out_shardings=sharding.replicated(self.mesh))(self._seed())
+    init = lambda seed: state_lib.create(self.model, self.tx, seed, self.input_shape)  # noqa
+    return jax.jit(init, out_shardings=sharding.replicated(self.mesh))(
+        np.int32(self.config.seed))  # validate() checked it is in [0, 2**31)
 
   def abstract_state(self) -> TrainState:
-    shapes = jax.eval_shape(self._init_fn(), self._seed())
-    repl = sharding.replicated(self.mesh)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), shapes)
+    return state_lib.abstract(self.setup, self.input_shape, sharding.replicated(self.mesh))
 
   def jit_train_step(self) -> Callable:
     repl = sharding.replicated(self.mesh)
@@ -202,6 +183,28 @@ class Experiment:
         shard_count=jax.process_count(), transforms=datasets.train_transforms(c.data),
         batch_fn=datasets.train_batch_fn(c.data), worker_count=int(c.data.worker_count))
 
+  # -- loop.Trainer
+  def writers(self) -> list[logs.Writer]:
+    return [logs.Writer(self.workdir)]
+
+  def write_run_files(self, fresh: bool) -> None:
+    """config.json, and for real data the held-out case ids (split.json) that eval scores.
+
+    A resumed run keeps its split even if files were added to the data folder since.
+    """
+    writer = logs.Writer(self.workdir)
+    writer.write_text('config.json', config_lib.to_json(self.config))
+    if self.config.data.name in cases_lib.FILE_KINDS and (
+        fresh or not os.path.exists(writer.path(cases_lib.SPLIT_FILE))):
+      writer.write_json(cases_lib.SPLIT_FILE, cases_lib.case_split(self.config.data))
+    writer.close()
+
+  def data_iterator(self) -> loop.DataIterator:
+    return iter(self.train_loader())
+
+  def shard(self, batch: Any) -> Any:
+    return sharding.shard_batch(self.mesh, batch)
+
   def eval_counts(self, state: Any, eval_fn: Callable | None = None) -> np.ndarray:
     """`eval_fn`'s confusion counts summed over the whole validation split (int64).
 
@@ -219,212 +222,37 @@ class Experiment:
       total = counts if total is None else total + counts
     return total
 
-  def evaluate(self, state: TrainState, eval_fn: Callable | None = None) -> dict[str, Any]:
-    """Scores on the whole validation split, from summed confusion counts."""
-    return metrics.summarize_outputs(self.eval_counts(state, eval_fn))
+  @functools.cached_property
+  def _eval_fn(self) -> Callable:
+    return self.jit_eval_step()
+
+  def evaluate(self, state: TrainState) -> list[dict[str, Any]]:
+    """In-training scores on the validation split, from pooled confusion counts."""
+    return [metrics.summarize_outputs(self.eval_counts(state, self._eval_fn))]
+
+  def final_eval(self, state: TrainState, step: int) -> list[dict[str, Any]]:
+    """The whole-image eval of the held-out cases, as `--mode=eval` gives it."""
+    variables = state.variables()
+    predict_fn = lambda x: self.model.apply(variables, x, train=False)[0]  # noqa: E731
+    return [evaluate_lib.evaluate_run(self.config, self.workdir, predict_fn, step,
+                                      log=logging.info)]
+
+  def num_params(self, state: TrainState) -> int:
+    return state_lib.num_params(state.params)
 
 
-# ----------------------------------------------------------------------------- loop pieces
-# Shared by this single-run trainer and `multirun` (K runs stacked on a leading axis).
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_changes: Sequence[str] = ()) -> dict[str, Any]:
+  """Trains one run (resuming from the workdir's latest checkpoint), scores it, writes summary.json.
 
-def last_step(config: ml_collections.ConfigDict) -> int:
-  """The step this invocation trains to: `train.steps`, or `train.stop_at_step` when earlier."""
-  t = config.train
-  return t.steps if t.stop_at_step <= 0 else min(t.stop_at_step, t.steps)
-
-
-def check_finite(step: int, loss: Any, grad_norm: Any, *, run: str = '',
-                 num_runs: int = 1) -> None:
-  """Raises `FloatingPointError` naming the step (and `run`, of `num_runs`) at a non-finite loss."""
-  if np.isfinite(loss) and np.isfinite(grad_norm):
-    return
-  of_run = f' of run {run}' if run else ''
-  stopped = 'training' if num_runs == 1 else f'training of all {num_runs} runs'
-  raise FloatingPointError(
-      f'non-finite loss {float(loss)} (grad norm {float(grad_norm)}){of_run} at step {step}; '
-      f'{stopped} stopped, the last good checkpoint is kept')
-
-
-def train_record(step: int, m: dict[str, np.ndarray], *, lr: float,
-                 steps_per_s: float) -> dict[str, Any]:
-  """One `metrics.jsonl` line from one run's host-side step metrics."""
-  return {'step': step, 'loss': float(m['loss']), 'level_losses': m['level_losses'],
-          'ds_weights': m['ds_weights'], 'lr': lr, 'grad_norm': float(m['grad_norm']),
-          'steps_per_s': steps_per_s}
-
-
-def summary_record(last_eval: dict[str, Any], config: ml_collections.ConfigDict, *,
-                   train_seconds: float, num_params: int) -> dict[str, Any]:
-  """`summary.json`: the last eval plus the run's facts."""
-  return {**last_eval, 'train_seconds': train_seconds, 'num_params': num_params,
-          'ds_mode': config.model.ds.mode, 'backend': jax.default_backend(),
-          'devices': jax.device_count(),
-          'conv_impl': layers.resolve_impl(config.model.conv_impl)}
-
-
-def run_loop(config: ml_collections.ConfigDict, state: Any, start: int, *,
-             step_fn: Callable[[Any, Any], tuple[Any, Any]], next_batch: Callable[[], Any],
-             save: Callable[[int, Any], None], evaluate: Callable[[Any], list[dict[str, Any]]],
-             writers: Sequence[logs.Writer], lr: optax.Schedule,
-             run_names: Sequence[str] | None = None
-             ) -> tuple[Any, list[dict[str, Any]] | None, float]:
-  """Trains steps `start + 1 .. last_step(config)`; `(state, last evals, seconds)`.
-
-  The loop of one run or of K stacked runs (`run_names`, one writer each). `evaluate(state)`
-  gives one score dict per run; they are written to each run's `eval.jsonl` every `eval_every`
-  steps and at `train.steps`, and returned with their step (`None` when `train.stop_at_step`
-  stopped the loop first). `save(step, state)` runs every `checkpoint_every` steps and at the
-  last one. Metrics are fetched one step late so dispatch stays async, except that a state is
-  never saved or scored before its step's loss was checked finite.
+  `allow_changes`: config keys that may differ from the checkpoint's (see `unet_ds.loop`).
   """
-  c = config
-  t0 = time.time()
-  log = _StepLogger(c, lr, writers, start, run_names)
-  pending = None  # (step, device metrics)
-  last = last_step(c)
-  for step in range(start + 1, last + 1):
-    state, m = step_fn(state, next_batch())
-    if pending is not None:
-      log(*pending)
-    pending = (step, m)
-    saving = step % c.train.checkpoint_every == 0 or step == last
-    scoring = step % c.train.eval_every == 0 or step == c.train.steps
-    if saving or scoring:
-      log(*pending)
-      pending = None
-    if saving:
-      save(step, state)
-    if scoring:
-      log.last_evals = [{'step': step, **e} for e in evaluate(state)]
-      for writer, record in zip(writers, log.last_evals):
-        writer.write_eval(record)
-  log.close()
-  if last < c.train.steps:
-    return state, None, time.time() - t0
-  if log.last_evals is None:  # resumed a finished run: score the restored state
-    step = int(np.ravel(state.step)[0])
-    log.last_evals = [{'step': step, **e} for e in evaluate(state)]
-  return state, log.last_evals, time.time() - t0
-
-
-class _StepLogger:
-  """Checks every step's loss is finite; writes every `log_every`-th step; drives the bar.
-
-  One writer per run. With `run_names` (multi-run) the metrics carry a leading run axis, and
-  errors name the run.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, lr: optax.Schedule,
-               writers: Sequence[logs.Writer], start: int,
-               run_names: Sequence[str] | None = None):
-    self.config, self.lr, self.writers, self.run_names = config, lr, writers, run_names
-    self.last_evals: list[dict[str, Any]] | None = None  # one per run
-    self._clock = (time.time(), start)
-    desc = 'train' if run_names is None else f'train x{len(run_names)}'
-    self._bar = tqdm.tqdm(total=config.train.steps, initial=start,
-                          disable=not writers[0].enabled, dynamic_ncols=True, desc=desc)
-
-  def _per_run(self, step: int, m: Any) -> list[dict[str, np.ndarray]]:
-    """Each run's host-side metrics, checked finite."""
-    m = jax.tree.map(np.asarray, m)
-    if self.run_names is None:
-      check_finite(step, m['loss'], m['grad_norm'])
-      return [m]
-    per_run = [jax.tree.map(lambda x, i=i: x[i], m) for i in range(len(self.run_names))]
-    for i, (name, r) in enumerate(zip(self.run_names, per_run)):
-      check_finite(step, r['loss'], r['grad_norm'],
-                   run=f'{name!r} (multirun index {i})', num_runs=len(self.run_names))
-    return per_run
-
-  def __call__(self, step: int, m: Any) -> None:
-    per_run = self._per_run(step, m)
-    self._bar.update(step - self._bar.n)
-    c = self.config
-    if step % c.train.log_every and step != c.train.steps:
-      return
-    now = time.time()
-    t, s = self._clock
-    self._clock = (now, step)
-    lr = float(self.lr(step - 1))
-    steps_per_s = (step - s) / max(now - t, 1e-9)  # each run advances every step
-    for writer, r in zip(self.writers, per_run):
-      writer.write_train(train_record(step, r, lr=lr, steps_per_s=steps_per_s))
-    postfix = {'loss': ' '.join(f'{float(r["loss"]):.4f}' for r in per_run)}
-    if self.last_evals is not None:
-      postfix['dice'] = ' '.join(f'{e["mean_foreground_dice"]:.3f}' for e in self.last_evals)
-    self._bar.set_postfix(postfix)
-
-  def close(self) -> None:
-    self._bar.close()
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (resuming from the workdir's latest checkpoint), evaluates, writes logs and summary."""
   exp = Experiment.build(config, workdir)
-  c = config
-  writer = logs.Writer(exp.workdir)
-  config_json = config_lib.to_json(c)
-  if writer.enabled:
-    with open(writer.path('config.json'), 'w') as f:
-      f.write(config_json)
-    if c.data.name in ('msd', 'folder2d'):
-      from unet_ds import predict  # pylint: disable=g-import-not-at-top
-      if not os.path.exists(writer.path(predict.SPLIT_FILE)):
-        # The held-out case ids, so that a later --mode=eval scores exactly these cases.
-        writer.write_json(predict.SPLIT_FILE, predict.case_split(c.data))
-  ckpts = checkpoint.Checkpoints(os.path.join(exp.workdir, 'checkpoints'), c.train.max_to_keep)
-  data_iter = iter(exp.train_loader())
-  if ckpts.latest_step() is not None:
-    state, data_state, start = ckpts.restore(exp.abstract_state())
-    if data_state is not None:
-      data_iter.set_state(data_state)
-    writer.truncate_after(start)
-  else:
-    state, start = exp.init_state(), 0
-
-  step_fn, eval_fn = exp.jit_train_step(), exp.jit_eval_step()
-  try:
-    return _train_loop(exp, state, start, data_iter, step_fn, eval_fn, ckpts, writer,
-                       config_json)
-  finally:  # on any error too: finish the async saves, so the last good checkpoint is complete
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
-
-
-def _train_loop(exp: Experiment, state: TrainState, start: int, data_iter: Iterator,
-                step_fn: Callable, eval_fn: Callable, ckpts: checkpoint.Checkpoints,
-                writer: logs.Writer, config_json: str) -> dict[str, Any]:
-  c = exp.config
-  state, evals, seconds = run_loop(
-      c, state, start, step_fn=step_fn,
-      next_batch=lambda: sharding.shard_batch(exp.mesh, next(data_iter)),
-      save=lambda step, state: ckpts.save(step, state, data_iter.get_state(), config_json),
-      evaluate=lambda state: [exp.evaluate(state, eval_fn)], writers=[writer], lr=exp.lr)
-  if evals is None:
-    return {'step': last_step(c), 'stopped_early': True}
-  summary = summary_record(evals[0], c, train_seconds=seconds,
-                           num_params=int(sum(p.size for p in jax.tree.leaves(state.params))))
-  writer.write_json('summary.json', summary)
+  out = loop.fit(exp, allow_changes)
+  if out.get('stopped_early'):
+    return out
+  summary = loop.summary_record(out['evals'][0], out['in_training'][0], config, step=out['step'],
+                                train_seconds=out['seconds'], num_params=out['num_params'],
+                                conv_impl=layers.resolve_impl(config.model.conv_impl))
+  logs.Writer(exp.workdir).write_json('summary.json', summary)
   return summary
-
-
-def restore_state(config: ml_collections.ConfigDict, workdir: str
-                  ) -> tuple[Experiment, TrainState]:
-  """The experiment of `config` and the latest checkpointed state of `workdir`."""
-  exp = Experiment.build(config, workdir)
-  directory = os.path.join(exp.workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'no checkpoints in {directory}: train first (--mode=train)')
-  ckpts = checkpoint.Checkpoints(directory, config.train.max_to_keep)
-  state, _, _ = ckpts.restore(exp.abstract_state())
-  ckpts.close()
-  return exp, state
-
-
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """`--mode=eval`: scores the workdir's latest checkpoint on the validation split."""
-  exp, state = restore_state(config, workdir)
-  result = {'step': int(state.step), **exp.evaluate(state)}
-  logs.Writer(exp.workdir).write_json('eval_summary.json', result)
-  return result

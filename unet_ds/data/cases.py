@@ -1,0 +1,94 @@
+"""The labelled cases of a user's data folder, and a run's train/validation split of them.
+
+Training writes the split (`WORKDIR/split.json`, `case_split`) so that a later eval scores exactly
+the held-out cases of that run, even if files were added to the folder since; `find_labelled`
+selects cases by that split, by explicit ids, or all of them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+import json
+import os
+from typing import Any
+
+from unet_ds.data import folder2d
+from unet_ds.data import io
+from unet_ds.data import msd
+from unet_ds.data import prepare
+
+FILE_KINDS = ('msd', 'folder2d')  # data.name values backed by files on disk
+SPLIT_FILE = 'split.json'
+
+
+def data_kind(data_cfg: Any) -> str:
+  """'msd' (3D NIfTI) or 'folder2d' (2D PNG/TIFF) from `config.data.name`."""
+  name = prepare.cfg_get(data_cfg, 'name')
+  if name not in FILE_KINDS:
+    raise ValueError(f'config.data.name={name!r}: predict/eval on files supports {FILE_KINDS}')
+  return name
+
+
+def data_settings(data_cfg: Any) -> dict[str, Any]:
+  """The data module's settings (paths, normalisation, label map, split) of `config.data`."""
+  module = msd if data_kind(data_cfg) == 'msd' else folder2d
+  return module.settings_from_config(data_cfg)
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+  return dict(cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg)
+
+
+def _all_labelled(path: str, data_cfg: Any) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
+  settings = data_settings({**_as_dict(data_cfg), 'path': path})
+  if data_kind(data_cfg) == 'msd':
+    return msd.find_cases(settings['path']), settings
+  return folder2d.find_cases(settings['path'], settings['image_dir'], settings['label_dir']), settings
+
+
+def _split_ids(found: Sequence[tuple[str, ...]], settings: dict[str, Any]
+               ) -> dict[str, list[str]]:
+  return {name: [c[0] for c in cases]
+          for name, cases in prepare.split_case_list(found, settings).items()}
+
+
+def case_split(data_cfg: Any) -> dict[str, list[str]]:
+  """`{'train': [ids], 'validation': [ids]}` of the run's data path, as training prepares it."""
+  return _split_ids(*_all_labelled(data_cfg.path, data_cfg))
+
+
+def find_labelled(path: str, data_cfg: Any, cases: str | Sequence[str] = 'all',
+                  split: dict[str, list[str]] | None = None) -> list[tuple[str, str, str]]:
+  """(case_id, image, label) to evaluate: every pair under `path`, or a subset.
+
+  Args:
+    path: an MSD task folder (imagesTr/ + labelsTr/) or a 2D folder (image/ + label/).
+    data_cfg: `config.data` (layout, split settings).
+    cases: 'all'; 'validation' / 'train' (the run's own split of `path`); or a list of case ids
+      ('id,id').
+    split: the run's saved split (`case_split`); without it, 'validation' / 'train' recompute
+      the split from the files now in `path`.
+  """
+  found, settings = _all_labelled(path, data_cfg)
+  if cases == 'all':
+    return found
+  if cases in ('train', 'validation'):
+    if split is None:
+      split = _split_ids(found, settings)
+    if not split.get(cases):
+      raise ValueError(f'{path}: the run\'s split has no {cases!r} cases')
+    cases = split[cases]
+  wanted = [c.strip() for c in cases.split(',')] if isinstance(cases, str) else list(cases)
+  by_id = {c[0]: c for c in found}
+  missing = [c for c in wanted if c not in by_id]
+  if missing:
+    raise io.DataError(f'{path}: cases {missing[:10]} not found')
+  return [by_id[c] for c in wanted]
+
+
+def saved_split(workdir: str) -> dict[str, list[str]] | None:
+  """The split a training run wrote (`WORKDIR/split.json`), or None (older runs)."""
+  path = os.path.join(workdir, SPLIT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

@@ -1,0 +1,197 @@
+"""Whole-image evaluation of held-out cases: what `--mode=eval` and the end of training report.
+
+Every held-out case is predicted whole by sliding window (`inference.Windows`) and scored on its
+own; `mean_foreground_dice` follows nnU-Net's summary: per class, the mean Dice over cases (a case
+where the class is absent from both label and prediction is skipped), then the mean over the
+foreground classes. `pooled` scores the confusion counts summed over all cases.
+
+The cases: a real-data run's validation cases (its `split.json`) or any labelled folder given with
+`--input`; a synthetic run's validation volumes. Results go to `metrics.json` (summary and one
+record per case) and `metrics.csv` (one row per case), both written atomically.
+
+This is distinct from the in-training score (`eval.jsonl`'s `pooled_foreground_dice`): confusion
+counts pooled over fixed-size validation crops, cheap enough to run every `eval_every` steps.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+import csv
+import dataclasses
+import io as std_io
+import os
+from typing import Any
+
+import numpy as np
+
+from unet_ds import inference
+from unet_ds import metrics
+from unet_ds import predict
+from unet_ds import workdir as workdir_lib
+from unet_ds.data import cases as cases_lib
+from unet_ds.data import datasets
+
+METRICS_FILE = 'metrics.json'
+EVAL_DIR = 'eval'  # default output folder inside the workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One labelled case: its id, `{'image', 'label'}` arrays, and its file (None if synthetic)."""
+  case_id: str
+  example: dict[str, Any]
+  image_path: str | None = None
+
+
+def score_cases(windows: inference.Windows, cases: Iterable[Case], num_classes: int, *,
+                ignore_index: int | None = None,
+                on_prediction: Callable[[Case, np.ndarray, np.ndarray], None] | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Predicts and scores every case; the summary with one record per case (`cases`).
+
+  `on_prediction(case, labels, probs)` sees each prediction (e.g. to write it).
+  """
+  rows, total = [], np.zeros((3, num_classes), np.int64)
+  for case in cases:
+    probs = windows.probs(case.example['image'])
+    pred = np.argmax(probs, -1).astype(np.int64)
+    counts = metrics.case_counts(pred, case.example['label'], num_classes, ignore_index)
+    total += counts
+    rows.append({'case_id': case.case_id,
+                 'file': os.path.basename(case.image_path) if case.image_path else '',
+                 **metrics.summarize(counts)})
+    if on_prediction is not None:
+      on_prediction(case, pred, probs)
+    log(f'[{len(rows)}] {case.case_id}: mean foreground Dice '
+        f'{_fmt(rows[-1]["mean_foreground_dice"]) or "n/a"}')
+  if not rows:
+    raise ValueError('evaluate: no cases to evaluate')
+  per_class = {k: [_nanmean([r[k][c] for r in rows]) for c in range(num_classes)]
+               for k in ('dice', 'iou')}
+  return {
+      'mean_foreground_dice': _nanmean(per_class['dice'][1:]),
+      'mean_foreground_iou': _nanmean(per_class['iou'][1:]),
+      'per_class': per_class,
+      'pooled': metrics.summarize(total),
+      'num_cases': len(rows),
+      'cases': rows,
+  }
+
+
+def write_metrics(output_dir: str, summary: dict[str, Any]) -> None:
+  """`metrics.json` (everything) and `metrics.csv` (one row per case, then the means)."""
+  workdir_lib.write_json(os.path.join(output_dir, METRICS_FILE), summary)
+  num_classes = len(summary['per_class']['dice'])
+  buf = std_io.StringIO()
+  writer = csv.writer(buf)
+  writer.writerow(['case_id', 'file', 'mean_foreground_dice',
+                   *(f'dice_{c}' for c in range(num_classes)),
+                   *(f'iou_{c}' for c in range(num_classes))])
+  for r in summary['cases']:
+    writer.writerow([r['case_id'], r['file'], _fmt(r['mean_foreground_dice']),
+                     *map(_fmt, r['dice']), *map(_fmt, r['iou'])])
+  writer.writerow(['mean', '', _fmt(summary['mean_foreground_dice']),
+                   *map(_fmt, summary['per_class']['dice']),
+                   *map(_fmt, summary['per_class']['iou'])])
+  workdir_lib.atomic_write(os.path.join(output_dir, 'metrics.csv'), buf.getvalue())
+
+
+def _nanmean(values: Sequence[float | None]) -> float | None:
+  vals = [v for v in values if v is not None and not np.isnan(v)]
+  return float(np.mean(vals)) if vals else None
+
+
+def _fmt(value: float | None) -> str:
+  return '' if value is None or np.isnan(value) else f'{value:.6f}'
+
+
+# ----------------------------------------------------------------------------- a run's cases
+
+def synthetic_cases(data_cfg: Any) -> Iterator[Case]:
+  """The validation volumes of a synthetic run (whole volumes, as generated)."""
+  source = datasets.get_sources(data_cfg)['validation']
+  for i in range(len(source)):
+    ex = source[i]
+    yield Case(f'val_{i:04d}', {'image': np.asarray(ex['image'], np.float32),
+                                'label': np.asarray(ex['label'], np.int64)})
+
+
+def file_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, str, str]]
+               ) -> Iterator[Case]:
+  """(case_id, image, label) files read and normalised as the run's training data."""
+  for cid, image_path, label_path in selected:
+    yield Case(cid, predictor.read(image_path, label_path), image_path)
+
+
+def evaluate_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, str, str]],
+                   output_dir: str, *, ignore_index: int | None = None,
+                   write_predictions: bool = False,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Scores labelled files (case_id, image, label) with `predictor`; writes the metrics files
+  (and each prediction when `write_predictions`) into `output_dir`."""
+  output_dir = predict.check_output_dir(output_dir)
+  on_prediction = None
+  if write_predictions:
+    save_probs = predictor.settings.save_probs
+    on_prediction = lambda case, pred, probs: predictor.write(  # noqa: E731
+        output_dir, case.image_path, pred.astype(np.uint8), probs if save_probs else None)
+  summary = score_cases(predictor.window, file_cases(predictor, selected),
+                        max(predictor.data_settings['num_classes'], 2),
+                        ignore_index=ignore_index, on_prediction=on_prediction, log=log)
+  write_metrics(output_dir, summary)
+  return summary
+
+
+def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, step: int, *,
+                 input_path: str | None = None, output: str | None = None,
+                 cases: str | None = None, write_predictions: bool = False,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Scores `predict_fn` (the run's model at `step`) on whole held-out cases; writes metrics.
+
+  Args:
+    config: the run's config (its saved `config.json` for `--mode=eval`).
+    workdir: the run's folder (its `split.json` says which cases are held out).
+    predict_fn: `x -> final logits`.
+    step: the checkpoint step, recorded in the summary.
+    input_path: a labelled folder; default: the run's own `data.path` (real data) or its
+      synthetic validation volumes.
+    output: where metrics (and predictions) go; default `WORKDIR/eval`.
+    cases: 'all', 'validation', 'train' or 'id,id'; default: 'validation' on the run's own data
+      path, 'all' on another folder.
+    write_predictions: also write each case's label map (files only).
+  """
+  settings = predict.settings_from_config(config)
+  output = predict.check_output_dir(output or os.path.join(workdir, EVAL_DIR))
+  ignore = int(config.loss.get('ignore_index', -1)) if 'loss' in config else -1
+  ignore = None if ignore < 0 else ignore
+  if config.data.name == 'synthetic':
+    if input_path:
+      raise ValueError('--input: a synthetic-data run is evaluated on its own validation volumes')
+    summary = score_cases(inference.Windows(predict_fn, settings), synthetic_cases(config.data),
+                          max(int(config.data.num_classes), 2), ignore_index=ignore, log=log)
+    summary = {'step': step, 'cases_selected': 'validation', 'input': 'synthetic', **summary}
+  else:
+    own_path = os.path.abspath(os.path.expanduser(config.data.path))
+    input_path = os.path.abspath(input_path or own_path)
+    cases = cases or ('validation' if input_path == own_path else 'all')
+    selected = cases_lib.find_labelled(input_path, config.data, cases,
+                                       split=cases_lib.saved_split(workdir))
+    log(f'eval: {len(selected)} {cases} cases of {input_path}, checkpoint step {step}')
+    predictor = predict.Predictor(predict_fn, config.data, settings)
+    summary = evaluate_cases(predictor, selected, output, ignore_index=ignore,
+                             write_predictions=write_predictions, log=log)
+    summary = {'step': step, 'cases_selected': cases, 'input': input_path, **summary}
+  write_metrics(output, summary)  # again, with the run's facts
+  summary['output'] = output
+  return summary
+
+
+def run(config: Any, workdir: str, *, input_path: str | None = None, output: str | None = None,
+        cases: str | None = None) -> dict[str, Any]:
+  """`--mode=eval`: the latest checkpoint, scored on whole held-out cases (see `evaluate_run`).
+
+  With `--output`, each case's prediction is written there too.
+  """
+  cfg = predict.run_config(config, workdir)
+  predict_fn, step = predict.restore_predict_fn(cfg, workdir)
+  return evaluate_run(cfg, workdir, predict_fn, step, input_path=input_path, output=output,
+                      cases=cases, write_predictions=bool(output))

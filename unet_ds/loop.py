@@ -1,0 +1,282 @@
+"""The training loop, one for a single run (`train.Experiment`) and for K stacked runs
+(`multirun.MultiExperiment`): resume, step, log, evaluate, checkpoint, score, stop cleanly.
+
+What it guarantees about the workdir:
+* one trainer at a time (`workdir.WorkdirLock`, naming the holder);
+* a resume continues only the run its checkpoint holds: the checkpoint's config is compared with
+  this launch's before anything in the workdir is touched, and any change beyond
+  `workdir.SAFE_CHANGES` is refused naming the keys (`allow_changes` accepts them by name);
+* an eval due at step N is written before checkpoint N is saved, so a resume from N never skips it;
+* a non-finite step never leaves a checkpoint behind: the loss of step N + 1 is the first to see
+  the parameters saved at N, so when it is not finite, checkpoints from N on are moved aside
+  (`checkpoints-unreadable/`), and a resume starts from the one before;
+* SIGTERM / SIGINT (cluster preemption, Ctrl-C) checkpoint the current step and raise
+  `Interrupted`, which `unet_ds.main` turns into a one-line message and exit status 128 + signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from unet_ds import checkpoint
+from unet_ds import config_lib
+from unet_ds import logs
+from unet_ds import state as state_lib
+from unet_ds import workdir as workdir_lib
+
+
+class Interrupted(Exception):
+  """Training stopped by a signal after checkpointing; `signum` says which."""
+
+  def __init__(self, signum: int, message: str):
+    super().__init__(message)
+    self.signum = signum
+
+
+class NonFiniteError(FloatingPointError):
+  """A step's loss or norms are not finite; `step` says which."""
+
+  def __init__(self, step: int, message: str):
+    super().__init__(message)
+    self.step = step
+
+
+class DataIterator(Protocol):
+  def __next__(self) -> Any: ...
+  def get_state(self) -> bytes: ...
+  def set_state(self, state: bytes) -> None: ...
+
+
+class Trainer(Protocol):
+  """What the loop needs from an experiment (single run or K stacked runs)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  lr: optax.Schedule
+  run_names: Sequence[str] | None  # None: one run; else the K runs (metrics carry a run axis)
+
+  def writers(self) -> list[logs.Writer]: ...
+  def write_run_files(self, fresh: bool) -> None: ...
+  def init_state(self) -> Any: ...
+  def abstract_state(self) -> Any: ...
+  def jit_train_step(self) -> Callable[[Any, Any], tuple[Any, Any]]: ...
+  def data_iterator(self) -> DataIterator: ...
+  def shard(self, batch: Any) -> Any: ...
+  def evaluate(self, state: Any) -> list[dict[str, Any]]: ...
+  def final_eval(self, state: Any, step: int) -> list[dict[str, Any]]: ...
+  def num_params(self, state: Any) -> int: ...
+
+
+def last_step(config: ml_collections.ConfigDict) -> int:
+  """The step this invocation trains to: `train.steps`, or `train.stop_at_step` when earlier."""
+  t = config.train
+  return t.steps if t.stop_at_step <= 0 else min(t.stop_at_step, t.steps)
+
+
+def check_finite(step: int, m: dict[str, np.ndarray], *, run: str = '', num_runs: int = 1) -> None:
+  """Raises `NonFiniteError` naming the step (and `run`) at a non-finite loss or norm."""
+  values = {k: float(m[k]) for k in ('loss', 'grad_norm', 'param_norm') if k in m}
+  if all(np.isfinite(v) for v in values.values()):
+    return
+  of_run = f' of run {run}' if run else ''
+  stopped = 'training' if num_runs == 1 else f'training of all {num_runs} runs'
+  shown = ', '.join(f'{k} {v}' for k, v in values.items())
+  raise NonFiniteError(step, f'non-finite {shown}{of_run} at step {step}; {stopped} stopped')
+
+
+def train_record(step: int, m: dict[str, np.ndarray], *, lr: float,
+                 steps_per_s: float) -> dict[str, Any]:
+  """One `metrics.jsonl` line from one run's host-side step metrics."""
+  return {'step': step, 'loss': float(m['loss']), 'level_losses': m['level_losses'],
+          'ds_weights': m['ds_weights'], 'lr': lr, 'grad_norm': float(m['grad_norm']),
+          'steps_per_s': steps_per_s}
+
+
+def eval_record(step: int, scores: dict[str, Any]) -> dict[str, Any]:
+  """One `eval.jsonl` line: the in-training score under its own name."""
+  return {'step': step, 'pooled_foreground_dice': scores['mean_foreground_dice'],
+          'final': scores['final'], 'heads': scores['heads']}
+
+
+def summary_record(final_eval: dict[str, Any], in_training: dict[str, Any] | None,
+                   config: ml_collections.ConfigDict, *, step: int, train_seconds: float,
+                   num_params: int, conv_impl: str) -> dict[str, Any]:
+  """`summary.json`: the whole-image eval of the held-out cases (top level, as `--mode=eval`
+  reports it), the last in-training scores per output, and the run's facts."""
+  eval_summary = {k: v for k, v in final_eval.items() if k != 'cases'}
+  out = {'step': step, 'mean_foreground_dice': final_eval['mean_foreground_dice'],
+         'dice_per_class': final_eval['per_class']['dice'], 'eval': eval_summary}
+  if in_training is not None:
+    out.update(pooled_foreground_dice=in_training['pooled_foreground_dice'],
+               final=in_training['final'], heads=in_training['heads'])
+  return {**out, 'train_seconds': train_seconds, 'num_params': num_params,
+          'ds_mode': config.model.ds.mode, 'backend': jax.default_backend(),
+          'devices': jax.device_count(), 'conv_impl': conv_impl}
+
+
+@contextlib.contextmanager
+def _signals_to_flag() -> Iterator[dict[str, int]]:
+  """SIGTERM / SIGINT set `flag['signum']` instead of killing the process (main thread only)."""
+  flag: dict[str, int] = {}
+  handler = lambda signum, frame: flag.setdefault('signum', signum)  # noqa: E731
+  try:
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  except ValueError:  # not the main thread: leave signals alone
+    previous = {}
+  try:
+    yield flag
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+class _StepLog:
+  """Host side of the steps: finite checks, `metrics.jsonl` every `log_every`, the progress bar."""
+
+  def __init__(self, trainer: Trainer, writers: Sequence[logs.Writer], start: int):
+    self.trainer, self.writers = trainer, writers
+    self.config = trainer.config
+    self._clock = (time.time(), start)
+    names = trainer.run_names
+    self.bar = tqdm.tqdm(total=self.config.train.steps, initial=start,
+                         disable=not writers[0].enabled, dynamic_ncols=True,
+                         desc='train' if names is None else f'train x{len(names)}')
+
+  def __call__(self, step: int, m: Any) -> None:
+    m = jax.tree.map(np.asarray, m)
+    names = self.trainer.run_names
+    if names is None:
+      per_run = [m]
+      check_finite(step, m)
+    else:
+      per_run = [jax.tree.map(lambda x, i=i: x[i], m) for i in range(len(names))]
+      for i, (name, r) in enumerate(zip(names, per_run)):
+        check_finite(step, r, run=f'{name!r} (multirun index {i})', num_runs=len(names))
+    self.bar.update(step - self.bar.n)
+    c = self.config
+    if step % c.train.log_every and step != c.train.steps:
+      return
+    now = time.time()
+    t, s = self._clock
+    self._clock = (now, step)
+    lr = float(self.trainer.lr(step - 1))
+    steps_per_s = (step - s) / max(now - t, 1e-9)  # each run advances every step
+    for writer, r in zip(self.writers, per_run):
+      writer.write_train(train_record(step, r, lr=lr, steps_per_s=steps_per_s))
+    self.bar.set_postfix({'loss': ' '.join(f'{float(r["loss"]):.4f}' for r in per_run)})
+
+
+def _restore(trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter: DataIterator,
+             config_json: str, allow_changes: Sequence[str]) -> tuple[Any, int, bool]:
+  """(state, step, fresh): the latest readable checkpoint, its config checked against this
+  launch's, or a new state; `fresh` when the run's data files are to be written anew."""
+  if ckpts.latest_step() is None:
+    return trainer.init_state(), 0, True
+  # The config first: a changed model is named by its keys, not by mismatching arrays.
+  saved_step = ckpts.steps()[-1]
+  accepted = workdir_lib.check_resume(ckpts.saved_config(), json.loads(config_json),
+                                      allow_changes, ckpts.path(saved_step))
+  if accepted:
+    print(f'resume: accepted config changes since the checkpoint: {", ".join(accepted)}')
+  state, data_state, start = ckpts.restore(trainer.abstract_state())
+  for path in ckpts.set_aside_after(start):  # unreadable later checkpoints, kept for a look
+    print(f'resume: continuing from step {start}; the unreadable checkpoint is now {path}')
+  if data_state is not None:
+    data_iter.set_state(data_state)
+  return state, start, any(k.startswith('data.') for k in accepted)
+
+
+def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> list[str]:
+  """Moves away the checkpoints whose parameters produced the non-finite `failed_step`."""
+  ckpts.wait()
+  return ckpts.set_aside_after(failed_step - 2)
+
+
+def fit(trainer: Trainer, allow_changes: Sequence[str] = ()) -> dict[str, Any]:
+  """Trains `trainer` from its workdir's latest checkpoint to `last_step`, then scores it.
+
+  Returns the last in-training records and whole-image evals, per run:
+  `{'step', 'stopped_early'?: True, 'evals': [...], 'in_training': [...], 'seconds'}`.
+  """
+  c = trainer.config
+  writers = trainer.writers()
+  lock = workdir_lib.WorkdirLock(trainer.workdir, enabled=writers[0].enabled)
+  with lock:
+    config_json = config_lib.to_json(c)
+    ckpts = checkpoint.Checkpoints(os.path.join(trainer.workdir, state_lib.CHECKPOINT_DIR),
+                                   c.train.max_to_keep)
+    try:
+      data_iter = trainer.data_iterator()
+      state, start, fresh = _restore(trainer, ckpts, data_iter, config_json, allow_changes)
+      trainer.write_run_files(fresh)  # only after the resume was accepted
+      for writer in writers:
+        writer.truncate_after(start)
+      with _signals_to_flag() as flag:
+        return _run(trainer, state, start, data_iter, ckpts, writers, config_json, flag)
+    finally:  # on any error too: finish the async saves, so the last good checkpoint is complete
+      ckpts.wait()
+      ckpts.close()
+      for writer in writers:
+        writer.close()
+
+
+def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
+         ckpts: checkpoint.Checkpoints, writers: Sequence[logs.Writer], config_json: str,
+         flag: dict[str, int]) -> dict[str, Any]:
+  c = trainer.config
+  step_fn = trainer.jit_train_step()
+  log = _StepLog(trainer, writers, start)
+  save = lambda step, state: ckpts.save(step, state, data_iter.get_state(), config_json)  # noqa
+  t0, last, evals = time.time(), last_step(c), None
+  pending = None  # (step, device metrics): fetched one step late so dispatch stays async
+  step = start
+  try:
+    for step in range(start + 1, last + 1):
+      state, m = step_fn(state, trainer.shard(next(data_iter)))
+      if pending is not None:
+        log(*pending)
+      pending = (step, m)
+      saving = step % c.train.checkpoint_every == 0 or step == last
+      scoring = step % c.train.eval_every == 0 or step == c.train.steps
+      if saving or scoring or 'signum' in flag:
+        log(*pending)
+        pending = None
+      if scoring:  # before the checkpoint of this step: a resume from it never skips the eval
+        evals = [eval_record(step, e) for e in trainer.evaluate(state)]
+        for writer, record in zip(writers, evals):
+          writer.write_eval(record)
+        log.bar.set_postfix({'dice': ' '.join(f'{e["pooled_foreground_dice"]:.3f}'
+                                              for e in evals)})
+      if saving or 'signum' in flag:
+        save(step, state)
+      if 'signum' in flag:
+        ckpts.wait()
+        name = signal.Signals(flag['signum']).name
+        raise Interrupted(flag['signum'], f'{name}: checkpoint of step {step} saved in '
+                          f'{ckpts.directory}; run the same command again to resume')
+  except NonFiniteError as e:
+    moved = _set_aside_unverified(ckpts, e.step)
+    kept = ckpts.latest_step()
+    aside = f' ({len(moved)} later ones moved to {ckpts.directory}-unreadable)' if moved else ''
+    raise NonFiniteError(e.step, f'{e}; the last good checkpoint is '
+                         f'{"step " + str(kept) if kept is not None else "none"}{aside}') from None
+  finally:
+    log.bar.close()
+  seconds = time.time() - t0
+  if last < c.train.steps:
+    return {'step': last, 'stopped_early': True}
+  step = int(np.ravel(state.step)[0])
+  if evals is None:  # resumed a finished run: score the restored state
+    evals = [eval_record(step, e) for e in trainer.evaluate(state)]
+  return {'step': step, 'in_training': evals, 'evals': trainer.final_eval(state, step),
+          'seconds': seconds, 'num_params': trainer.num_params(state)}
