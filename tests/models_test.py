@@ -180,6 +180,9 @@ def _tgs(**kw):
 def test_tgs_options_shapes_params_and_dropout():
   model = _tgs()
   assert model.config.down_dropout == (0.25, 0.5) and model.config.up_dropout == (0.5,)
+  deeper = _tgs(depth=5).config  # the last rate repeats
+  assert [deeper.level_rate('down_dropout', i) for i in range(4)] == [0.25, 0.5, 0.5, 0.5]
+  assert [deeper.level_rate('up_dropout', i) for i in range(4)] == [0.5] * 4
   x = jax.random.normal(jax.random.key(0), (2, 16, 16, 1))
   variables = model.init(jax.random.key(0, impl='rbg'), x, train=False)
   flat = flax.traverse_util.flatten_dict(variables['params'])
@@ -245,7 +248,7 @@ def test_up_kernel_3_is_tf_same_transposed_conv():
 @pytest.mark.parametrize('kw, match', [
     (dict(block='dense'), 'block must be one of'),
     (dict(block='preact_residual', residual=True), 'residual=True'),
-    (dict(down_dropout=(0.1, 0.2, 0.3)), 'down_dropout needs 1 or depth-1=2'),
+    (dict(down_dropout=(0.1, 0.2, 0.3)), r'down_dropout has 3 rates .* for depth-1=2 levels'),
     (dict(up_dropout=1.5), r'up_dropout rates must be in \[0, 1\)'),
     (dict(up_kernel=4), 'up_kernel must be 2 or 3'),
     (dict(ds={'mode': 'hypercolumn', 'fusion': 'sum'}), 'ds.fusion must be one of'),

@@ -36,8 +36,10 @@ class UNetConfig:
   norm: str = 'instance'
   activation: str = 'leaky_relu'
   dropout: float = 0.0          # inside each conv block, after its first conv
-  down_dropout: tuple[float, ...] = ()  # after each downsampling (levels 1..depth-1): 1 or depth-1
-  up_dropout: tuple[float, ...] = ()    # after each decoder concatenation, lowest level first
+  # Dropout rates after each downsampling (levels 1..depth-1) / decoder concatenation (lowest
+  # level first); the last rate repeats: (0.25, 0.5) is 0.25 at level 1 and 0.5 further down.
+  down_dropout: tuple[float, ...] = ()
+  up_dropout: tuple[float, ...] = ()
   down: str = 'maxpool'
   up: str = 'transpose'
   up_kernel: int = 2            # transposed-conv kernel (stride 2): 2, or 3 ('SAME', as Keras)
@@ -68,8 +70,8 @@ class UNetConfig:
           '(set residual=False)')
     for key in ('down_dropout', 'up_dropout'):
       rates = getattr(self, key)
-      check(len(rates) in (0, 1, self.depth - 1),
-            f'{key} needs 1 or depth-1={self.depth - 1} rates (one per level), got {rates}')
+      check(len(rates) <= self.depth - 1,
+            f'{key} has {len(rates)} rates {rates} for depth-1={self.depth - 1} levels')
       check(all(0.0 <= r < 1.0 for r in rates), f'{key} rates must be in [0, 1), got {rates}')
     check(0.0 <= self.ds_fusion_dropout < 1.0,
           f'ds.fusion_dropout must be in [0, 1), got {self.ds_fusion_dropout}')
@@ -114,7 +116,7 @@ class UNetConfig:
     rates = getattr(self, key)
     if not rates:
       return 0.0
-    return float(rates[0] if len(rates) == 1 else rates[index])
+    return float(rates[min(index, len(rates) - 1)])
 
   @property
   def size_multiple(self) -> int:
