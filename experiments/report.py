@@ -14,11 +14,13 @@ what is skipped) and writes into `--out` (default ROOT):
     heads' own, over the image (see `experiments.case_overlays`).
 
 Variants: runs whose configs are equal once seeds (`seed`, `*_seed` keys), folds (`data.fold`,
-`data.val_cases`: which cases are held out), workdir-like keys and `--ignore` keys are removed. A variant's label is the keys on which variants differ
-(e.g. `model.ds.mode=deep`). Numbers per variant, over its seeds: mean ± std (ddof=1) of the
-final mean foreground Dice (`summary.json`) and of each class's Dice; steps to reach the target
-Dice (the first eval in `eval.jsonl` at or above it; mean ± std over the runs that reached it,
-and how many did); each DS head's own final Dice; and against the baseline (the variant with
+`data.val_cases`: which cases are held out), workdir-like keys and `--ignore` keys are removed.
+A variant's label is the keys on which variants differ (e.g. `model.ds.mode=deep`). Numbers per
+variant, over its seeds: mean ± std (ddof=1) of the final mean foreground Dice (`summary.json`:
+the whole-image eval of the held-out cases) and of each class's Dice; the eval's HD95 and NSD
+when the runs have them; steps to reach the target Dice (the first in-training eval in
+`eval.jsonl` at or above it; mean ± std over the runs that reached it, and how many did); each DS
+head's own final in-training Dice; and against the baseline (the variant with
 `model.ds.mode == 'none'`; with several, the one differing in fewest keys) the paired difference
 of final Dice, paired by seed, with a two-sided 95% t interval (n/a for a single pair).
 
@@ -49,6 +51,8 @@ BASELINE_KEY = 'model.ds.mode'
 # Keys that choose the held-out cases: runs that differ only in these are folds of one variant.
 FOLD_KEYS = ('data.fold', 'data.val_cases')
 BASELINE_VALUE = 'none'
+BOUNDARY_METRICS = ('hd95', 'nsd')
+_BOUNDARY_TITLES = {'hd95': 'HD95 (mm)', 'nsd': 'NSD'}
 _PATH_LEAVES = frozenset({'workdir', 'checkpoint_dir', 'log_dir', 'output_dir'})
 _UNSET = '<unset>'
 
@@ -67,6 +71,8 @@ class Variant:
   dice: tuple[float, float]  # (mean, std) of the final mean foreground Dice.
   class_dice: list[tuple[float, float]]
   head_dice: list[tuple[float, float]]  # Highest -> lowest resolution.
+  # (mean, std) of the eval's mean foreground HD95 (mm) and NSD, over the runs that have them.
+  boundary: dict[str, tuple[float, float]]
   steps_to_target: list[int | None]  # Per run.
   is_baseline: bool
   baseline: str | None = None  # Label of the baseline this variant is compared with.
@@ -191,6 +197,8 @@ def _summarise(label: str, settings: dict[str, Any], config: dict[str, Any],
       dice=stats.mean_std([r.dice for r in runs]),
       class_dice=[stats.mean_std(c) for c in zip(*[r.class_dice for r in runs])],
       head_dice=[stats.mean_std(h) for h in zip(*[r.head_dice for r in runs])],
+      boundary={m: stats.mean_std([x for r in runs if not math.isnan(x := r.boundary(m))])
+                for m in BOUNDARY_METRICS},
       steps_to_target=[_steps_to_target(r, target_dice) for r in runs],
       is_baseline=is_baseline)
 
@@ -320,6 +328,8 @@ def markdown(report: Report, figures: Sequence[str] = (),
             + [f'steps to Dice ≥ {target}'])
   if max_heads:
     header.append("DS heads' own Dice (high → low res)")
+  boundary = _boundary_metrics(report)
+  header += [_BOUNDARY_TITLES[m] for m in boundary]
   header += ['Δ Dice vs baseline [95% CI]', 'train s']
   lines += ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for v in report.variants:
@@ -328,6 +338,7 @@ def markdown(report: Report, figures: Sequence[str] = (),
     row.append(_steps_cell(v))
     if max_heads:
       row.append(' / '.join(_pm(h, v.n) for h in v.head_dice) or '—')
+    row += [_pm(v.boundary[m], v.n) for m in boundary]
     row += [_diff_cell(v), _fmt(v.train_seconds, '.0f')]
     lines.append('| ' + ' | '.join(row) + ' |')
   over = f'over (fold, seed) runs, {len(report.folds)} folds' if report.folds else 'over seeds'
@@ -335,7 +346,10 @@ def markdown(report: Report, figures: Sequence[str] = (),
   lines += ['', f'Mean ± std {over} (std with ddof=1). Steps to Dice ≥ {target}: the first eval '
             'at or above it, mean ± std over the runs that reached it (reached/runs). Δ: final mean '
             f'foreground Dice minus the baseline\'s, {paired}, with a two-sided 95% t '
-            'interval.', '']
+            'interval.'
+            + (' HD95 / NSD: the whole-image eval\'s 95th-percentile Hausdorff distance and '
+               'normalised surface Dice, mean over foreground classes (unet_ds.surface_metrics).'
+               if boundary else ''), '']
   lines += _fold_tables(report)
   for fig in figures:
     lines += [f'![{fig}]({fig})', '']
@@ -355,6 +369,12 @@ def markdown(report: Report, figures: Sequence[str] = (),
     lines += ['', '## Skipped', '']
     lines += [f'- `{s.path}`: {s.reason}' for s in report.skipped]
   return '\n'.join(lines) + '\n'
+
+
+def _boundary_metrics(report: Report) -> list[str]:
+  """The boundary metrics some run has (columns only then)."""
+  return [m for m in BOUNDARY_METRICS
+          if any(not math.isnan(r.boundary(m)) for v in report.variants for r in v.runs)]
 
 
 def _fold_tables(report: Report) -> list[str]:
@@ -418,6 +438,8 @@ def variant_rows(report: Report) -> list[dict[str, Any]]:
     for h in range(max_heads):
       m, s = v.head_dice[h] if h < len(v.head_dice) else (math.nan, math.nan)
       row[f'head_{h + 1}_dice_mean'], row[f'head_{h + 1}_dice_std'] = m, s
+    for metric in _boundary_metrics(report):
+      row[f'{metric}_mean'], row[f'{metric}_std'] = v.boundary[metric]
     row.update({
         'baseline': v.baseline or '', 'diff_n': d.n if d else '',
         'diff_mean': d.mean if d else math.nan, 'diff_std': d.std if d else math.nan,
@@ -441,6 +463,7 @@ def run_rows(report: Report) -> list[dict[str, Any]]:
                   'train_seconds': run.summary.get('train_seconds', '')})
       row.update({f'dice_class_{c}': d for c, d in enumerate(run.class_dice)})
       row.update({f'head_{h + 1}_dice': d for h, d in enumerate(run.head_dice)})
+      row.update({m: run.boundary(m) for m in _boundary_metrics(report)})
       rows.append(row)
   return rows
 

@@ -9,6 +9,14 @@ A workdir directly under a sweep root is:
     interrupted). It is skipped, with a warning naming it, and listed in the report;
   * skipped with a warning when it holds run files but no `config.json`;
   * ignored when it holds none of these files (e.g. a folder of plots).
+
+What a run's numbers are (`unet_ds.logs` has the formats): the final Dice and its per-class values
+are `summary.json`'s whole-image eval of the held-out cases (`mean_foreground_dice`,
+`dice_per_class`); the Dice curve and each DS head's own Dice are the in-training scores
+(`eval.jsonl`'s `pooled_foreground_dice` per step, `summary.json`'s `heads`). Workdirs of older
+versions (in-training scores under `mean_foreground_dice`, per-class Dice in `final`) read the same.
+Boundary metrics (`hd95`, `nsd`: per class and their foreground means) are read from the eval
+summary (`summary.json`'s `eval`) when the run has them.
 """
 
 from __future__ import annotations
@@ -54,16 +62,34 @@ class Run:
 
   @property
   def class_dice(self) -> list[float]:
-    return [number(d) for d in self.summary['final']['dice']]
+    return [number(d) for d in _class_dice(self.summary)]
 
   @property
   def head_dice(self) -> list[float]:
-    return [number(h['mean_foreground_dice']) for h in self.summary['heads']]
+    return [number(h['mean_foreground_dice']) for h in self.summary.get('heads', [])]
+
+  def boundary(self, metric: str) -> float:
+    """The eval's mean foreground `metric` ('hd95' or 'nsd'); nan when the run has none."""
+    return number(self.summary.get('eval', {}).get(f'mean_foreground_{metric}'))
 
   def eval_curve(self) -> list[tuple[int, float]]:
-    """(step, mean foreground Dice) of every eval with a number (NaN is logged as null)."""
-    return [(int(r['step']), float(r['mean_foreground_dice'])) for r in self.evals
-            if r['mean_foreground_dice'] is not None]
+    """(step, in-training mean foreground Dice) of every eval with a number (NaN is logged as
+    null)."""
+    return [(int(r['step']), float(d)) for r in self.evals
+            if (d := _curve_dice(r)) is not None]
+
+
+CURVE_KEYS = ('pooled_foreground_dice', 'mean_foreground_dice')  # eval.jsonl: now, then before
+
+
+def _curve_dice(row: dict[str, Any]) -> float | None:
+  return next((row[k] for k in CURVE_KEYS if k in row), None)
+
+
+def _class_dice(summary: dict[str, Any]) -> list[Any]:
+  if 'dice_per_class' in summary:
+    return summary['dice_per_class']
+  return summary['final']['dice']
 
 
 def number(value: Any) -> float:
@@ -104,7 +130,11 @@ def load_run(path: pathlib.Path) -> Run:
     raise RunFileError(f'{path / CONFIG_FILE}: expected a JSON object')
   summary = read_json(path / SUMMARY_FILE)
   _check_summary(path / SUMMARY_FILE, summary)
-  evals = read_jsonl(path / EVAL_FILE, required=('step', 'mean_foreground_dice'))
+  evals = read_jsonl(path / EVAL_FILE, required=('step',))
+  for i, row in enumerate(evals):
+    if not any(k in row for k in CURVE_KEYS):
+      raise RunFileError(f'{path / EVAL_FILE}: record {i + 1} (step {row["step"]}) has none of '
+                         f'{", ".join(CURVE_KEYS)}')
   metrics = read_jsonl(path / METRICS_FILE, required=('step', 'loss', 'level_losses'))
   return Run(path=path, config=sweep.flatten(config), summary=summary,
              evals=sorted(evals, key=lambda r: r['step']),
@@ -135,13 +165,19 @@ def find_runs(root: pathlib.Path) -> tuple[list[Run], list[Skipped]]:
 def _check_summary(path: pathlib.Path, summary: Any) -> None:
   if not isinstance(summary, dict):
     raise RunFileError(f'{path}: expected a JSON object')
-  for key in ('mean_foreground_dice', 'final', 'heads'):
-    if key not in summary:
-      raise RunFileError(f'{path}: missing key {key!r}')
-  if not isinstance(summary['final'], dict) or not isinstance(summary['final'].get('dice'), list):
-    raise RunFileError(f'{path}: "final" must hold a "dice" list (one per class)')
-  if not isinstance(summary['heads'], list):
+  if 'mean_foreground_dice' not in summary:
+    raise RunFileError(f'{path}: missing key \'mean_foreground_dice\'')
+  if 'dice_per_class' in summary:
+    if not isinstance(summary['dice_per_class'], list):
+      raise RunFileError(f'{path}: "dice_per_class" must be a list (one per class)')
+  elif not isinstance(summary.get('final'), dict) or not isinstance(summary['final'].get('dice'),
+                                                                     list):
+    raise RunFileError(f'{path}: needs "dice_per_class" or "final" holding a "dice" list (one per '
+                       'class)')
+  if not isinstance(summary.get('heads', []), list):
     raise RunFileError(f'{path}: "heads" must be a list')
-  for i, head in enumerate(summary['heads']):
+  if not isinstance(summary.get('eval', {}), dict):
+    raise RunFileError(f'{path}: "eval" must be an object')
+  for i, head in enumerate(summary.get('heads', [])):
     if not isinstance(head, dict) or 'mean_foreground_dice' not in head:
       raise RunFileError(f'{path}: heads[{i}] has no "mean_foreground_dice"')

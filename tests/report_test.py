@@ -162,6 +162,7 @@ def test_written_files(root, tmp_path):
                       '| 0.1000 / 0.1000 | +0.0200 [n/a, n=1] | 61 |')
   assert '`' + str(root / 'mode=hypercolumn,seed=2') + '`: unfinished: no summary.json' in md
   assert '![dice_vs_step.png](dice_vs_step.png)' in md
+  assert 'HD95' not in md  # these runs have no boundary metrics
 
   with open(paths['report.csv']) as f:
     rows = {r['variant']: r for r in csv.DictReader(f)}
@@ -387,3 +388,53 @@ def test_overlay_failures_are_notes(tmp_path, monkeypatch):
   monkeypatch.setattr(case_overlays, 'load_run', broken)
   md = report.write(report.build(root), tmp_path / 'out')['report.md'].read_text()
   assert '`(all runs)` left out of the overlays: ' in md and 'FileNotFoundError' in md
+
+
+def _make_current_run(root, name, mode, seed, dice, classes, curve, heads=(), hd95=None, nsd=None):
+  """A workdir in the trainer's current format: the whole-image eval in summary.json, the
+  in-training scores as pooled_foreground_dice."""
+  workdir = root / name
+  workdir.mkdir(parents=True)
+  config = {'seed': seed, 'model': {'ds': {'mode': mode}},
+            'data': {'name': 'msd', 'num_folds': 0, 'fold': 0, 'val_cases': ''}}
+  (workdir / 'config.json').write_text(json.dumps(config))
+  (workdir / 'metrics.jsonl').write_text(json.dumps(
+      {'step': 1, 'loss': 1.0, 'level_losses': [1.0] * (1 + len(heads))}) + '\n')
+  (workdir / 'eval.jsonl').write_text(''.join(
+      json.dumps({'step': s, 'pooled_foreground_dice': d, 'final': _metrics(d, [0.9, d]),
+                  'heads': []}) + '\n' for s, d in curve))
+  eval_summary = {'mean_foreground_dice': dice, 'per_class': {'dice': classes}}
+  if hd95 is not None:
+    eval_summary.update(mean_foreground_hd95=hd95, mean_foreground_nsd=nsd,
+                        hd95=[None, hd95], nsd=[None, nsd])
+  summary = {'step': curve[-1][0], 'mean_foreground_dice': dice, 'dice_per_class': classes,
+             'eval': eval_summary, 'pooled_foreground_dice': curve[-1][1],
+             'final': _metrics(curve[-1][1], [0.9, curve[-1][1]]),
+             'heads': [_metrics(h, [0.9, h]) for h in heads], 'train_seconds': 10.0}
+  (workdir / 'summary.json').write_text(json.dumps(summary))
+
+
+def test_current_format_and_boundary_metrics(tmp_path):
+  root = tmp_path / 'r'
+  for seed, (b, d) in enumerate([(0.80, 0.84), (0.82, 0.85)]):
+    _make_current_run(root, f'none{seed}', 'none', seed, b, [0.99, b], [(10, 0.5), (20, 0.7)],
+                      hd95=4.0 + seed, nsd=0.8)
+    _make_current_run(root, f'deep{seed}', 'deep', seed, d, [0.99, d], [(10, 0.72), (20, 0.75)],
+                      heads=(0.6,), hd95=2.0 + 2 * seed, nsd=0.9 + 0.02 * seed)
+  rep = report.build(root, target_dice=0.71)
+  v = _by_label(rep)
+  deep = v['model.ds.mode=deep']
+  # Final Dice from the whole-image eval, the curve from the in-training scores.
+  assert deep.dice[0] == pytest.approx(0.845) and deep.class_dice[1][0] == pytest.approx(0.845)
+  assert deep.steps_to_target == [10, 10] and v['model.ds.mode=none'].steps_to_target == [None] * 2
+  assert deep.head_dice == [pytest.approx((0.6, 0.0))]
+  assert deep.boundary['hd95'] == pytest.approx((3.0, math.sqrt(2)))
+  assert deep.boundary['nsd'][0] == pytest.approx(0.91)
+  md = report.markdown(rep)
+  assert '| HD95 (mm) | NSD |' in md
+  row = [l for l in md.splitlines() if l.startswith('| `model.ds.mode=none`')][0]
+  assert '| 4.5000 ± 0.7071 | 0.8000 ± 0.0000 |' in row
+  rows = report.variant_rows(rep)
+  assert rows[1]['hd95_mean'] == pytest.approx(3.0) and rows[0]['nsd_mean'] == pytest.approx(0.8)
+  assert report.run_rows(rep)[0]['hd95'] == 4.0
+  # Runs without boundary metrics: no such columns.
