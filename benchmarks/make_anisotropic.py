@@ -34,7 +34,8 @@ _AXIS = flags.DEFINE_integer('axis', 2, 'the array axis made coarse.')
 
 def coarsen(image: np.ndarray, label: np.ndarray, spacing: Sequence[float], axis: int,
             new_spacing: float) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-  """(image [*spatial], label, new shape): `axis` resampled from `spacing[axis]` to `new_spacing`."""
+  """(image [*spatial], label, new shape): `axis` resampled from `spacing[axis]` to
+  `new_spacing`."""
   target = list(spacing)
   target[axis] = new_spacing
   shape = resample.target_shape(image.shape, spacing, target)

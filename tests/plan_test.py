@@ -181,7 +181,8 @@ def test_2d_folder_plan_derives_a_label_map(tmp_path):
   (root / 'label').mkdir()
   rng = np.random.default_rng(0)
   for i in range(3):
-    Image.fromarray(rng.integers(0, 255, (64, 48), dtype=np.uint8)).save(root / 'image' / f'{i}.png')
+    image = rng.integers(0, 255, (64, 48), dtype=np.uint8)
+    Image.fromarray(image).save(root / 'image' / f'{i}.png')
     mask = np.full((64, 48), 255, np.uint8)
     mask[::8] = 0
     Image.fromarray(mask).save(root / 'label' / f'{i}.png')

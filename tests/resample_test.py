@@ -1,4 +1,5 @@
-"""Tests for unet_ds.data.resample: grids, spline/one-hot resampling, the coarse axis, round trips."""
+"""Tests for unet_ds.data.resample: grids, spline and one-hot resampling, the coarse axis, round
+trips."""
 import nibabel
 import numpy as np
 import pytest

@@ -177,7 +177,8 @@ def plan_dir(path: str, data_dir: str | None = None, *, label_map: io.LabelMap |
   path = os.path.abspath(os.path.expanduser(path))
   kind = dataset_kind(path)
   files = [f for c in _cases(path, kind, image_dir, label_dir) for f in c[1:]]
-  settings = {'path': path, 'kind': kind, 'label_map': sorted(label_map.items()) if label_map else [],
+  settings = {'path': path, 'kind': kind,
+              'label_map': sorted(label_map.items()) if label_map else [],
               'image_dir': image_dir, 'label_dir': label_dir, 'samples': SAMPLES_PER_CASE}
   name = prepare.make_config(settings, files, FINGERPRINT_VERSION).name
   root = os.path.abspath(os.path.expanduser(data_dir or prepare.default_data_dir()))
