@@ -31,15 +31,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/unet3d.py:bench_ref',
-                                          'Experiment config file (path[:args]).',
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
-_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
-_MODE = flags.DEFINE_enum('mode', 'both', ['train', 'infer', 'both'], 'What to time.')
-_PEAK = flags.DEFINE_float('peak_flops', 0.0, 'Device peak FLOP/s for `fraction_of_peak`; '
-                           '0: a known value for the device kind and dtype, if any.')
-
 # Dense peaks (FLOP/s) of devices we have measured on, by (device_kind substring, dtype).
 _KNOWN_PEAKS = {
     ('H100', 'bfloat16'): 989e12,   # SXM, dense tensor cores
@@ -253,14 +244,31 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
   return record
 
 
+def _define_flags() -> dict[str, Any]:
+  """The command line's flags (defined only when run as a program: others import `run`)."""
+  return {
+      'config': config_flags.DEFINE_config_file('config', 'configs/unet3d.py:bench_ref',
+                                                'Experiment config file (path[:args]).',
+                                                lock_config=True),
+      'steps': flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).'),
+      'warmup': flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.'),
+      'mode': flags.DEFINE_enum('mode', 'both', ['train', 'infer', 'both'], 'What to time.'),
+      'peak_flops': flags.DEFINE_float('peak_flops', 0.0, 'Device peak FLOP/s for '
+                                       '`fraction_of_peak`; 0: a known value for the device '
+                                       'kind and dtype, if any.'),
+  }
+
+
 def main(argv):
   del argv
   from unet_ds.models import ops  # pylint: disable=g-import-not-at-top
   ops.configure_xla_flags()  # before the first jax computation
-  record = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value, mode=_MODE.value,
-               peak_flops=_PEAK.value)
+  record = run(_FLAGS['config'].value, steps=_FLAGS['steps'].value,
+               warmup=_FLAGS['warmup'].value, mode=_FLAGS['mode'].value,
+               peak_flops=_FLAGS['peak_flops'].value)
   print(json.dumps(record))
 
 
 if __name__ == '__main__':
+  _FLAGS = _define_flags()
   app.run(main)

@@ -89,11 +89,18 @@ class ConvNormAct(nn.Module):
     # A bias before a normalisation is redundant.
     x = layers.Conv(self.features, self.kernel_size, self.strides, use_bias=self.norm == 'none',
                     impl=self.impl, dtype=self.dtype)(x)
-    if self.norm == 'instance' and layers.uses_fused_cpu_ops(self.impl):
-      # XLA:CPU runs the unfused norm and activation as several passes over the volume.
-      return InstanceNormAct(self.act, self.dtype, name='Norm_0')(x)
-    x = Norm(self.norm, dtype=self.dtype)(x, train)
-    return activation(self.act)(x) if self.act else x
+    return norm_act(x, self.norm, self.act, self.impl, self.dtype, train)
+
+
+def norm_act(x: jax.Array, norm: str, act: str | None, impl: str, dtype: Any, train: bool,
+             name: str = 'Norm_0') -> jax.Array:
+  """norm -> activation as submodule `name` of the calling (compact) module; instance norm is
+  fused with the activation on the CPU paths, with the same parameters as `Norm`."""
+  if norm == 'instance' and layers.uses_fused_cpu_ops(impl):
+    # XLA:CPU runs the unfused norm and activation as several passes over the volume.
+    return InstanceNormAct(act, dtype, name=name)(x)
+  x = Norm(norm, dtype=dtype, name=name)(x, train)
+  return activation(act)(x) if act else x
 
 
 class ConvBlock(nn.Module):

@@ -12,7 +12,10 @@ ordered from the highest resolution to the lowest, each at its own resolution (`
 - `hypercolumn`: decoder features of every level resized to full size, concatenated and fused by
   a 3x3 conv-norm-act (`fusion='conv_norm_act'`) or conv-act with a bias (`'conv_act'`, the TGS
   kernel), after an optional dropout, + 1x1 into the final logits (Kaggle TGS salt); per-level
-  heads for optional side losses.
+  heads for optional side losses. `'conv1x1_norm_act'` fuses by a 1x1 conv-norm-act instead,
+  computed without building the column: a 1x1 conv of the column is the sum of each level's own
+  1x1 projection, resized (linear resizing and channel mixing commute), so every projection
+  runs at its level's resolution (3D bench_ref: ~1.0x the FLOPs of `none`, the 3x3 fusion ~1.9x).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from unet_ds.models import blocks
 from unet_ds.models import layers
 
 MODES = ('none', 'deep', 'additive', 'hypercolumn')
-FUSIONS = ('conv_norm_act', 'conv_act')
+FUSIONS = ('conv_norm_act', 'conv_act', 'conv1x1_norm_act')
 
 
 class Head(nn.Module):
@@ -65,15 +68,27 @@ class DSOutput(nn.Module):
                   for l in self.levels)
 
     if self.mode == 'hypercolumn':
-      size = full.shape[1:-1]
-      column = jnp.concatenate([layers.resize(f, size) for f in features], axis=-1)
-      if self.fusion_dropout > 0:
-        column = nn.Dropout(self.fusion_dropout, deterministic=not train)(column)
       if self.fusion not in FUSIONS:
         raise ValueError(f'model.ds.fusion must be one of {FUSIONS}, got {self.fusion!r}')
-      norm = self.norm if self.fusion == 'conv_norm_act' else 'none'  # 'none': conv with bias
-      fused = blocks.ConvNormAct(self.fusion_features, 3, 1, norm, self.act, self.impl,
-                                 self.dtype, name='fusion')(column, train)
+      size = full.shape[1:-1]
+      if self.fusion == 'conv1x1_norm_act':
+        if self.fusion_dropout > 0:
+          raise ValueError('model.ds.fusion_dropout needs a 3x3 fusion (the 1x1 one never builds '
+                           'the column it would drop from)')
+        column = sum(
+            layers.resize(layers.Conv(self.fusion_features, 1, use_bias=self.norm == 'none',
+                                      impl=self.impl, dtype=self.dtype, name=f'fusion_l{l}')(f),
+                          size)
+            for l, f in enumerate(features))
+        fused = blocks.norm_act(column, self.norm, self.act, self.impl, self.dtype, train,
+                                name='fusion_norm')
+      else:
+        column = jnp.concatenate([layers.resize(f, size) for f in features], axis=-1)
+        if self.fusion_dropout > 0:
+          column = nn.Dropout(self.fusion_dropout, deterministic=not train)(column)
+        norm = self.norm if self.fusion == 'conv_norm_act' else 'none'  # 'none': conv with bias
+        fused = blocks.ConvNormAct(self.fusion_features, 3, 1, norm, self.act, self.impl,
+                                   self.dtype, name='fusion')(column, train)
       final = Head(self.num_classes, self.impl, self.dtype, name='final_head')(fused)
     else:
       final = Head(self.num_classes, self.impl, self.dtype, name='final_head')(full)

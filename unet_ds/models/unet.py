@@ -45,7 +45,7 @@ class UNetConfig:
   up_kernel: int = 2            # transposed-conv kernel (stride 2): 2, or 3 ('SAME', as Keras)
   ds_mode: str = 'deep'
   ds_levels: tuple[int, ...] | None = None  # None: every decoder level below full resolution
-  ds_fusion: str = 'conv_norm_act'  # hypercolumn fusion conv: conv_norm_act | conv_act (no norm)
+  ds_fusion: str = 'conv_norm_act'  # hypercolumn: conv_norm_act | conv_act (3x3) | conv1x1_norm_act
   ds_fusion_dropout: float = 0.0    # hypercolumn: dropout on the concatenated column
   conv_impl: str = 'auto'
   dtype: str = 'float32'        # compute dtype; params and logits stay float32
@@ -77,6 +77,8 @@ class UNetConfig:
           f'ds.fusion_dropout must be in [0, 1), got {self.ds_fusion_dropout}')
     check(self.ds_fusion in ds.FUSIONS,
           f'ds.fusion must be one of {ds.FUSIONS}, got {self.ds_fusion!r}')
+    check(not (self.ds_fusion == 'conv1x1_norm_act' and self.ds_fusion_dropout > 0),
+          'ds.fusion_dropout needs a 3x3 fusion (conv_norm_act or conv_act)')
     check(self.up_kernel in (2, 3), f'up_kernel must be 2 or 3, got {self.up_kernel}')
     check(self.down in DOWNSAMPLING, f'down must be one of {DOWNSAMPLING}, got {self.down!r}')
     check(self.up in UPSAMPLING, f'up must be one of {UPSAMPLING}, got {self.up!r}')
