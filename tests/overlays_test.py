@@ -93,7 +93,7 @@ def test_output_predict_fns_resize_each_head():
   np.testing.assert_array_equal(head2[0, 4:, 4:, 1], np.full((4, 4), -36.0 + 2.0))
 
 
-def test_output_windows_predict_every_output_over_the_whole_image():
+def test_output_windows_predict_every_output_over_the_whole_image(tmp_path):
   import types  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
@@ -110,3 +110,16 @@ def test_output_windows_predict_every_output_over_the_whole_image():
   np.testing.assert_array_equal(labels['final'], image[..., 0] > 0)
   assert labels['head 1'].shape == (13, 11)
   assert overlays.example_spacing({'image': image}) is None
+  examples = [('a', {'image': image, 'label': labels['final']}),
+              ('b', {'image': -image, 'label': labels['final']})]
+  paths = overlays.write_run_overlays(tmp_path / 'ov', windows, examples, num_classes=2)
+  assert [p.name for p in paths] == ['a.png', 'b.png']
+  # Columns: the label, final, head 1.
+  assert _read(paths[1]).shape == (overlays.PANEL_PX, 3 * overlays.PANEL_PX, 3)
+
+
+def test_example_spacing_of_a_resampled_case():
+  from unet_ds.data import resample  # pylint: disable=g-import-not-at-top
+  geometry = resample.Geometry(original_shape=(10, 20, 20), original_spacing=(3.0, 1.0, 1.0),
+                               affine=None, shape=(20, 20, 20), coarse_axis=0)
+  assert overlays.example_spacing({'geometry': geometry}) == (1.5, 1.0, 1.0)

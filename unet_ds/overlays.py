@@ -19,12 +19,15 @@ whole image by the same sliding window as the final one:
                                    in_channels)
   overlays.write_overlay(path, example['image'], example['label'], windows.labels(
       example['image']), spacing=overlays.example_spacing(example), title=case_id)
+
+or, for one run's first cases, `overlays.write_run_overlays(out_dir, windows, [(case_id,
+example), ...])`.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 from matplotlib import colors as mpl_colors
@@ -91,6 +94,20 @@ class OutputWindows:
                 batch_size=s.batch_size, sigma_scale=s.sigma_scale, tta_axes=s.tta_axes,
                 window_fn=window_fn), -1)
             for name, window_fn in self._window_fns.items()}
+
+
+def write_run_overlays(out_dir: str | pathlib.Path, windows: OutputWindows,
+                       examples: Iterable[tuple[str, Mapping[str, Any]]],
+                       num_classes: int | None = None) -> list[pathlib.Path]:
+  """One run's overlays: `out_dir/<case_id>.png` per (case_id, example with 'image', 'label'),
+  columns the label, the final prediction and each DS head's. Returns the paths."""
+  paths = []
+  for case_id, example in examples:
+    paths.append(write_overlay(
+        pathlib.Path(out_dir) / f'{case_id}.png', example['image'], example['label'],
+        windows.labels(np.asarray(example['image'])), spacing=example_spacing(example),
+        title=case_id, num_classes=num_classes))
+  return paths
 
 
 def example_spacing(example: Mapping[str, Any]) -> tuple[float, ...] | None:
