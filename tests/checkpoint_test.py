@@ -2,6 +2,8 @@
 import json
 import os
 import pathlib
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -158,3 +160,26 @@ def test_leaf_digests_see_one_bit_and_name_leaves():
   assert checkpoint.leaf_digests({**state, 'a': flipped})['a'] != digests['a']
   assert checkpoint.leaf_digests({**state, 'a': np.zeros((2, 2), np.float32)})['a'] != digests['a']
   assert checkpoint.leaf_digests(state) == digests
+
+
+def test_failed_restore_noise_is_dropped_and_the_rest_passes(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  checkpoint._drop_failed_restore_noise()
+  checkpoint._drop_failed_restore_noise()  # installed once
+
+  async def pending():
+    pass
+
+  coroutine = pending()
+  noise = [types.SimpleNamespace(exc_value=RuntimeError('Event loop is closed'), object=None),
+           types.SimpleNamespace(exc_value=ImportError('sys.meta_path is None, Python is likely '
+                                                       'shutting down'), object=coroutine),
+           types.SimpleNamespace(exc_value=Exception('Encountered error while reading array '
+                                                     'index: (slice(0, 2, 1),)'), object=None)]
+  real = [types.SimpleNamespace(exc_value=RuntimeError('boom'), object=None),
+          types.SimpleNamespace(exc_value=ImportError('no module x'), object=coroutine)]
+  for u in noise + real:
+    sys.unraisablehook(u)
+  assert seen == real
+  coroutine.close()

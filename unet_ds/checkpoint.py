@@ -10,6 +10,8 @@ checkpoint that reads back intact:
 * A checkpoint that fails to read or verify is reported in one line naming its path and the
   reason, and the previous one is used; `CheckpointError` names the folder when none is readable.
   `set_aside_after(step)` then moves the bad later steps out of the way of the resumed run.
+* The dozens of 'Event loop is closed' tracebacks that orbax/tensorstore leave behind a failed
+  read are dropped (`_drop_failed_restore_noise`), so the one line above is what the user sees.
 * A checkpoint whose state has other leaves, shapes or dtypes than the one asked for (the model
   changed) raises `CheckpointMismatchError` at once, naming the leaves: that is no corruption, and
   an older checkpoint of the same run would not fit either.
@@ -19,9 +21,11 @@ Checkpoints written before the checksum item existed restore without that verifi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import sys
 from typing import Any
 
 from absl import logging
@@ -76,6 +80,34 @@ def leaf_digests(tree: Any) -> dict[str, str] | None:
     h.update(array.reshape(-1).view(np.uint8))
     out[name] = h.hexdigest()
   return out
+
+
+def _drop_failed_restore_noise() -> None:
+  """Installs (once) a `sys.unraisablehook` that drops the noise of a failed orbax restore.
+
+  When one array read fails, orbax closes its private event loop while tensorstore reads are
+  still in flight; each then reports 'Event loop is closed' as an unraisable exception (dozens of
+  tracebacks), and at interpreter exit their coroutines complain again ('sys.meta_path is None')
+  or repeat the read error that `restore` already reported, with a page of tensorstore spec.
+  Only those are dropped; everything else goes to the previous hook.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_restore_noise', False):
+    return
+
+  def hook(unraisable: Any) -> None:
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+      return
+    if (isinstance(error, ImportError) and 'likely shutting down' in str(error)
+        and asyncio.iscoroutine(unraisable.object)):
+      return
+    if str(error).startswith('Encountered error while reading array index'):
+      return
+    previous(unraisable)
+
+  hook.drops_restore_noise = True
+  sys.unraisablehook = hook
 
 
 def _reason(error: BaseException) -> str:
@@ -133,6 +165,7 @@ class Checkpoints:
     steps = [step] if step is not None else self.steps()[::-1]
     if not steps:
       raise FileNotFoundError(f'no checkpoint in {self.directory}')
+    _drop_failed_restore_noise()
     self.unreadable = {}
     for s in steps:
       try:
@@ -148,7 +181,8 @@ class Checkpoints:
       return result
     raise CheckpointError(
         f'no readable checkpoint in {self.directory}: ' +
-        '; '.join(f'step {s}: {r}' for s, r in self.unreadable.items()))
+        '; '.join(f'step {s}: {r}' for s, r in self.unreadable.items()) +
+        '; move the folder away (or use a new --workdir) to train from scratch')
 
   def _restore_step(self, abstract_state: Any, step: int) -> tuple[Any, bytes | None, int]:
     self._check_fits(abstract_state, step)
