@@ -1,22 +1,32 @@
-"""Runs or prints one `unet_ds.main` training command per point of a config's sweep.
+"""Runs, submits or prints one `unet_ds.main` training command per point of a config's sweep.
 
     python -m experiments.launch --config=configs/FILE.py[:ARG] --root=ROOT [--print] \
+        [--executor=local|slurm|submitit_local] [--until=ci_halfwidth:H,max_seeds:N] \
         [--config.key=value ...]
 
-Each point trains into `ROOT/<point name>/` (names: `experiments.sweep.point_names`). Without
-`--print` the points run one after another in subprocesses, their output shown and appended to
-`ROOT/<name>/launch.log`:
-  * a point whose workdir holds `summary.json` is finished and skipped;
-  * any other point is (re)started with the same command; `unet_ds.main` resumes from the
-    workdir's latest checkpoint;
-  * before anything runs, each existing `ROOT/<name>/config.json` is checked against its point's
-    overrides, so a sweep edited since the last launch cannot mix runs under the wrong name;
-  * a failed point is reported and the next one runs (`--fail_fast` stops instead); the exit
-    status is 1 if any point failed. A point that exits 0 without `summary.json` (stopped on
-    purpose by `train.stop_at_step`) is not a failure: launching again continues it.
-`--print` prints the shell-quoted commands (for a cluster) and touches nothing. Extra
-`--config.key=value` flags go to every point; they may not set a key that the sweep sets.
-`ROOT/sweep.json` records the config, the extra flags and each point's name and command.
+Each point trains into `ROOT/<point name>/` (names: `experiments.sweep.point_names`). Before
+anything runs, each existing `ROOT/<name>/config.json` is checked against its point's overrides,
+so a sweep edited since the last launch cannot mix runs under the wrong name. A point whose
+workdir holds `summary.json` is finished and skipped; any other point is (re)started with the same
+command, and `unet_ds.main` resumes from the workdir's latest checkpoint.
+
+Executors:
+  * `local` (default): the points run one after another in subprocesses here, their output shown
+    and appended to `ROOT/<name>/launch.log`. A failed point is reported and the next one runs
+    (`--fail_fast` stops instead); the exit status is 1 if any point failed. A point that exits 0
+    without `summary.json` (stopped on purpose by `train.stop_at_step`) is not a failure:
+    launching again continues it.
+  * `slurm`: the unfinished points go to SLURM as one job array through submitit, with
+    `--partition`, `--time_min`, `--gpus`, `--cpus`, `--array_parallelism`, `--slurm=KEY=VALUE`;
+    a preempted or timed-out point is requeued and resumes from its checkpoint
+    (`experiments.cluster`). Job ids go to `ROOT/jobs.json`; launching again skips points whose
+    job is still queued or running. `--wait` waits for the jobs and reports how each ended.
+  * `submitit_local`: the same submitit jobs as local processes (all points at once).
+`--until` makes an adaptive ablation: after each round, variants whose paired interval against
+the baseline is still wide get another seed (`experiments.until`; implies `--wait`).
+`--print` prints the shell-quoted commands and touches nothing. Extra `--config.key=value` flags go
+to every point; they may not set a key that the sweep sets. `ROOT/sweep.json` records the config,
+the extra flags and each point's name and command.
 """
 
 from __future__ import annotations
@@ -31,12 +41,17 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
 from ml_collections import config_dict
 
+from experiments import cluster
+from experiments import process
+from experiments import runs as runs_lib
 from experiments import sweep
+from experiments import until
 
 # Runs one command (argv, program first) for the given workdir; returns its exit status.
 Runner = Callable[[Sequence[str], pathlib.Path], int]
@@ -44,8 +59,10 @@ Runner = Callable[[Sequence[str], pathlib.Path], int]
 MAIN_MODULE = 'unet_ds.main'
 SUMMARY_FILE = 'summary.json'
 CONFIG_FILE = 'config.json'
-LOG_FILE = 'launch.log'
+LOG_FILE = process.LOG_FILE
 MANIFEST_FILE = 'sweep.json'
+# Seconds a stopped point has to save its checkpoint and exit before it is killed.
+STOP_GRACE_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,21 +164,12 @@ def check_workdirs(jobs: Sequence[Job]) -> None:
 
 def subprocess_runner(argv: Sequence[str], workdir: pathlib.Path) -> int:
   """Runs argv, streaming its output to stdout and appending it to `workdir/launch.log`."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  with open(workdir / LOG_FILE, 'a') as log:
-    log.write(f'$ {shlex.join(argv)}\n')
-    log.flush()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, env=_child_env())
-    try:
-      for line in proc.stdout:
-        sys.stdout.write(line)
-        log.write(line)
-      return proc.wait()
-    except BaseException:  # Ctrl-C: don't leave the child training on its own.
-      proc.terminate()
-      proc.wait()
-      raise
+  child = process.LoggedProcess(argv, workdir)
+  try:
+    return child.wait()
+  except BaseException:  # Ctrl-C, or SIGTERM: stop the child too (it saves a checkpoint).
+    child.stop(grace_s=STOP_GRACE_S)
+    raise
 
 
 def run(jobs: Sequence[Job], runner: Runner = subprocess_runner, python: str = sys.executable,
@@ -195,6 +203,45 @@ def run(jobs: Sequence[Job], runner: Runner = subprocess_runner, python: str = s
   return status
 
 
+def submit(jobs: Sequence[Job], kind: str, resources: cluster.Resources, root: pathlib.Path,
+           python: str = sys.executable, wait: bool = False, round_: int = 0,
+           log: Callable[[str], None] = print) -> dict[str, str]:
+  """Submits the unfinished jobs through submitit (`cluster`): one SLURM job array, or local
+  processes. Points whose job from an earlier launch is still queued or running are not
+  submitted again ('queued'). Returns {name: status}: 'skipped', 'queued', 'submitted', or with
+  `wait` the finished job's 'done' / 'stopped' / 'failed'."""
+  status = {}
+  active = cluster.active_jobs(root)
+  todo = []
+  for job in jobs:
+    if job.finished:
+      status[job.name] = 'skipped'
+    elif job.name in active:
+      status[job.name] = 'queued'
+      log(f'{job.name}: already queued or running as job {active[job.name]}, not submitted again')
+    else:
+      todo.append(job)
+  if not todo:
+    return status
+  folder = pathlib.Path(root).resolve() / cluster.SUBMITIT_DIR / '%j'
+  executor = cluster.make_executor(kind, folder, resources)
+  cwd = os.getcwd()
+  grace = min(STOP_GRACE_S, resources.signal_delay_s * 2 / 3)
+  submitted = cluster.submit(executor, [
+      cluster.PointJob(j.name, j.workdir.resolve(), j.argv(python), cwd=cwd, stop_grace_s=grace)
+      for j in todo])
+  cluster.record_jobs(root, kind, folder, {j.name: s.job_id for j, s in zip(todo, submitted)},
+                      round_)
+  for job, sub in zip(todo, submitted):
+    status[job.name] = 'submitted'
+    log(f'{job.name}: submitted as job {sub.job_id} (log: {sub.paths.stdout})')
+  if wait:
+    for job, sub in zip(todo, submitted):
+      status[job.name], detail = cluster.outcome(sub)
+      log(f'{job.name}: job {sub.job_id} {status[job.name]}' + (f': {detail}' if detail else ''))
+  return status
+
+
 def write_manifest(root: pathlib.Path, config_arg: str, extra: Sequence[tuple[str, str]],
                    jobs: Sequence[Job]) -> pathlib.Path:
   root.mkdir(parents=True, exist_ok=True)
@@ -208,6 +255,61 @@ def write_manifest(root: pathlib.Path, config_arg: str, extra: Sequence[tuple[st
   return path
 
 
+# Runs (or submits) one round's jobs, given the round's number; returns {name: status}.
+RoundRunner = Callable[[Sequence[Job], int], dict[str, str]]
+
+
+def run_rounds(config_arg: str, config: config_dict.ConfigDict, points: Sequence[sweep.Point],
+               root: pathlib.Path, extra: Sequence[tuple[str, str]], run_round: RoundRunner,
+               rule: until.Rule | None = None, log: Callable[[str], None] = print
+               ) -> tuple[list[Job], dict[str, str]]:
+  """The sweep's points (`sweep.load`), then with `rule` (`--until`) further rounds of added
+  seeds until no comparison with the baseline is open (`experiments.until`). Returns every job
+  and status; `ROOT/sweep.json` lists every point, `ROOT/until.json` the comparisons after each
+  round."""
+  if rule is not None:
+    until.check_sweep(points)
+  points = list(points)
+  root = pathlib.Path(root)
+  status: dict[str, str] = {}
+  rounds: list[dict[str, Any]] = []
+  while True:
+    jobs = plan_points(config_arg, config, points, root, extra)
+    write_manifest(root, config_arg, extra, jobs)
+    status.update(run_round([j for j in jobs if j.name not in status], len(rounds)))
+    if rule is None:
+      return jobs, status
+    unfinished = [j.name for j in jobs if not j.finished]
+    if unfinished:
+      log(f'--until: stopped after round {len(rounds)}: {len(unfinished)} point(s) without '
+          f'{SUMMARY_FILE} ({", ".join(unfinished[:3])}{", ..." if len(unfinished) > 3 else ""}); '
+          'launch again once they have finished')
+      return jobs, status
+    comparisons = until.compare(points, [final_dice(j.workdir) for j in jobs], rule)
+    added = until.next_points(points, comparisons)
+    names = sweep.point_names([*points, *added])[len(points):]
+    rounds.append({'round': len(rounds), 'points': len(points),
+                   'comparisons': [c.as_json() for c in comparisons], 'added': names})
+    until.write(root, rule, rounds)
+    for c in comparisons:
+      log(f'--until round {len(rounds) - 1}: {c.line()}')
+    if not added:
+      settled = sum(c.status == 'settled' for c in comparisons)
+      log(f'--until: done after {len(rounds)} round(s): {settled} of {len(comparisons)} '
+          f'comparisons settled (half-width <= {rule.ci_halfwidth}); {root / until.UNTIL_FILE}')
+      return jobs, status
+    log(f'--until: adding {len(added)} point(s): {" ".join(names)}')
+    points = [*points, *added]
+
+
+def final_dice(workdir: pathlib.Path) -> float:
+  """A finished run's final mean foreground Dice (`summary.json`; nan if logged as null)."""
+  summary = runs_lib.read_json(pathlib.Path(workdir) / SUMMARY_FILE)
+  if not isinstance(summary, dict) or 'mean_foreground_dice' not in summary:
+    raise runs_lib.RunFileError(f'{workdir / SUMMARY_FILE}: no "mean_foreground_dice"')
+  return runs_lib.number(summary['mean_foreground_dice'])
+
+
 def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
          out: Callable[[str], None] = print) -> int:
   parser = argparse.ArgumentParser(prog='python -m experiments.launch', description=__doc__,
@@ -217,33 +319,85 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
   parser.add_argument('--print', dest='print_only', action='store_true',
                       help='print one command per point and run nothing')
   parser.add_argument('--fail_fast', '--fail-fast', action='store_true',
-                      help='stop at the first failed point')
+                      help='local: stop at the first failed point')
   parser.add_argument('--python', default=None,
                       help='interpreter in the commands (default: `python` with --print, '
                       'this interpreter otherwise)')
+  parser.add_argument('--executor', choices=('local', *cluster.EXECUTORS), default='local',
+                      help='local: one point after another here; slurm: one SLURM job array '
+                      'through submitit; submitit_local: submitit jobs as local processes')
+  parser.add_argument('--wait', action='store_true',
+                      help='submitit executors: wait for the jobs and report how they ended')
+  parser.add_argument('--until', default=None, metavar='ci_halfwidth:H[,max_seeds:N]',
+                      help='add seeds to variants whose paired 95%% interval against the '
+                      'baseline is wider than +-H, up to N seeds (see experiments.until)')
+  res = parser.add_argument_group('submitit executors: what each job asks for')
+  res.add_argument('--partition', default=None, help='SLURM partition')
+  res.add_argument('--time_min', type=int, default=cluster.Resources.time_min,
+                   help='time limit per job in minutes; a point that hits it is requeued and '
+                   'resumes from its checkpoint')
+  res.add_argument('--gpus', type=int, default=0, help='GPUs per job')
+  res.add_argument('--cpus', type=int, default=None, help='CPUs per job')
+  res.add_argument('--array_parallelism', type=int, default=cluster.Resources.array_parallelism,
+                   help='SLURM: points running at once')
+  res.add_argument('--max_timeouts', type=int, default=cluster.Resources.max_timeouts,
+                   help='requeues after the time limit, per point (preemptions do not count)')
+  res.add_argument('--slurm', action='append', default=[], metavar='KEY=VALUE',
+                   help='other sbatch settings by submitit name, e.g. account=ab12 or qos=high')
   args, rest = parser.parse_known_args(argv)
+  root = pathlib.Path(args.root)
   try:
     extra = parse_extra_overrides(rest)
-    jobs = plan(args.config, pathlib.Path(args.root), extra)
     if args.print_only:
-      for job in jobs:
+      for job in plan(args.config, root, extra):
         out(job.command(args.python or 'python'))
       return 0
-  except (ValueError, FileNotFoundError) as e:
+    rule = until.parse_rule(args.until) if args.until else None
+    resources = cluster.Resources(
+        time_min=args.time_min, partition=args.partition, gpus=args.gpus, cpus=args.cpus,
+        array_parallelism=args.array_parallelism, max_timeouts=args.max_timeouts,
+        slurm=_key_values(args.slurm, '--slurm'))
+    config, points = sweep.load(args.config)
+    plan_points(args.config, config, points, root, extra)  # errors before anything runs
+    if rule is not None:
+      until.check_sweep(points)
+    if args.executor != 'local':
+      with tempfile.TemporaryDirectory() as tmp:  # checks the settings, creates no folder
+        cluster.make_executor(args.executor, pathlib.Path(tmp), resources)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
     parser.exit(2, f'error: {e}\n')
-  write_manifest(pathlib.Path(args.root), args.config, extra, jobs)
+  python = args.python or sys.executable
+  if args.executor == 'local':
+    def run_round(jobs: Sequence[Job], round_: int) -> dict[str, str]:
+      del round_
+      return run(jobs, runner=runner, python=python, fail_fast=args.fail_fast, log=out)
+  else:
+    def run_round(jobs: Sequence[Job], round_: int) -> dict[str, str]:
+      return submit(jobs, args.executor, resources, root, python=python,
+                    wait=args.wait or rule is not None, round_=round_, log=out)
   with _exit_on_sigterm():
-    status = run(jobs, runner=runner, python=args.python or sys.executable,
-                 fail_fast=args.fail_fast, log=out)
+    jobs, status = run_rounds(args.config, config, points, root, extra, run_round, rule, log=out)
   counts = {s: sum(v == s for v in status.values())
-            for s in ('done', 'skipped', 'stopped', 'failed')}
-  out(f'sweep {args.config}: {counts["done"]} ran, {counts["skipped"]} already finished, '
-      f'{counts["stopped"]} stopped early, {counts["failed"]} failed, of {len(jobs)} points in '
-      f'{args.root}')
+            for s in ('done', 'skipped', 'stopped', 'failed', 'submitted', 'queued')}
+  line = (f'sweep {args.config}: {counts["done"]} ran, {counts["skipped"]} already finished, '
+          f'{counts["stopped"]} stopped early, {counts["failed"]} failed')
+  if args.executor != 'local':
+    line += f', {counts["submitted"]} submitted and running, {counts["queued"]} already queued'
+  out(f'{line}, of {len(jobs)} points in {args.root}')
   failed = [n for n, s in status.items() if s == 'failed']
   if failed:
     out('failed: ' + ' '.join(failed))
   return 1 if failed else 0
+
+
+def _key_values(items: Sequence[str], flag: str) -> dict[str, str]:
+  out = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or not key:
+      raise ValueError(f'{flag}={item}: expected KEY=VALUE')
+    out[key] = value
+  return out
 
 
 @contextlib.contextmanager
@@ -258,15 +412,6 @@ def _exit_on_sigterm() -> Iterator[None]:
     yield
   finally:
     signal.signal(signal.SIGTERM, previous)
-
-
-def _child_env() -> dict[str, str]:
-  # `-m unet_ds.main` must import from this checkout whatever the current directory is (a
-  # notebook's is its own folder); the config path stays relative to the current directory.
-  env = dict(os.environ)
-  repo = str(pathlib.Path(__file__).resolve().parents[1])
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (repo, env.get('PYTHONPATH')) if p)
-  return env
 
 
 def _same_value(recorded: Any, wanted: Any) -> bool:

@@ -30,6 +30,11 @@ class PairedDifference:
   confidence: float
 
   @property
+  def half_width(self) -> float:
+    """Half the interval's width (nan when there is no interval)."""
+    return (self.ci_high - self.ci_low) / 2
+
+  @property
   def excludes_zero(self) -> bool | None:
     """Whether the interval excludes 0; None when there is no interval (n < 2)."""
     if math.isnan(self.ci_low):
