@@ -26,6 +26,12 @@
 # an ablation; `TRAIN = False` only reads what is under `ROOT`. The same from a shell:
 # `python -m experiments.launch --config=configs/ablation_synthetic.py --root=runs/ds_ablation`
 # then `python -m experiments.report runs/ds_ablation`.
+#
+# On real data, cross-validated: `CONFIG = 'configs/ablation_hippocampus.py'` with
+# `CONFIG_ARG = 'path=/data/Task04_Hippocampus,folds=5,seeds=1'` (each form on each of 5 folds; the
+# report pairs runs by (fold, seed) and adds a per-fold table), or `configs/ablation_isbi.py`. The
+# report then also draws `OVERLAYS` held-out cases: the label, each form's prediction and each of
+# its DS heads' own.
 
 # %% tags=["parameters"]
 SMOKE = True  # Tiny runs (minutes on CPU) to check the notebook; False: the real ablation (hours).
@@ -35,6 +41,7 @@ ROOT = ''  # Where the runs go; '' -> runs/ds_ablation (runs/ds_ablation_smoke i
 TRAIN = True  # False: only report on the runs already under ROOT.
 TARGET_DICE = 0.8
 EXTRA = {}  # Extra overrides for every run, e.g. {'train.steps': 500}.
+OVERLAYS = 3  # Held-out cases drawn for real-data runs (synthetic runs have none).
 
 # %%
 import pathlib
@@ -64,12 +71,12 @@ if TRAIN:
 
 # %% [markdown]
 # ## The report
-# Written to `ROOT/report.md`, `ROOT/report.csv` (one row per variant), `ROOT/runs.csv` and the
-# PNGs below.
+# Written to `ROOT/report.md`, `ROOT/report.csv` (one row per variant), `ROOT/runs.csv`
+# (`ROOT/folds.csv` when cross-validated) and the PNGs below.
 
 # %%
 ablation = report.build(root, target_dice=TARGET_DICE)
-paths = report.write(ablation)
+paths = report.write(ablation, overlays=OVERLAYS)
 ablation
 
 # %%
@@ -77,3 +84,10 @@ plots.Png(paths['dice_vs_step.png'])
 
 # %%
 plots.Png(paths['level_losses.png'])
+
+# %% [markdown]
+# ## Held-out cases (real data only)
+# `ROOT/overlays/<case>.png`: the label, then each form's prediction and its DS heads' own.
+
+# %%
+plots.Pngs([path for name, path in paths.items() if name.startswith('overlays/')])

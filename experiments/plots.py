@@ -3,6 +3,7 @@ state, no display needed)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 import pathlib
@@ -23,6 +24,17 @@ class Png:
 
   def _repr_png_(self) -> bytes:
     return pathlib.Path(self.path).read_bytes()
+
+
+@dataclasses.dataclass(frozen=True)
+class Pngs:
+  """Several PNG files that notebooks display one under the other (e.g. a report's overlays)."""
+  paths: Sequence[pathlib.Path]
+
+  def _repr_html_(self) -> str:
+    return ''.join(
+        f'<p>{pathlib.Path(p).stem}</p><img src="data:image/png;base64,'
+        f'{base64.b64encode(pathlib.Path(p).read_bytes()).decode()}"/>' for p in self.paths)
 
 
 def dice_vs_step(variants: Mapping[str, Sequence[runs_lib.Run]], path: pathlib.Path,
