@@ -10,6 +10,7 @@ import pytest
 from experiments import runs as runs_lib
 from unet_ds import checkpoint
 from unet_ds import config_lib
+from unet_ds import evaluate
 from unet_ds import losses
 from unet_ds import multirun
 from unet_ds import sharding
@@ -95,6 +96,11 @@ def test_multirun_equals_runs_one_by_one_and_resumes(tmp_path, data_dir):
     np.testing.assert_allclose(summary['mean_foreground_dice'], single['mean_foreground_dice'],
                                rtol=1e-4)
     assert summary['multirun'] == {'k': 2, 'index': i, 'name': name}
+    # A member's folder works like a run's: --mode=eval slices its state out of the stack.
+    member_eval = evaluate.run(None, str(rdir))
+    assert member_eval['step'] == 4
+    np.testing.assert_allclose(member_eval['mean_foreground_dice'],
+                               summary['mean_foreground_dice'], rtol=1e-4)
 
     # The run's config.json is its single run's config (multi-run off).
     saved = json.loads((rdir / 'config.json').read_text())
@@ -118,12 +124,12 @@ def test_per_run_weights_change_the_loss(data_dir, vectorize):
   batches = [next(iter(l)) for l in mexp.train_loaders()]
   np.testing.assert_array_equal(batches[0]['image'], batches[1]['image'])
   step = mexp.jit_train_step()
-  states, m = step(states, mexp.shard_batches(batches), mexp.run_weights)
+  states, m = step(states, mexp.shard(batches))
   np.testing.assert_allclose(m['level_losses'][0], m['level_losses'][1], rtol=1e-5)
   np.testing.assert_allclose(m['ds_weights'], [[2 / 3, 1 / 3], [0.5, 0.5]], rtol=1e-6)
   assert abs(float(m['loss'][0]) - float(m['loss'][1])) > 1e-3
   for _ in range(2):  # the first step has lr 0 (warmup): the params part from the second on
-    states, m = step(states, mexp.shard_batches(batches), mexp.run_weights)
+    states, m = step(states, mexp.shard(batches))
   assert not np.allclose(m['level_losses'][0], m['level_losses'][1], rtol=1e-4)
   # Run 1's side weight decays linearly over the 4 steps, from 1 to its floor 0.25.
   np.testing.assert_allclose(m['ds_weights'][1], [0.5, 0.5 * (0.25 + 0.75 * 0.5)], rtol=1e-6)
@@ -180,9 +186,11 @@ def test_non_finite_loss_names_the_run(tmp_path, data_dir, monkeypatch):
   c = _multi(data_dir, steps=4, eval_every=4, checkpoint_every=2)
   with pytest.raises(FloatingPointError, match=r"run 'seed=5,.*' \(multirun index 1\) at step 3"):
     multirun.train_and_evaluate(c, str(tmp_path))
+  # Step 3's loss is the first to see step 2's parameters: that checkpoint is set aside.
   ckpts = checkpoint.Checkpoints(str(tmp_path / 'checkpoints'))
-  assert ckpts.latest_step() == 2
+  assert ckpts.latest_step() is None
   ckpts.close()
+  assert (tmp_path / 'checkpoints-unreadable' / '2').is_dir()
   assert not (tmp_path / _NAMES[0] / 'summary.json').exists()
 
 
@@ -234,10 +242,10 @@ def test_data_parallel_multirun_matches_single_device(data_dir):
     c.mesh.data = devices
     c.multirun.vectorize = 'map'  # compiles faster on CPU; the sharding is the same either way
     mexp = multirun.MultiExperiment.build(c, '/tmp/unused')
-    batches = mexp.shard_batches([next(iter(l)) for l in mexp.train_loaders()])
+    batches = mexp.shard([next(iter(l)) for l in mexp.train_loaders()])
     assert len(batches['image'].sharding.device_set) == devices
     states = mexp.init_state()
     for _ in range(2):
-      states, m = mexp.jit_train_step()(states, batches, mexp.run_weights)
+      states, m = mexp.jit_train_step()(states, batches)
     results.append(np.asarray(m['loss']))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-5)

@@ -288,7 +288,7 @@ class MultiExperiment:
 
   def final_eval(self, states: state_lib.TrainState, step: int) -> list[dict[str, Any]]:
     """Each run's whole-image eval of the held-out cases (as `--mode=eval` in its folder)."""
-    return [self.run_experiment(i).final_eval(jax.tree.map(lambda x, i=i: x[i], states), step)
+    return [self.run_experiment(i).final_eval(jax.tree.map(lambda x, i=i: x[i], states), step)[0]
             for i in range(self.k)]
 
   def num_params(self, states: state_lib.TrainState) -> int:

@@ -1,0 +1,133 @@
+"""The workdir under faults, end to end: refused resumes, the lock, evals around interruptions,
+torn logs, signals and the one-line errors of the command line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from unet_ds import checkpoint
+from unet_ds import config_lib
+from unet_ds import evaluate
+from unet_ds import train
+from unet_ds import workdir as workdir_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _smoke(data_dir, **train_kw):
+  c = config_lib.apply_args(config_lib.base_config(2), 'ds=deep,smoke')
+  c.data.data_dir = data_dir
+  c.mesh.data = 1
+  c.train.update(train_kw)
+  return c
+
+
+def _steps(path, key='step'):
+  with open(path) as f:
+    return [json.loads(l)[key] for l in f if l.strip()]
+
+
+def test_changed_model_or_loss_is_refused_before_the_workdir_is_touched(tmp_path, data_dir):
+  c = _smoke(data_dir, steps=4, eval_every=2, checkpoint_every=2, stop_at_step=2)
+  train.train_and_evaluate(c, str(tmp_path))
+  before = {n: (tmp_path / n).read_bytes() for n in ('config.json', 'metrics.jsonl')}
+  changed = _smoke(data_dir, steps=4, eval_every=2, checkpoint_every=2)
+  changed.model.ds.mode, changed.loss.name = 'additive', 'ce'
+  with pytest.raises(workdir_lib.ConfigChangedError,
+                     match=r'config.loss.name changed dice_ce -> ce.*config.model.ds.mode '
+                           r'changed deep -> additive'):
+    train.train_and_evaluate(changed, str(tmp_path))
+  assert {n: (tmp_path / n).read_bytes() for n in before} == before
+  # Safe keys (stop_at_step) and keys allowed by name resume; the workdir still evaluates.
+  c = _smoke(data_dir, steps=6, eval_every=2, checkpoint_every=2)
+  with pytest.raises(workdir_lib.ConfigChangedError, match='train.steps changed 4 -> 6'):
+    train.train_and_evaluate(c, str(tmp_path))
+  summary = train.train_and_evaluate(c, str(tmp_path), allow_changes=['train.steps'])
+  assert summary['step'] == 6 and _steps(tmp_path / 'metrics.jsonl') == [1, 2, 3, 4, 5, 6]
+  assert evaluate.run(None, str(tmp_path))['step'] == 6
+
+
+def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, data_dir):
+  c = _smoke(data_dir, steps=2)
+  with workdir_lib.WorkdirLock(str(tmp_path)):
+    with pytest.raises(workdir_lib.WorkdirLockedError, match=f'pid {os.getpid()}'):
+      train.train_and_evaluate(c, str(tmp_path))
+  assert not (tmp_path / 'metrics.jsonl').exists()
+
+
+def test_an_eval_interrupted_before_its_checkpoint_is_redone(tmp_path, data_dir, monkeypatch):
+  c = _smoke(data_dir, steps=4, eval_every=2, checkpoint_every=1)
+  real = train.Experiment.evaluate
+
+  def killed_at_step_4(self, state):
+    if int(np.ravel(state.step)[0]) == 4:
+      raise KeyboardInterrupt('killed during the eval of step 4')
+    return real(self, state)
+
+  monkeypatch.setattr(train.Experiment, 'evaluate', killed_at_step_4)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(c, str(tmp_path))
+  ckpts = checkpoint.Checkpoints(str(tmp_path / 'checkpoints'))
+  assert ckpts.latest_step() == 3  # step 4 was not saved before its eval was written
+  ckpts.close()
+  monkeypatch.setattr(train.Experiment, 'evaluate', real)
+  train.train_and_evaluate(c, str(tmp_path))
+  assert _steps(tmp_path / 'eval.jsonl') == [2, 4]
+
+
+def test_a_torn_metrics_line_does_not_block_the_resume(tmp_path, data_dir):
+  c = _smoke(data_dir, steps=4, eval_every=2, checkpoint_every=2, stop_at_step=2)
+  train.train_and_evaluate(c, str(tmp_path))
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 3, "loss": 1.0')  # a disk that filled mid-line
+  train.train_and_evaluate(_smoke(data_dir, steps=4, eval_every=2, checkpoint_every=2),
+                           str(tmp_path))
+  assert _steps(tmp_path / 'metrics.jsonl') == [1, 2, 3, 4]
+
+
+def _cli(workdir, data_dir, *extra):
+  return [sys.executable, '-m', 'unet_ds.main', '--config=configs/unet2d.py:smoke',
+          f'--config.data.data_dir={data_dir}', '--config.mesh.data=1',
+          f'--workdir={workdir}', *extra]
+
+
+def test_sigterm_checkpoints_the_current_step_and_says_so(tmp_path, data_dir):
+  workdir = tmp_path / 'run'
+  proc = subprocess.Popen(
+      _cli(workdir, data_dir, '--config.train.steps=100000', '--config.train.log_every=1',
+           '--config.train.checkpoint_every=100000', '--config.train.eval_every=100000'),
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (workdir / 'metrics.jsonl').exists():
+    time.sleep(0.5)
+  time.sleep(1)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('interrupted: SIGTERM: checkpoint of step'), last
+  step = int(last.split('checkpoint of step ')[1].split()[0])
+  ckpts = checkpoint.Checkpoints(str(workdir / 'checkpoints'))
+  assert ckpts.latest_step() == step >= 1
+  ckpts.close()
+
+
+def test_cli_errors_end_with_one_line_naming_the_cause(tmp_path, data_dir):
+  (tmp_path / 'out').write_text('a file, not a folder')
+  cases = [
+      (['--config.model.ds.mode=deepest'], 'ds.mode must be one of'),
+      (['--mode=eval'], 'config.json not found'),
+  ]
+  for extra, expected in cases:
+    res = subprocess.run(_cli(tmp_path / 'none', data_dir, *extra), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and expected in last, last
+    assert 'Traceback' not in res.stderr
