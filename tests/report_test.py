@@ -438,3 +438,21 @@ def test_current_format_and_boundary_metrics(tmp_path):
   assert rows[1]['hd95_mean'] == pytest.approx(3.0) and rows[0]['nsd_mean'] == pytest.approx(0.8)
   assert report.run_rows(rep)[0]['hd95'] == 4.0
   # Runs without boundary metrics: no such columns.
+
+
+def test_block_folds_are_labelled_by_fold(tmp_path):
+  """ISBI-style folds set data.fold and data.val_cases together: one fold, labelled by number."""
+  root = tmp_path / 'isbi'
+  for fold, held in enumerate(['0,1,2', '3,4,5']):
+    for mode, dice in (('none', 0.7), ('deep', 0.72)):
+      run = _make_run(root, f'{mode},fold={fold}', mode, 0, dice + fold / 10, [0.9, dice],
+                      fold=fold, evals=[(1, dice)])
+      config = json.loads((run / 'config.json').read_text())
+      config['data']['val_cases'] = held
+      (run / 'config.json').write_text(json.dumps(config))
+  rep = report.build(root)
+  assert [report.fold_label(f) for f in rep.folds] == ['fold 0', 'fold 1']
+  assert rep.folds[1] == (('data.fold', 1), ('data.val_cases', '3,4,5'))
+  deep = _by_label(rep)['model.ds.mode=deep']
+  assert deep.vs_baseline.n == 2 and deep.vs_baseline.mean == pytest.approx(0.02, abs=1e-12)
+  assert report.fold_label((('data.val_cases', '3,4,5'),)) == 'data.val_cases=3,4,5'
