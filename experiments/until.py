@@ -149,15 +149,12 @@ def next_points(points: Sequence[Mapping[str, Any]], comparisons: Sequence[Compa
                 ) -> list[sweep.Point]:
   """The points of the next round: the next unused seed for every open variant and its
   baseline, on each fold it runs; [] when no comparison is open."""
-  grow: list[Variant] = []
-  for c in comparisons:
-    if c.status == 'open':
-      grow += [c.variant_key, c.baseline_key]
+  grow = {v for c in comparisons if c.status == 'open' for v in (c.variant_key, c.baseline_key)}
   if not grow:
     return []
   seed = _next_seed([p[SEED_KEY] for p in points])
   new = []
-  for v in dict.fromkeys(grow):
+  for v in [v for v in dict.fromkeys(map(variant_of, points)) if v in grow]:  # sweep order
     folds = {}  # fold settings -> one of the variant's points on that fold
     for p in points:
       if variant_of(p) == v:
