@@ -39,7 +39,6 @@ import os
 import pathlib
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import threading

@@ -78,11 +78,7 @@ class LoggedProcess:
 
 
 def child_env() -> dict[str, str]:
-  """This environment, with the checkout importable and the child's output unbuffered."""
-  # `-m unet_ds.main` must import from this checkout whatever the current directory is (a
-  # notebook's is its own folder); the config path stays relative to the current directory.
-  env = dict(os.environ)
-  repo = str(pathlib.Path(__file__).resolve().parents[1])
-  env['PYTHONPATH'] = os.pathsep.join(p for p in (repo, env.get('PYTHONPATH')) if p)
-  env['PYTHONUNBUFFERED'] = '1'  # lines reach launch.log as they are printed
-  return env
+  """This environment with the child's output unbuffered, so that lines reach launch.log as
+  they are printed. (The package is installed, `pip install -e .`: `-m unet_ds.main` imports
+  from any directory.)"""
+  return {**os.environ, 'PYTHONUNBUFFERED': '1'}

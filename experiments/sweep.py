@@ -40,7 +40,6 @@ import importlib.util
 import itertools
 import pathlib
 import re
-import sys
 import types
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -196,10 +195,6 @@ def load_config_module(path: pathlib.Path) -> types.ModuleType:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f'config file {path} does not exist')
-  # The config file may import its base (`from configs import default`): make the current
-  # directory importable as `python -m unet_ds.main` would.
-  if '' not in sys.path and str(pathlib.Path.cwd()) not in sys.path:
-    sys.path.insert(0, str(pathlib.Path.cwd()))
   name = '_experiments_config_' + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)

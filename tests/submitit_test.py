@@ -135,7 +135,7 @@ def test_launch_submitit_local_records_jobs_and_relaunch_resumes_a_killed_point(
     sweep_file, fake_python, tmp_path):
   root = tmp_path / 'runs'
   hold = tmp_path / 'go_on'
-  env = dict(os.environ, FAKE_HOLD=str(hold), PYTHONPATH=str(REPO))
+  env = dict(os.environ, FAKE_HOLD=str(hold))
   cmd = [sys.executable, '-m', 'experiments.launch', f'--config={sweep_file}', f'--root={root}',
          '--executor=submitit_local', f'--python={fake_python}', '--time_min=10']
   def launch_(*flags):
