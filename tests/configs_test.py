@@ -118,3 +118,28 @@ def test_real_data_configs_resolve_as_recorded():
       assert set(base) <= set(got), (name, arg, set(base) - set(got))
       diff = {k: v for k, v in got.items() if k not in base or base[k] != v}
       assert diff == expected, (name, arg)
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('data.val_fraction', 0.0, 'val_fraction=0 leaves no validation cases'),
+    ('data.eval_shape', (12, 16, 16), r'eval_shape \(12, 16, 16\).*divisible by 8'),
+])
+def test_real_data_config_gaps_fail_at_config_time(key, value, match):
+  spec = importlib.util.spec_from_file_location('msd_cfg', 'configs/msd.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config('path=/nowhere')
+  group, name = key.split('.')
+  c[group][name] = value
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate(c)
+
+
+def test_imports_have_no_cycle():
+  """Each module imports alone in a fresh process (a cycle hidden in function-level imports
+  shows up as a partially initialised module), and predict never pulls in train."""
+  code = ('import sys, unet_ds.predict, unet_ds.evaluate; '
+          'assert "unet_ds.train" not in sys.modules, "predict imports train"; '
+          'import unet_ds.train, unet_ds.multirun, unet_ds.main, unet_ds.bench, unet_ds.plan')
+  res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]

@@ -292,6 +292,14 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
   if any(s % m for s in shape):
     raise ValueError(f'config.data training shape {shape} must be divisible by {m} '
                      f'(2^(model.depth-1), depth={model_cfg.depth})')
+  eval_shape = tuple(c.data.get('eval_shape') or ())
+  if eval_shape and (len(eval_shape) != c.data.ndim or any(s % m for s in eval_shape)):
+    raise ValueError(f'config.data.eval_shape {eval_shape}: needs {c.data.ndim} sizes divisible '
+                     f'by {m} (2^(model.depth-1), depth={model_cfg.depth})')
+  if c.data.name != 'synthetic' and not c.data.get('val_cases') and (
+      int(c.data.get('num_folds', 0) or 0) <= 1 and float(c.data.get('val_fraction', 0.2)) <= 0):
+    raise ValueError('config.data.val_fraction=0 leaves no validation cases to evaluate; set '
+                     'it in (0, 1), or data.val_cases=ID,..., or data.num_folds=5 with data.fold')
   if c.mesh.space > 1 and (shape[0] // m) % c.mesh.space:
     raise ValueError(f'config.mesh.space={c.mesh.space} must divide the lowest-resolution size '
                      f'{shape[0] // m} of the first spatial axis')

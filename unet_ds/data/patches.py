@@ -148,15 +148,6 @@ class PatchBatch:
     return {key: np.stack([e[key] for e in out]) for key in ('image', 'label')}
 
 
-@dataclasses.dataclass(frozen=True)
-class CenterPadCrop(grain.MapTransform):
-  """grain transform: deterministic `center_pad_crop` to `shape` (eval on fixed shapes)."""
-  shape: tuple[int, ...]
-
-  def map(self, element: dict[str, Any]) -> dict[str, Any]:
-    return center_pad_crop(element, self.shape)
-
-
 class PadCropSource:
   """Random-access view of a source with every example `center_pad_crop`ped to `shape`.
 

@@ -7,7 +7,6 @@ return value never depends on `train` (see `ds.py` for the forms).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -197,6 +196,3 @@ class UNet(nn.Module):
                        cfg.norm, cfg.activation, impl, dtype, fusion=cfg.ds_fusion,
                        fusion_dropout=cfg.ds_fusion_dropout, name='ds')(features, train)
 
-
-def param_count(params: Any) -> int:
-  return sum(p.size for p in jax.tree.leaves(params))
