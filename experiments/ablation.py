@@ -7,6 +7,7 @@ An ablation config file starts from a base config file (e.g. `configs/default.py
     weights  the DS weight sweep instead of the DS forms: `deep` with loss.ds_weights
              exp / nnunet / same x loss.ds_schedule constant / linear, plus the `none` baseline;
     seeds=N  seeds per variant (default 3; 2 with smoke, 1 with weights,smoke);
+    forms=A+B  the DS forms to compare, `+`-separated (default all four; none+deep with smoke);
     folds=K  K-fold cross-validation (real-data configs only): `data.num_folds=K` and a
              `data.fold` axis 0..K-1 beside the seed axis (nnU-Net's protocol is folds=5); the
              report pairs variants by (fold, seed) and shows each fold;
@@ -28,7 +29,7 @@ from unet_ds import config_lib
 MODES = ('none', 'deep', 'additive', 'hypercolumn')
 WEIGHT_SCHEMES = ('exp', 'nnunet', 'same')
 WEIGHT_SCHEDULES = ('constant', 'linear')
-ARGS = ('weights', 'seeds', 'folds', 'steps', 'side')
+ARGS = ('weights', 'seeds', 'folds', 'forms', 'steps', 'side')
 FOLD_KEY = 'data.fold'
 
 
@@ -76,6 +77,18 @@ def num_folds(mine: dict[str, Any]) -> int:
   return k
 
 
+def forms(mine: dict[str, Any]) -> tuple[str, ...]:
+  """The `forms=A+B` arg as DS modes (() without it)."""
+  if 'forms' not in mine:
+    return ()
+  chosen = tuple(str(mine['forms']).split('+'))
+  unknown = [m for m in chosen if m not in MODES]
+  if unknown or len(set(chosen)) != len(chosen):
+    raise ValueError(f'ablation arg forms={mine["forms"]}: need distinct forms from {MODES}, '
+                     'joined by +')
+  return chosen
+
+
 def fold_axis(k: int) -> list[sweep.Point]:
   """The folds of K-fold cross-validation as a sweep axis (`data.fold` 0..K-1)."""
   return sweep.axis(FOLD_KEY, range(k))
@@ -110,6 +123,9 @@ def sweep_points(arg: str | None,
   if k:
     seeds = sweep.product(folds(k), seeds)
   if 'weights' in mine:
+    if 'forms' in mine:
+      raise ValueError(f'ablation args weights and forms={mine["forms"]}: the weight sweep trains '
+                       '`deep` against `none`; give one')
     if smoke:  # two weightings that exercise both the scheme and the schedule
       weights = sweep.zip_axes(sweep.axis('loss.ds_weights', ['exp', 'same']),
                                sweep.axis('loss.ds_schedule', ['constant', 'linear']))
@@ -119,7 +135,7 @@ def sweep_points(arg: str | None,
     return sweep.chain(
         sweep.product(sweep.axis('model.ds.mode', ['none']), seeds),
         sweep.product(sweep.axis('model.ds.mode', ['deep']), weights, seeds))
-  modes = ('none', 'deep') if smoke else MODES
+  modes = forms(mine) or (('none', 'deep') if smoke else MODES)
   points = sweep.product(sweep.axis('model.ds.mode', modes), seeds)
   # Seed-major, then fold order: a partly run ablation already holds every form at the first
   # seeds (and folds).

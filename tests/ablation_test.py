@@ -37,6 +37,18 @@ def test_weight_sweep_with_folds():
   assert sorted({p['data.fold'] for p in points}) == [0, 1, 2]
 
 
+def test_forms_choose_the_compared_forms():
+  _, points = sweep.load('configs/ablation_hippocampus.py:path=/data/hip,forms=none+deep,folds=5,'
+                         'seeds=1,steps=300')
+  assert sweep.point_names(points)[:3] == ['mode=none,fold=0,seed=0', 'mode=deep,fold=0,seed=0',
+                                           'mode=none,fold=1,seed=0']
+  assert len(points) == 10
+  with pytest.raises(ValueError, match='forms=none\\+deeper: need distinct forms'):
+    sweep.load('configs/ablation_synthetic.py:forms=none+deeper')
+  with pytest.raises(ValueError, match='weights and forms=deep'):
+    sweep.load('configs/ablation_synthetic.py:weights,forms=deep')
+
+
 def test_bad_fold_args():
   with pytest.raises(ValueError, match='folds=5: this config has no data.num_folds'):
     sweep.load('configs/ablation_synthetic.py:folds=5')
