@@ -6,8 +6,8 @@ interval; only the DS form and the seed change between them.
   python -m experiments.launch --config=configs/ablation_synthetic.py --root=runs/ds_ablation
   python -m experiments.report runs/ds_ablation
 
-Args (comma-separated): `weights` (the DS weight sweep instead), `seeds=N`, `forms=A+B`, `steps=N`, `side`
-(see `experiments.ablation`), and those of default.py (e.g. `smoke`).
+Args (comma-separated): `weights` (the DS weight sweep instead), `seeds=N`, `forms=A+B`, `steps=N`,
+`side` (see `experiments.ablation`), and those of default.py (e.g. `smoke`).
 """
 
 from configs import default

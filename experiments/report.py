@@ -181,7 +181,8 @@ def _summarise(label: str, settings: dict[str, Any], config: dict[str, Any],
     order = sorted(range(len(runs)), key=lambda i: seeds[i])
   except TypeError:  # seed values of mixed types
     order = sorted(range(len(runs)), key=lambda i: repr(seeds[i]))
-  runs, seeds, folds = [runs[i] for i in order], [seeds[i] for i in order], [folds[i] for i in order]
+  runs, seeds, folds = ([runs[i] for i in order], [seeds[i] for i in order],
+                        [folds[i] for i in order])
   for a, b in zip(seeds, seeds[1:]):
     if a == b:
       same = [str(r.path) for r, s in zip(runs, seeds) if s == a]
@@ -400,8 +401,8 @@ def _fold_tables(report: Report) -> list[str]:
       for fold in report.folds:
         r = cells.get((v.label, fold))
         d = r.vs_baseline if r else None
-        row.append('—' if d is None or d.n == 0 else
-                   f'{d.mean:+.4f}' if d.n == 1 else f'{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]')
+        row.append('—' if d is None or d.n == 0 else f'{d.mean:+.4f}' if d.n == 1 else
+                   f'{d.mean:+.4f} [{d.ci_low:+.4f}, {d.ci_high:+.4f}]')
       lines.append('| ' + ' | '.join(row) + ' |')
   return lines + ['']
 

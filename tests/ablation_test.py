@@ -1,4 +1,4 @@
-"""Tests for the ablation configs' cross-validation axis (experiments.ablation, configs/ablation_*)."""
+"""Tests for the ablation configs' fold and form args (experiments.ablation, configs/ablation_*)."""
 
 import pathlib
 

@@ -314,7 +314,8 @@ def test_folds_pair_with_seeds(tmp_path):
   md = paths['report.md'].read_text()
   assert '## Held-out cases' not in md
   assert '## Per fold' in md and '| variant | fold 0 | fold 1 | fold 2 |' in md
-  assert '| `model.ds.mode=none` | 0.7100 ± 0.0141 (2) | 0.7900 ± 0.0141 (2) | 0.6300 ± 0.0424 (2) |' in md
+  assert ('| `model.ds.mode=none` | 0.7100 ± 0.0141 (2) | 0.7900 ± 0.0141 (2) | '
+          '0.6300 ± 0.0424 (2) |') in md
   assert '| `model.ds.mode=deep` | +0.0300 [' in md
   with open(paths['folds.csv']) as f:
     rows = list(csv.DictReader(f))

@@ -173,7 +173,8 @@ def write_overlay(path: str | pathlib.Path, image: np.ndarray, label: np.ndarray
   for name, pred in preds.items():
     pred = np.asarray(pred)
     maps[name] = pred if pred.shape == label.shape else upsample_nearest(pred, label.shape)
-  top = num_classes if num_classes is not None else max(int(m.max(initial=0)) for m in maps.values()) + 1
+  top = (num_classes if num_classes is not None
+         else max(int(m.max(initial=0)) for m in maps.values()) + 1)
   cmap = mpl_colors.ListedColormap(['none'] + [_CLASS_COLOURS[i % len(_CLASS_COLOURS)]
                                                for i in range(max(top - 1, 1))])
   norm = mpl_colors.BoundaryNorm(np.arange(-0.5, max(top, 2) + 0.5), cmap.N)
