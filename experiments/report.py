@@ -48,9 +48,9 @@ from experiments import runs as runs_lib
 from experiments import stats
 
 BASELINE_KEY = 'model.ds.mode'
+BASELINE_VALUE = 'none'
 # Keys that choose the held-out cases: runs that differ only in these are folds of one variant.
 FOLD_KEYS = ('data.fold', 'data.val_cases')
-BASELINE_VALUE = 'none'
 BOUNDARY_METRICS = ('hd95', 'nsd')
 _BOUNDARY_TITLES = {'hd95': 'HD95 (mm)', 'nsd': 'NSD'}
 _PATH_LEAVES = frozenset({'workdir', 'checkpoint_dir', 'log_dir', 'output_dir'})
