@@ -44,10 +44,11 @@ def config_from_plan(plan: dict[str, Any]) -> ml_collections.ConfigDict:
     c.data.image_dir, c.data.label_dir = 'image', 'label'
   patch = tuple(int(p) for p in plan['patch_size'])
   depth = int(plan['depth'])
-  # The U-Net pools every axis at every level: a plan that pools some axes less (anisotropic
-  # data) gets each axis rounded up to 2^(depth-1).
-  m = 2 ** (depth - 1)
-  patch = tuple(-(-p // m) * m for p in patch)
+  if 'strides' in c.model:  # a U-Net with per-axis pooling takes the planned pooling as is
+    c.model.strides = tuple(tuple(int(v) for v in level) for level in plan['strides'])
+  else:  # every axis pooled at every level: round each axis up to 2^(depth-1)
+    m = 2 ** (depth - 1)
+    patch = tuple(-(-p // m) * m for p in patch)
   c.data.patch_size = c.data.shape = c.data.eval_shape = patch
   c.model.depth = depth
   c.model.base_filters = int(plan['base_filters'])
