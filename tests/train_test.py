@@ -109,7 +109,9 @@ def test_eval_mode_gives_the_number_training_ended_with(tmp_path, data_dir):
   again = evaluate.run(None, str(tmp_path))
   assert again['step'] == 2
   assert again['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
-  assert again['per_class'] == summary['eval']['per_class']
+  for key in ('dice', 'hd95', 'nsd'):  # boundary metrics too, in mm, per class (NaN: background)
+    assert again['per_class'][key] == pytest.approx(summary['eval']['per_class'][key], nan_ok=True)
+  assert again['mean_foreground_hd95'] > 0 and 0 <= again['mean_foreground_nsd'] <= 1
   on_disk = json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
   assert len(on_disk['cases']) == 2
   (tmp_path / 'empty').mkdir()

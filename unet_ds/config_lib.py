@@ -105,6 +105,9 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.mesh.process_id = -1              # -1: from env / auto-detection
 
   c.inference = inference_group()     # --mode=eval/predict: sliding-window overlap, batch, TTA
+  c.eval = ml_collections.ConfigDict()
+  c.eval.regions = ''                 # 'name:1+2+3,...': unions of labels scored beside classes
+  c.eval.nsd_tolerance_mm = 1.0       # normalised surface Dice tolerance (whole-image eval)
 
   # K runs trained together in one vmapped program (unet_ds.multirun); per-run lists: () = same.
   c.multirun = ml_collections.ConfigDict()

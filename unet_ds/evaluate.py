@@ -1,7 +1,9 @@
 """Whole-image evaluation of held-out cases: what `--mode=eval` and the end of training report.
 
-Every held-out case is predicted whole by sliding window (`inference.Windows`) and scored on its
-own; `mean_foreground_dice` follows nnU-Net's summary: per class, the mean Dice over cases (a case
+Every held-out case is predicted whole by sliding window (`inference.Windows`), brought back to
+its own grid when training resampled it, and scored there: Dice and IoU, and the boundary metrics
+HD95 and normalised surface Dice in mm (`surface_metrics`, tolerance `eval.nsd_tolerance_mm`).
+`mean_foreground_dice` follows nnU-Net's summary: per class, the mean Dice over cases (a case
 where the class is absent from both label and prediction is skipped), then the mean over the
 foreground classes. `pooled` scores the confusion counts summed over all cases.
 
@@ -26,6 +28,7 @@ import numpy as np
 from unet_ds import inference
 from unet_ds import metrics
 from unet_ds import predict
+from unet_ds import surface_metrics
 from unet_ds import workdir as workdir_lib
 from unet_ds.data import cases as cases_lib
 from unet_ds.data import datasets
@@ -42,23 +45,38 @@ class Case:
   image_path: str | None = None
 
 
-def score_cases(windows: inference.Windows, cases: Iterable[Case], num_classes: int, *,
-                ignore_index: int | None = None,
+def case_spacing(example: dict[str, Any]) -> tuple[float, ...]:
+  """The voxel size (mm) of the input's own grid, 1 per axis where the format has none."""
+  geometry = example.get('geometry')
+  if geometry is not None and geometry.original_spacing is not None:
+    return tuple(float(s) for s in geometry.original_spacing)
+  return (1.0,) * np.ndim(example['label'])
+
+
+def score_cases(probs_fn: Callable[[dict[str, Any]], np.ndarray], cases: Iterable[Case],
+                num_classes: int, *, ignore_index: int | None = None,
+                tolerance_mm: float = 1.0,
                 on_prediction: Callable[[Case, np.ndarray, np.ndarray], None] | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-  """Predicts and scores every case; the summary with one record per case (`cases`).
+  """Predicts (`probs_fn(example)`: probabilities on the label's grid) and scores every case.
 
-  `on_prediction(case, labels, probs)` sees each prediction (e.g. to write it).
+  Per case: Dice / IoU from its confusion counts, HD95 and normalised surface Dice at
+  `tolerance_mm` in the input's physical units (`surface_metrics`). Returns the summary with one
+  record per case (`cases`); `on_prediction(case, labels, probs)` sees each prediction.
   """
   rows, total = [], np.zeros((3, num_classes), np.int64)
   for case in cases:
-    probs = windows.probs(case.example['image'])
+    probs = probs_fn(case.example)
     pred = np.argmax(probs, -1).astype(np.int64)
-    counts = metrics.case_counts(pred, case.example['label'], num_classes, ignore_index)
+    label = case.example['label']
+    counts = metrics.case_counts(pred, label, num_classes, ignore_index)
     total += counts
     rows.append({'case_id': case.case_id,
                  'file': os.path.basename(case.image_path) if case.image_path else '',
-                 **metrics.summarize(counts)})
+                 **metrics.summarize(counts),
+                 **surface_metrics.case_surface_metrics(
+                     pred, label, case_spacing(case.example), num_classes,
+                     tolerance_mm=tolerance_mm, ignore_index=ignore_index)})
     if on_prediction is not None:
       on_prediction(case, pred, probs)
     log(f'[{len(rows)}] {case.case_id}: mean foreground Dice '
@@ -67,9 +85,14 @@ def score_cases(windows: inference.Windows, cases: Iterable[Case], num_classes: 
     raise ValueError('evaluate: no cases to evaluate')
   per_class = {k: [_nanmean([r[k][c] for r in rows]) for c in range(num_classes)]
                for k in ('dice', 'iou')}
+  surface = surface_metrics.mean_over_cases(rows)
+  per_class.update(hd95=surface['hd95'], nsd=surface['nsd'])
   return {
       'mean_foreground_dice': _nanmean(per_class['dice'][1:]),
       'mean_foreground_iou': _nanmean(per_class['iou'][1:]),
+      'mean_foreground_hd95': surface['mean_foreground_hd95'],
+      'mean_foreground_nsd': surface['mean_foreground_nsd'],
+      'nsd_tolerance_mm': tolerance_mm,
       'per_class': per_class,
       'pooled': metrics.summarize(total),
       'num_cases': len(rows),
@@ -83,15 +106,14 @@ def write_metrics(output_dir: str, summary: dict[str, Any]) -> None:
   num_classes = len(summary['per_class']['dice'])
   buf = std_io.StringIO()
   writer = csv.writer(buf)
+  columns = ('dice', 'iou', 'hd95', 'nsd')
   writer.writerow(['case_id', 'file', 'mean_foreground_dice',
-                   *(f'dice_{c}' for c in range(num_classes)),
-                   *(f'iou_{c}' for c in range(num_classes))])
+                   *(f'{m}_{c}' for m in columns for c in range(num_classes))])
   for r in summary['cases']:
     writer.writerow([r['case_id'], r['file'], _fmt(r['mean_foreground_dice']),
-                     *map(_fmt, r['dice']), *map(_fmt, r['iou'])])
+                     *(_fmt(v) for m in columns for v in r[m])])
   writer.writerow(['mean', '', _fmt(summary['mean_foreground_dice']),
-                   *map(_fmt, summary['per_class']['dice']),
-                   *map(_fmt, summary['per_class']['iou'])])
+                   *(_fmt(v) for m in columns for v in summary['per_class'][m])])
   workdir_lib.atomic_write(os.path.join(output_dir, 'metrics.csv'), buf.getvalue())
 
 
@@ -124,7 +146,7 @@ def file_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, str, 
 
 def evaluate_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, str, str]],
                    output_dir: str, *, ignore_index: int | None = None,
-                   write_predictions: bool = False,
+                   tolerance_mm: float = 1.0, write_predictions: bool = False,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
   """Scores labelled files (case_id, image, label) with `predictor`; writes the metrics files
   (and each prediction when `write_predictions`) into `output_dir`."""
@@ -134,9 +156,10 @@ def evaluate_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, s
     save_probs = predictor.settings.save_probs
     on_prediction = lambda case, pred, probs: predictor.write(  # noqa: E731
         output_dir, case.image_path, pred.astype(np.uint8), probs if save_probs else None)
-  summary = score_cases(predictor.window, file_cases(predictor, selected),
+  summary = score_cases(predictor.probs, file_cases(predictor, selected),
                         max(predictor.data_settings['num_classes'], 2),
-                        ignore_index=ignore_index, on_prediction=on_prediction, log=log)
+                        ignore_index=ignore_index, tolerance_mm=tolerance_mm,
+                        on_prediction=on_prediction, log=log)
   write_metrics(output_dir, summary)
   return summary
 
@@ -163,11 +186,14 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
   output = predict.check_output_dir(output or os.path.join(workdir, EVAL_DIR))
   ignore = int(config.loss.get('ignore_index', -1)) if 'loss' in config else -1
   ignore = None if ignore < 0 else ignore
+  tolerance = float(config.get('eval', {}).get('nsd_tolerance_mm', 1.0))
   if config.data.name == 'synthetic':
     if input_path:
       raise ValueError('--input: a synthetic-data run is evaluated on its own validation volumes')
-    summary = score_cases(inference.Windows(predict_fn, settings), synthetic_cases(config.data),
-                          max(int(config.data.num_classes), 2), ignore_index=ignore, log=log)
+    windows = inference.Windows(predict_fn, settings)
+    summary = score_cases(lambda ex: windows.probs(ex['image']), synthetic_cases(config.data),
+                          max(int(config.data.num_classes), 2), ignore_index=ignore,
+                          tolerance_mm=tolerance, log=log)
     summary = {'step': step, 'cases_selected': 'validation', 'input': 'synthetic', **summary}
   else:
     own_path = os.path.abspath(os.path.expanduser(config.data.path))
@@ -178,7 +204,7 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     log(f'eval: {len(selected)} {cases} cases of {input_path}, checkpoint step {step}')
     predictor = predict.Predictor(predict_fn, config.data, settings)
     summary = evaluate_cases(predictor, selected, output, ignore_index=ignore,
-                             write_predictions=write_predictions, log=log)
+                             tolerance_mm=tolerance, write_predictions=write_predictions, log=log)
     summary = {'step': step, 'cases_selected': cases, 'input': input_path, **summary}
   write_metrics(output, summary)  # again, with the run's facts
   summary['output'] = output

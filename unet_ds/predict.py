@@ -32,6 +32,7 @@ from unet_ds.data import folder2d
 from unet_ds.data import io
 from unet_ds.data import msd
 from unet_ds.data import prepare
+from unet_ds.data import resample
 
 
 def settings_from_config(config: Any) -> inference.Settings:
@@ -93,11 +94,18 @@ class Predictor:
     self._inverse_map = inverse if len(inverse) == len(label_map) and label_map else None
 
   def read(self, image_path: str, label_path: str | None = None) -> dict[str, Any]:
-    reader = msd.read_case if self.kind == 'msd' else folder2d.read_case
-    return reader(image_path, label_path, **prepare.read_kwargs(self.data_settings))
+    """The image as the model saw its training data (resampled, normalised); the label, if
+    any, on the input's own grid, where predictions are scored."""
+    if self.kind == 'msd':
+      return msd.read_case(image_path, label_path, resample_label=False,
+                           **prepare.read_kwargs(self.data_settings))
+    return folder2d.read_case(image_path, label_path, **prepare.read_kwargs(self.data_settings))
 
   def probs(self, example: dict[str, Any]) -> np.ndarray:
-    return self.window.probs(example['image'])
+    """Class probabilities `[*spatial, K]` on the input's own grid."""
+    probs = self.window.probs(example['image'])
+    geometry = example.get('geometry')
+    return resample.to_original(probs, geometry) if geometry is not None else probs
 
   def write(self, output_dir: str, image_path: str, labels: np.ndarray,
             probs: np.ndarray | None = None) -> str:
