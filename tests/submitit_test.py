@@ -258,6 +258,7 @@ def test_real_smoke_training_is_requeued_and_resumes(tmp_path, monkeypatch):
   """`unet_ds.main` on configs/unet3d.py:smoke through submitit, interrupted after its first
   checkpoint, requeued, finished from that checkpoint."""
   monkeypatch.chdir(REPO)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)  # one device, as a user's run (not the suite's 4)
   cfg = tmp_path / 'smoke_sweep.py'
   cfg.write_text(textwrap.dedent('''
       from configs import unet3d
@@ -276,8 +277,9 @@ def test_real_smoke_training_is_requeued_and_resumes(tmp_path, monkeypatch):
   (sub,) = cluster.submit(executor, [cluster.PointJob(job.name, job.workdir,
                                                       job.argv(sys.executable), cwd=str(REPO),
                                                       stop_grace_s=120)])
-  _wait_for(lambda: cluster.latest_checkpoint_step(job.workdir) is not None, timeout=400,
-            what='the first checkpoint')
+  _wait_for(lambda: cluster.latest_checkpoint_step(job.workdir) is not None or sub.done(),
+            timeout=400, what='the first checkpoint')
+  assert not sub.done(), sub.stdout()
   (task,) = _children(int(sub.job_id))
   os.kill(task, signal.SIGUSR2)
   assert cluster.outcome(sub) == ('done', ''), sub.stdout()
