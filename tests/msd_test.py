@@ -242,3 +242,36 @@ def test_prepared_data_is_resampled_and_named_by_the_spacing(tmp_path):
     msd.load({**base, 'normalization': 'ct,hu'})
   with pytest.raises(ValueError, match=r"config.data.ct_stats=None: normalization .ct. needs"):
     msd.read_case(str(root / 'imagesTr' / 'mr.nii.gz'), None, num_classes=2, normalization='ct')
+
+
+def test_prediction_lands_on_the_input_grid(tmp_path):
+  # Trained at 2 x 2 x 2 mm, predicted on a 1 x 1 x 4 mm input: the written label map has the
+  # input's shape, affine and spacing, and is scored against the label on that grid.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from unet_ds import evaluate  # pylint: disable=g-import-not-at-top
+  from unet_ds import predict  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'Aniso'
+  affine, label = _anisotropic_case(root)
+  nibabel.save(nibabel.Nifti1Image(label * 10.0, affine), root / 'imagesTr' / 'mr.nii.gz')
+  config = ml_collections.ConfigDict({
+      'data': {'name': 'msd', 'path': str(root), 'num_classes': 2, 'patch_size': (4, 4, 4),
+               'normalization': 'none', 'target_spacing': (2.0, 2.0, 2.0)},
+      'inference': {'overlap': 0.5, 'batch_size': 2},
+  })
+  centres = jnp.asarray([0.0, 10.0])
+  oracle = lambda x: -jnp.abs(x[..., :1] - centres)  # intensity 10 -> class 1  # noqa: E731
+  predictor = predict.Predictor(oracle, config.data, predict.settings_from_config(config))
+  assert predictor.read(str(root / 'imagesTr' / 'mr.nii.gz'))['image'].shape == (8, 6, 10, 1)
+  written = predict.predict_files(predictor, [str(root / 'imagesTr' / 'mr.nii.gz')],
+                                  str(tmp_path / 'out'), log=lambda _: None)
+  out = nibabel.load(written[0])
+  assert out.shape == (16, 12, 5)
+  np.testing.assert_allclose(out.affine, affine)
+  np.testing.assert_allclose(out.header.get_zooms()[:3], (1.0, 1.0, 4.0))
+  pred = np.asarray(out.dataobj)
+  dice = 2 * (pred * label).sum() / (pred.sum() + label.sum())
+  assert dice > 0.9
+  cases = [('mr', str(root / 'imagesTr' / 'mr.nii.gz'), str(root / 'labelsTr' / 'mr.nii.gz'))]
+  summary = evaluate.evaluate_cases(predictor, cases, str(tmp_path / 'ev'), log=lambda _: None)
+  assert summary['mean_foreground_dice'] == pytest.approx(dice, abs=1e-6)
