@@ -106,8 +106,10 @@ def test_resume_equals_uninterrupted(tmp_path, data_dir):
 def test_eval_mode_gives_the_number_training_ended_with(tmp_path, data_dir):
   c = _smoke(data_dir, 2, steps=2, eval_every=2, checkpoint_every=2)
   summary = train.train_and_evaluate(c, str(tmp_path))
-  again = evaluate.run(None, str(tmp_path))
+  again = evaluate.run(None, str(tmp_path), num_overlays=1)
   assert again['step'] == 2
+  (png,) = again['overlays']  # label, final and the DS head over 1 row (2D)
+  assert png.endswith('eval/overlays/val_0000.png') and os.path.getsize(png) > 0
   assert again['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
   for key in ('dice', 'hd95', 'nsd'):  # boundary metrics too, in mm, per class (NaN: background)
     assert again['per_class'][key] == pytest.approx(summary['eval']['per_class'][key], nan_ok=True)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import csv
 import dataclasses
 import io as std_io
+import itertools
 import os
 from typing import Any
 
@@ -27,7 +28,9 @@ import numpy as np
 
 from unet_ds import inference
 from unet_ds import metrics
+from unet_ds import overlays
 from unet_ds import predict
+from unet_ds import state as state_lib
 from unet_ds import surface_metrics
 from unet_ds import workdir as workdir_lib
 from unet_ds.data import cases as cases_lib
@@ -211,13 +214,42 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
   return summary
 
 
+def write_overlays(config: Any, workdir: str, apply_fn: Callable[[Any], Any], output: str,
+                   num: int, input_path: str | None = None) -> list[str]:
+  """`output/overlays/<case>.png` for the first `num` held-out cases: label, final prediction
+  and each DS head's own prediction over the image (on the model's grid)."""
+  settings = predict.settings_from_config(config)
+  windows = overlays.OutputWindows(apply_fn, settings, int(config.data.in_channels))
+  if config.data.name == 'synthetic':
+    examples = ((c.case_id, c.example) for c in itertools.islice(synthetic_cases(config.data), num))
+  else:
+    predictor = predict.Predictor(lambda x: apply_fn(x)[0], config.data, settings)
+    own_path = os.path.abspath(os.path.expanduser(config.data.path))
+    path = os.path.abspath(input_path or own_path)
+    selected = cases_lib.find_labelled(path, config.data,
+                                       'validation' if path == own_path else 'all',
+                                       split=cases_lib.saved_split(workdir))[:num]
+    examples = ((cid, predictor.read(image, label, label_on_input_grid=False))
+                for cid, image, label in selected)
+  paths = overlays.write_run_overlays(os.path.join(output, 'overlays'), windows, examples,
+                                      num_classes=max(int(config.data.num_classes), 2))
+  return [str(p) for p in paths]
+
+
 def run(config: Any, workdir: str, *, input_path: str | None = None, output: str | None = None,
-        cases: str | None = None) -> dict[str, Any]:
+        cases: str | None = None, num_overlays: int = 0) -> dict[str, Any]:
   """`--mode=eval`: the latest checkpoint, scored on whole held-out cases (see `evaluate_run`).
 
-  With `--output`, each case's prediction is written there too.
+  With `--output`, each case's prediction is written there too; `num_overlays` > 0 also writes
+  that many overlay PNGs (`write_overlays`).
   """
   cfg = predict.run_config(config, workdir)
-  predict_fn, step = predict.restore_predict_fn(cfg, workdir)
-  return evaluate_run(cfg, workdir, predict_fn, step, input_path=input_path, output=output,
-                      cases=cases, write_predictions=bool(output))
+  setup, state, step = state_lib.restore(cfg, workdir)
+  variables = state.variables()
+  apply_fn = lambda x: setup.model.apply(variables, x, train=False)  # noqa: E731
+  summary = evaluate_run(cfg, workdir, lambda x: apply_fn(x)[0], step, input_path=input_path,
+                         output=output, cases=cases, write_predictions=bool(output))
+  if num_overlays > 0:
+    summary['overlays'] = write_overlays(cfg, workdir, apply_fn, summary['output'],
+                                         num_overlays, input_path)
+  return summary

@@ -39,6 +39,8 @@ _INPUT = flags.DEFINE_string('input', None, 'predict: image file or folder; eval
                              'folder (default: the run\'s own held-out cases).')
 _OUTPUT = flags.DEFINE_string('output', None, 'predict/eval: output folder.')
 _CASES = flags.DEFINE_string('cases', None, "eval: 'all', 'validation', 'train' or 'id,id'.")
+_OVERLAYS = flags.DEFINE_integer('overlays', 0, 'eval: overlay PNGs (label, prediction, each DS '
+                                 "head's) of the first N cases, in OUTPUT/overlays/.")
 _PROBS = flags.DEFINE_bool('probabilities', False, 'predict: also write class probabilities.')
 _ALLOW = flags.DEFINE_list('allow_config_change', [], 'train: config keys that may differ from '
                            'the checkpoint being resumed (e.g. train.steps,optim.lr).')
@@ -74,10 +76,12 @@ def _run(mode: str, config, workdir: str) -> dict:
   if mode == 'eval':
     from unet_ds import evaluate
     s = evaluate.run(config, workdir, input_path=_INPUT.value, output=_OUTPUT.value,
-                     cases=_CASES.value)
+                     cases=_CASES.value, num_overlays=_OVERLAYS.value)
     return {'step': s['step'], 'mean_foreground_dice': s['mean_foreground_dice'],
-            'dice_per_class': s['per_class']['dice'], 'num_cases': s['num_cases'],
-            'output': s['output']}
+            'dice_per_class': s['per_class']['dice'],
+            'mean_foreground_hd95': s['mean_foreground_hd95'],
+            'mean_foreground_nsd': s['mean_foreground_nsd'], 'num_cases': s['num_cases'],
+            'output': s['output'], **({'overlays': len(s['overlays'])} if 'overlays' in s else {})}
   from unet_ds import predict
   out = predict.run(config, workdir, input_path=_INPUT.value, output=_OUTPUT.value,
                     probabilities=_PROBS.value)

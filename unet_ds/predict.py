@@ -93,11 +93,12 @@ class Predictor:
     inverse = {c: v for v, c in label_map.items()}
     self._inverse_map = inverse if len(inverse) == len(label_map) and label_map else None
 
-  def read(self, image_path: str, label_path: str | None = None) -> dict[str, Any]:
+  def read(self, image_path: str, label_path: str | None = None,
+           label_on_input_grid: bool = True) -> dict[str, Any]:
     """The image as the model saw its training data (resampled, normalised); the label, if
-    any, on the input's own grid, where predictions are scored."""
+    any, on the input's own grid, where predictions are scored (or on the image's grid)."""
     if self.kind == 'msd':
-      return msd.read_case(image_path, label_path, resample_label=False,
+      return msd.read_case(image_path, label_path, resample_label=not label_on_input_grid,
                            **prepare.read_kwargs(self.data_settings))
     return folder2d.read_case(image_path, label_path, **prepare.read_kwargs(self.data_settings))
 
