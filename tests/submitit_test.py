@@ -62,7 +62,10 @@ for step in range(start + 1, steps + 1):
   if stop:
     print(f'saved step {step}, exiting', flush=True)
     sys.exit(0)
-(workdir / 'summary.json').write_text(json.dumps({'mean_foreground_dice': 0.5, 'step': steps}))
+# deep is better than none by 0.1 on odd seeds, equal on even ones: a wide interval.
+dice = 0.5 + (0.1 if flags.get('config.model.ds.mode') == 'deep' and
+              int(flags.get('config.seed', 0)) % 2 else 0.0)
+(workdir / 'summary.json').write_text(json.dumps({'mean_foreground_dice': dice, 'step': steps}))
 '''
 
 
@@ -183,6 +186,28 @@ def test_launch_submitit_local_records_jobs_and_relaunch_resumes_a_killed_point(
   assert re.findall(r'fake trainer from step (\d+)', (first / 'launch.log').read_text()) == [
       '0', '2']
   _wait_for(lambda: (root / _NAMES[1] / 'summary.json').exists(), what='the other point')
+
+
+def test_until_with_submitit_jobs_adds_seeds_in_rounds(tmp_path, fake_python, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  cfg = tmp_path / 'seeds.py'
+  cfg.write_text(_SWEEP_FILE.replace(
+      "return sweep.axis('model.ds.mode', ['none', 'deep'])",
+      "return sweep.product(sweep.axis('model.ds.mode', ['none', 'deep']), "
+      "sweep.axis('seed', [0, 1]))"))
+  root = tmp_path / 'runs'
+  out = []
+  assert launch.main([f'--config={cfg}', f'--root={root}', '--executor=submitit_local',
+                      f'--python={fake_python}', '--until=ci_halfwidth:0.01,max_seeds:3'],
+                     out=out.append) == 0
+  record = json.loads((root / 'until.json').read_text())
+  assert [r['added'] for r in record['rounds']] == [['mode=none,seed=2', 'mode=deep,seed=2'], []]
+  assert record['not_settled'] == ['mode=deep']
+  assert record['rounds'][-1]['comparisons'][0]['status'] == 'capped'
+  jobs = json.loads((root / 'jobs.json').read_text())['points']
+  assert sorted(jobs) == sorted(f'mode={m},seed={s}' for m in ('none', 'deep') for s in range(3))
+  assert jobs['mode=deep,seed=2']['round'] == 1 and jobs['mode=deep,seed=0']['round'] == 0
+  assert sum('submitted as job' in line for line in out) == 6
 
 
 def test_slurm_submission_is_one_job_array_with_the_resources(sweep_file, tmp_path, monkeypatch):
