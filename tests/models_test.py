@@ -257,3 +257,18 @@ def test_up_kernel_3_is_tf_same_transposed_conv():
 def test_bad_model_options_name_the_key(kw, match):
   with pytest.raises(ValueError, match=match):
     models.model_config({**dict(num_classes=2, depth=3), **kw})
+
+
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_same_conv_transpose_equals_lax_same(ndim):
+  from unet_ds.models import blocks  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2,) + (5, 4, 3)[:ndim] + (3,))
+  for impl in ('native', 'auto'):
+    module = blocks.SameConvTranspose(4, impl=impl)
+    v = module.init(jax.random.key(1), x)
+    p = v['params']
+    dn = ('NHWC', 'HWIO', 'NHWC') if ndim == 2 else ('NDHWC', 'DHWIO', 'NDHWC')
+    expected = jax.lax.conv_transpose(x, p['kernel'], (2,) * ndim, 'SAME',
+                                      dimension_numbers=dn) + p['bias'] + 0.5
+    v = {'params': {**p, 'bias': p['bias'] + 0.5}}
+    np.testing.assert_allclose(module.apply(v, x), expected, rtol=1e-5, atol=1e-5)

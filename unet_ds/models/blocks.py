@@ -1,8 +1,9 @@
 """Rank-agnostic U-Net building blocks: conv-norm-act, plain and residual conv blocks, and the
-pre-activation residual stage of the Kaggle TGS salt U-Net."""
+pre-activation residual stage and 3x3 'SAME' transposed conv of the Kaggle TGS salt U-Net."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -190,3 +191,50 @@ class PreActResidualStage(nn.Module):
       x = PreActResidualUnit(self.features, self.norm, self.act, i == self.num_units - 1,
                              self.impl, self.dtype)(x, train)
     return x
+
+
+# Sub-pixel form of a 3-wide stride-2 transposed conv, per axis: output phase r (voxel 2m + r)
+# reads input taps (x[m-1], x[m]) with these indices into the kernel padded by one zero in front
+# (0 = no contribution): even outputs take K[0] and K[2], odd ones K[1] alone.
+_PHASE_TAPS = ((1, 3), (0, 2))
+_HE_NORMAL = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')  # as layers' kernels
+
+
+class SameConvTranspose(nn.Module):
+  """Stride-2 transposed conv with a 3-wide kernel and TF/Keras 'SAME' padding (output 2n), as
+  `lax.conv_transpose(x, kernel, 2, 'SAME')`: the Keras `Conv2DTranspose(3, strides=2,
+  padding='same')` of the TGS salt U-Net.
+
+  Computed in the sub-pixel form, one 2-tap stride-1 conv to the 2^ndim output phases, then
+  interleaved: XLA:CPU runs the input-dilated convolution of the direct form several times
+  slower. Parameters as `layers.ConvTranspose` (`kernel` (3,)*ndim + (C_in, C_out), `bias`).
+  """
+  features: int
+  impl: str = 'native'
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ndim = x.ndim - 2
+    kernel = self.param('kernel', _HE_NORMAL, (3,) * ndim + (x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    dtype = self.dtype or x.dtype
+    padded = jnp.pad(kernel, [(1, 0)] * ndim + [(0, 0), (0, 0)])
+    phases = []
+    for phase in itertools.product((0, 1), repeat=ndim):
+      w = padded
+      for axis, r in enumerate(phase):
+        w = jnp.take(w, jnp.asarray(_PHASE_TAPS[r]), axis=axis)
+      phases.append(w)
+    w = jnp.concatenate(phases, axis=-1)  # [2]*ndim + [C_in, 2^ndim * C_out], phase-major
+    spatial = x.shape[1:-1]
+    # One zero in front of each axis: 'SAME' with a 2-tap kernel reads (x[m-1], x[m]) at m.
+    xp = jnp.pad(x.astype(dtype), [(0, 0)] + [(1, 0)] * ndim + [(0, 0)])
+    y = layers.conv(xp, w.astype(dtype), (1,) * ndim, self.impl)
+    y = y[(slice(None), *(slice(0, n) for n in spatial))]
+    y = y.reshape(x.shape[0], *spatial, *(2,) * ndim, self.features)
+    # [B, n1.., r1.., C] -> [B, n1, r1, n2, r2, .., C] -> [B, 2 n1, 2 n2, .., C]
+    order = [0] + [a for d in range(ndim) for a in (1 + d, 1 + ndim + d)] + [1 + 2 * ndim]
+    y = y.transpose(order).reshape(x.shape[0], *(2 * n for n in spatial), self.features)
+    return y + bias.astype(dtype)

@@ -180,10 +180,10 @@ class UNet(nn.Module):
     for step, level in enumerate(reversed(range(cfg.depth - 1))):
       skip = skips[level]
       f = cfg.filters(level)
-      if cfg.up == 'transpose':
-        x = layers.ConvTranspose(f, cfg.up_kernel, 2, impl, dtype, name=f'up_l{level}')(x)
-        # A 3-wide kernel overhangs by one voxel: keep the first 2n, as TF's 'SAME' padding.
-        x = x[(slice(None), *(slice(0, n) for n in skip.shape[1:-1]))]
+      if cfg.up == 'transpose' and cfg.up_kernel == 3:
+        x = blocks.SameConvTranspose(f, impl, dtype, name=f'up_l{level}')(x)
+      elif cfg.up == 'transpose':
+        x = layers.ConvTranspose(f, 2, 2, impl, dtype, name=f'up_l{level}')(x)
       else:
         x = layers.resize(x, skip.shape[1:-1], 'linear')
         x = layers.Conv(f, 1, impl=impl, dtype=dtype, name=f'up_l{level}')(x)
