@@ -195,7 +195,8 @@ def _baseline_of(variant: Variant, variants: Sequence[Variant]) -> Variant:
 def _next_seed(seeds: Sequence[Any]) -> int:
   ints = [s for s in seeds if isinstance(s, int) and not isinstance(s, bool)]
   if len(ints) != len(seeds):
-    raise ValueError(f'--until adds integer seeds, but the sweep has seeds {sorted(map(repr, seeds))}')
+    raise ValueError('--until adds integer seeds, but the sweep has seeds '
+                     f'{sorted(map(repr, seeds))}')
   return max(ints) + 1
 
 
