@@ -99,6 +99,8 @@ def test_patch_arg_sets_every_size():
   c = dsn3d.get_config('path=/data/hip,patch=24x32x24')
   assert tuple(c.data.patch_size) == tuple(c.data.eval_shape) == tuple(c.data.shape) == (
       24, 32, 24)
+  c = tgs_salt.get_config('path=/data/isbi,isbi,patch=128x128')  # whole-slice eval stays
+  assert tuple(c.data.patch_size) == (128, 128) and tuple(c.data.eval_shape) == (512, 512)
   with pytest.raises(ValueError, match='3 sizes like|2 sizes for ndim=3'):
     dsn3d.get_config('patch=24x32')
 

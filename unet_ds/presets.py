@@ -20,7 +20,8 @@ Handler = Callable[[ml_collections.ConfigDict, Any], None]
 
 
 def _set_patch(c: ml_collections.ConfigDict, value: str) -> None:
-  """`patch=40x56x40`: the training patch, the in-training eval crop and the synthetic size."""
+  """`patch=40x56x40`: the training patch (and synthetic size), and the in-training eval crop
+  unless that was set apart from the patch (e.g. whole 512x512 slices by `isbi`)."""
   try:
     size = tuple(int(v) for v in str(value).split('x'))
   except ValueError:
@@ -29,7 +30,9 @@ def _set_patch(c: ml_collections.ConfigDict, value: str) -> None:
     raise ValueError(f'config argument patch={value!r}: {len(size)} sizes for ndim={c.data.ndim}')
   c.data.shape = size
   if 'patch_size' in c.data:
-    c.data.patch_size = c.data.eval_shape = size
+    if tuple(c.data.eval_shape or ()) in ((), tuple(c.data.patch_size)):
+      c.data.eval_shape = size
+    c.data.patch_size = size
 
 
 # Arguments every preset takes, with synthetic or real data.
