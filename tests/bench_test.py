@@ -12,6 +12,7 @@ import pytest
 
 from unet_ds import bench
 from unet_ds import config_lib
+from unet_ds import hostmem
 from unet_ds import models
 from unet_ds import optim
 from unet_ds import state as state_lib
@@ -109,3 +110,14 @@ def test_bfloat16_with_remat_loss_falls():
   assert losses[-1] < 0.8 * losses[0], losses
   # Parameters stay float32 (bf16 is the compute dtype only).
   assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {np.dtype('float32')}
+
+
+def test_trim_host_heap_returns_freed_pages():
+  before = hostmem.peak_rss_mb()
+  blocks = [bytearray(1 << 16) for _ in range(2000)]  # ~130 MB of small heap allocations
+  assert hostmem.peak_rss_mb() >= before
+  rss = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1])
+  high = rss()
+  del blocks[:-1]  # the last one pins the top of the heap: only a trim gives the rest back
+  assert hostmem.trim_host_heap()
+  assert rss() < high - 50 * 1024

@@ -9,7 +9,8 @@ is reported apart from the step times (median / min / max over `--steps` after `
 FLOPs are the model's: XLA's cost analysis of the same step lowered with the native ops for the
 CPU backend (the fast path computes the same math, but the analysis counts a scan body once; GPU
 plugins have no such analysis and their compiled one skips cuDNN convolutions).
-Memory: peak host RSS, and the device's peak bytes in use where the backend reports them.
+Memory: peak host RSS (of the whole process: imports, compile, steps; the compiler's freed heap
+is trimmed before the first step), and the device's peak bytes in use where reported.
 
 Compare with MONAI's DynUNet on the same shapes with `benchmarks/monai_dynunet.py` (optional
 extra: torch and monai in their own venv); run both under the same allocator (README).
@@ -22,7 +23,6 @@ import functools
 import json
 import math
 import os
-import resource
 import statistics
 import time
 from typing import Any, Callable
@@ -99,11 +99,6 @@ def model_flops(fn: Callable[..., Any], *args: Any) -> float | None:
     return None
 
 
-def peak_rss_mb() -> float:
-  """The process's peak resident set size so far (MiB): what the host had to hold at once."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 @dataclasses.dataclass
 class TrainStep:
   """A compiled, donating train step of a config on one fixed random batch."""
@@ -129,6 +124,7 @@ def prepare_train(config: Any) -> TrainStep:
   """
   import jax  # pylint: disable=g-import-not-at-top  (after flags)
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from unet_ds import hostmem  # pylint: disable=g-import-not-at-top
   from unet_ds import models  # pylint: disable=g-import-not-at-top
   from unet_ds import sharding  # pylint: disable=g-import-not-at-top
   from unet_ds import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -167,6 +163,7 @@ def prepare_train(config: Any) -> TrainStep:
   t = time.perf_counter()
   compiled = train_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
+  hostmem.trim_host_heap()  # the compiler's freed heap, before the steps' peak comes on top
   return TrainStep(compiled=compiled, state=state, batch=batch,
                    impl=layers.resolve_impl(model_cfg.conv_impl), flops=flops,
                    compile_s=compile_s, setup=setup, native_model=native_model)
@@ -177,10 +174,11 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
   """Builds the model, optimiser and DS loss of `config`, times them; returns the JSON record."""
   import jax  # pylint: disable=g-import-not-at-top  (after flags)
   from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
+  from unet_ds import hostmem  # pylint: disable=g-import-not-at-top
 
   if steps < 1 or warmup < 0:
     raise ValueError(f'bench: need steps >= 1 and warmup >= 0, got {steps}, {warmup}')
-  baseline_rss = peak_rss_mb()
+  baseline_rss = hostmem.peak_rss_mb()
   train_step = prepare_train(config)
   model_cfg = train_step.setup.model_config
   shape = list(train_step.batch['label'].shape[1:])
@@ -208,7 +206,7 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
       record['achieved_flops_per_s'] = record['train_flops_per_step'] / record['step_s_median']
       if peak:
         record['fraction_of_peak'] = record['achieved_flops_per_s'] / peak
-    record['train_peak_rss_mb'] = peak_rss_mb()
+    record['train_peak_rss_mb'] = hostmem.peak_rss_mb()
 
   if mode in ('infer', 'both'):
     def forward(m, variables, x):
@@ -233,7 +231,7 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
     record['peak_flops_per_s'] = peak
   record['load_avg_1min'] = os.getloadavg()[0]  # other jobs on the machine skew the timings
   record['baseline_rss_mb'] = baseline_rss  # after imports, before any model work
-  record['peak_rss_mb'] = peak_rss_mb()
+  record['peak_rss_mb'] = hostmem.peak_rss_mb()
   try:
     mem = dev.memory_stats() or {}
   except Exception:  # pylint: disable=broad-except
