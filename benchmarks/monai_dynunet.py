@@ -1,15 +1,16 @@
-"""MONAI DynUNet train step and inference on the shapes of `configs/unet3d.py:bench_ref`.
+"""MONAI DynUNet train step and inference on the shapes of `configs/unet{2,3}d.py:bench_ref`.
 
 An optional side-by-side for `python -m unet_ds.bench`: torch and monai are not project
 dependencies; install them in a separate venv (see README, "Speed"):
 
   python3 -m venv /work/monai_venv && /work/monai_venv/bin/pip install torch monai
-  /work/monai_venv/bin/python benchmarks/monai_dynunet.py [--steps=10] [--size=64]
+  /work/monai_venv/bin/python benchmarks/monai_dynunet.py [--dims=3] [--steps=10]
 
-Reference model: 3D, 1 input channel, 3 classes, 4 levels 16-32-64-128 (strides 1-2-2-2, 3^3
-kernels, k2/s2 transposed-conv upsampling), residual blocks, instance norm, deep supervision with
-2 heads (MONAI's `DeepSupervisionLoss` around `DiceCELoss`), SGD Nesterov (momentum 0.99),
-batch 2 x 64^3. Prints one JSON line with the same step-time keys as `unet_ds.bench`.
+Reference models: 1 input channel, 3 classes, residual blocks, instance norm, stride-2 conv
+downsampling, 3x3(x3) kernels, k2/s2 transposed-conv upsampling, deep supervision (MONAI's
+`DeepSupervisionLoss` around `DiceCELoss`), SGD Nesterov (momentum 0.99).
+3D: 4 levels 16-32-64-128, 2 heads, batch 2 x 64^3. 2D: 5 levels 32-64-128-256-512, 3 heads,
+batch 8 x 256^2. Prints one JSON line with the same step-time and memory keys as `unet_ds.bench`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,13 @@ from monai import losses
 from monai.networks import nets
 
 
-def build(num_classes: int = 3, filters=(16, 32, 64, 128), deep_supr_num: int = 2):
+# dims -> (filters, deep supervision heads, batch, size): the bench_ref configs' shapes.
+REFERENCES = {3: ((16, 32, 64, 128), 2, 2, 64), 2: ((32, 64, 128, 256, 512), 3, 8, 256)}
+
+
+def build(dims: int = 3, num_classes: int = 3, filters=(16, 32, 64, 128), deep_supr_num: int = 2):
   model = nets.DynUNet(
-      spatial_dims=3, in_channels=1, out_channels=num_classes,
+      spatial_dims=dims, in_channels=1, out_channels=num_classes,
       kernel_size=[3] * len(filters), strides=[1] + [2] * (len(filters) - 1),
       upsample_kernel_size=[2] * (len(filters) - 1), filters=list(filters),
       norm_name='instance', res_block=True, deep_supervision=True,
@@ -49,18 +54,22 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--steps', type=int, default=10)
   parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--size', type=int, default=64)
-  parser.add_argument('--batch', type=int, default=2)
+  parser.add_argument('--dims', type=int, default=3, choices=(2, 3))
+  parser.add_argument('--size', type=int, default=0, help='0: the reference size of --dims')
+  parser.add_argument('--batch', type=int, default=0, help='0: the reference batch of --dims')
   parser.add_argument('--threads', type=int, default=0, help='torch threads; 0: default')
   parser.add_argument('--device', default='cpu')
   args = parser.parse_args()
+  baseline_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # after imports
   if args.threads:
     torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   device = torch.device(args.device)
-  model, loss_fn, opt = build()
+  filters, heads, batch, size = REFERENCES[args.dims]
+  args.batch, args.size = args.batch or batch, args.size or size
+  model, loss_fn, opt = build(args.dims, filters=filters, deep_supr_num=heads)
   model.to(device)
-  shape = (args.batch, 1) + (args.size,) * 3
+  shape = (args.batch, 1) + (args.size,) * args.dims
   image = torch.randn(shape, device=device)
   label = torch.randint(0, 3, shape, device=device)
 
@@ -87,11 +96,12 @@ def main():
       times.append(time.perf_counter() - t)
       cpu_times.append(time.process_time() - c)
   record = {'framework': 'monai', 'torch': torch.__version__, 'threads': torch.get_num_threads(),
-            'device': str(device), 'batch_size': args.batch, 'shape': [args.size] * 3,
+            'device': str(device), 'batch_size': args.batch, 'shape': [args.size] * args.dims,
             'timed_steps': args.steps}
   record.update(_stats(times, 'step_s'))
   record['step_cpu_s_median'] = statistics.median(cpu_times)
-  record['voxels_per_s'] = args.batch * args.size ** 3 / record['step_s_median']
+  record['voxels_per_s'] = args.batch * args.size ** args.dims / record['step_s_median']
+  record['train_peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
   model.eval()
   times = []
@@ -105,6 +115,7 @@ def main():
         times.append(time.perf_counter() - t)
   record.update(_stats(times, 'infer_s'))
   record['load_avg_1min'] = os.getloadavg()[0]
+  record['baseline_rss_mb'] = baseline_rss_mb
   record['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   record['params'] = sum(p.numel() for p in model.parameters())
   print(json.dumps(record))

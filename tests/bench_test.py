@@ -58,6 +58,12 @@ def test_bench_reference_config_and_known_peaks():
   assert (c.model.base_filters, c.model.depth, c.model.residual) == (16, 4, True)
   assert c.model.down == 'conv'  # strided convs, as MONAI DynUNet
   assert tuple(c.model.ds.levels) == (1, 2) and c.optim.name == 'sgd'
+  c2 = _config('unet2d.py', 'bench_ref')
+  assert tuple(c2.data.shape) == (256, 256) and c2.train.batch_size == 8
+  model = config_lib.validate(c2)
+  assert [model.filters(l) for l in range(model.depth)] == [32, 64, 128, 256, 512]
+  assert model.residual and model.down == 'conv' and model.head_levels == (1, 2, 3)
+  assert c2.loss.name == 'dice_ce' and c2.optim.name == 'sgd'
   assert bench.known_peak('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
   assert bench.known_peak('cpu', 'float32') is None
 
