@@ -95,6 +95,7 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 100
   c.train.max_to_keep = 2
   c.train.stop_at_step = 0            # > 0: checkpoint and stop there (a job slice); rerun resumes
+  c.train.minutes = 0.0               # > 0: a wall-clock budget that sets train.steps (unet_ds.budget)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # devices on the data axis; -1: all
@@ -283,6 +284,8 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
     raise ValueError(f'config.loss.ds_weights: {e}') from None
   _check_choice(c.optim.name, OPTIMIZERS, 'optim.name')
   _check_choice(c.optim.schedule, LR_SCHEDULES, 'optim.schedule')
+  if not float(c.train.get('minutes', 0) or 0) >= 0:
+    raise ValueError(f'config.train.minutes: must be >= 0 (0: off), got {c.train.minutes}')
   for key in ('steps', 'batch_size', 'eval_batch_size', 'eval_every', 'log_every',
               'checkpoint_every', 'max_to_keep'):
     if int(c.train[key]) < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from typing import Any, Callable, Sequence
 
 from absl import logging
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from unet_ds import budget
 from unet_ds import config_lib
 from unet_ds import evaluate as evaluate_lib
 from unet_ds import logs
@@ -247,6 +249,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   `allow_changes`: config keys that may differ from the checkpoint's (see `unet_ds.loop`).
   """
+  t0 = time.time()
+  config, plan = budget.fit(config, workdir, Experiment.build)  # train.minutes -> train.steps
   exp = Experiment.build(config, workdir)
   out = loop.fit(exp, allow_changes)
   if out.get('stopped_early'):
@@ -254,5 +258,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   summary = loop.summary_record(out['evals'][0], out['in_training'][0], config, step=out['step'],
                                 train_seconds=out['seconds'], num_params=out['num_params'],
                                 conv_impl=layers.resolve_impl(config.model.conv_impl))
+  summary['wall_seconds'] = time.time() - t0
+  if plan is not None:
+    summary['budget'] = {**dataclasses.asdict(plan),
+                         'predicted_seconds': plan.predicted_seconds(config.train.eval_every)}
   logs.Writer(exp.workdir).write_json('summary.json', summary)
   return summary

@@ -1,0 +1,40 @@
+"""train.minutes: the step count planned from measured times, honoured on a tiny run, kept on resume."""
+
+import json
+
+import pytest
+
+from unet_ds import budget
+from unet_ds import config_lib
+from unet_ds import train
+
+
+def test_steps_within_is_the_largest_count_that_fits():
+  # 90 s left: setup 4 + n steps of 1 s + (ceil(n / 10) evals + 3 final) of 5 s + compile 1.
+  n = budget.steps_within(100, spent_s=10, step_s=1.0, eval_s=5.0, compile_s=1.0, setup_s=4.0,
+                          eval_every=10)
+  assert n == 45
+  assert 4 + 45 + (5 + 3) * 5 + 1 <= 90 < 4 + 46 + (5 + 3) * 5 + 1
+  assert budget.steps_within(10, spent_s=9, step_s=1.0, eval_s=1.0, compile_s=1.0, setup_s=0.0,
+                             eval_every=1) == 0
+
+
+def test_a_budgeted_run_fits_its_minutes_and_resumes_with_its_steps(tmp_path, data_dir):
+  c = config_lib.apply_args(config_lib.base_config(2), 'ds=deep,smoke')
+  c.data.data_dir, c.mesh.data = data_dir, 1
+  c.train.update(minutes=2.0, steps=100000, eval_every=20, checkpoint_every=20)
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  plan = summary['budget']
+  assert summary['step'] == plan['steps'] >= 1
+  assert summary['wall_seconds'] <= 1.3 * 120 + 15, summary['wall_seconds']
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['train']['steps'] == plan['steps'] and saved['train']['minutes'] == 2.0
+  again = train.train_and_evaluate(c, str(tmp_path))  # the same command: finished, not refused
+  assert again['step'] == plan['steps']
+
+
+def test_minutes_must_not_be_negative():
+  c = config_lib.base_config(2)
+  c.train.minutes = -1.0
+  with pytest.raises(ValueError, match='config.train.minutes'):
+    config_lib.validate(c)

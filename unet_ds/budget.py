@@ -1,0 +1,136 @@
+"""A wall-clock budget: `train.minutes=N` sets `train.steps` so that the whole run fits in N minutes.
+
+On a CPU the question is "the best model in N minutes", not "how many steps". Before training, a
+throwaway copy of the run is built, compiled and timed: the train step (median of a few steps
+after compilation), one in-training eval, and everything else it took (data, init,
+compilations: `setup_s`). The real run pays that setup again (its learning-rate schedule is laid
+out over the new step count, so its programs compile anew), then its steps and evals, then the
+final whole-image eval (estimated as `FINAL_EVAL_FACTOR` in-training evals plus one more
+compilation). The number of steps is the largest that fits all of that after the calibration.
+The learning-rate schedule and the DS weight schedule follow `train.steps`, so both fit too.
+
+A resumed budgeted run keeps the step count its checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from unet_ds import checkpoint
+from unet_ds import state as state_lib
+
+FINAL_EVAL_FACTOR = 3.0  # whole-image sliding-window eval vs one in-training eval (estimate)
+TIMED_STEPS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the budget decided, recorded in `summary.json` (`budget`)."""
+  minutes: float
+  steps: int
+  step_s: float
+  eval_s: float
+  compile_s: float
+  setup_s: float
+  calibration_s: float
+
+  def predicted_seconds(self, eval_every: int) -> float:
+    return self.calibration_s + run_seconds(self.steps, step_s=self.step_s, eval_s=self.eval_s,
+                                            compile_s=self.compile_s, setup_s=self.setup_s,
+                                            eval_every=eval_every)
+
+
+def run_seconds(steps: int, *, step_s: float, eval_s: float, compile_s: float, setup_s: float,
+                eval_every: int) -> float:
+  """Predicted seconds of a run of `steps` after calibration (module doc)."""
+  evals = math.ceil(steps / eval_every)
+  return setup_s + steps * step_s + (evals + FINAL_EVAL_FACTOR) * eval_s + compile_s
+
+
+def steps_within(budget_s: float, *, spent_s: float, step_s: float, eval_s: float,
+                 compile_s: float, setup_s: float, eval_every: int) -> int:
+  """The most steps whose `run_seconds` fit in `budget_s - spent_s` (0 if none)."""
+  times = dict(step_s=step_s, eval_s=eval_s, compile_s=compile_s, setup_s=setup_s,
+               eval_every=eval_every)
+  left = budget_s - spent_s
+  n = max(int((left - run_seconds(0, **times)) / (step_s + eval_s / eval_every)) + 1, 0)
+  while n > 0 and run_seconds(n, **times) > left:
+    n -= 1
+  return n
+
+
+def _block(tree: Any) -> None:
+  jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, 'block_until_ready') else x, tree)
+
+
+def calibrate(trainer: Any) -> tuple[float, float, float]:
+  """(compile + first step, median step, one in-training eval) seconds of a throwaway run."""
+  state = trainer.init_state()
+  step_fn = trainer.jit_train_step()
+  data = trainer.data_iterator()
+  batch = trainer.shard(next(data))
+  t = time.perf_counter()
+  state, m = step_fn(state, batch)
+  _block(m)
+  compile_s = time.perf_counter() - t
+  times = []
+  for _ in range(TIMED_STEPS):
+    batch = trainer.shard(next(data))
+    t = time.perf_counter()
+    state, m = step_fn(state, batch)
+    _block(m)
+    times.append(time.perf_counter() - t)
+  trainer.evaluate(state)  # compiles the eval step
+  t = time.perf_counter()
+  trainer.evaluate(state)
+  return compile_s, statistics.median(times), time.perf_counter() - t
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str,
+        build: Callable[[ml_collections.ConfigDict, str], Any]
+        ) -> tuple[ml_collections.ConfigDict, Plan | None]:
+  """`config` with `train.steps` set by `train.minutes` (unchanged when it is 0), and the plan.
+
+  Args:
+    config: the run's config; `train.minutes` > 0 turns the budget on.
+    workdir: the run's folder; with a checkpoint there, its saved step count is kept.
+    build: `(config, workdir) -> trainer` (`train.Experiment.build`).
+  """
+  minutes = float(config.train.get('minutes', 0) or 0)
+  if minutes <= 0:
+    return config, None
+  t0 = time.perf_counter()
+  directory = os.path.join(os.path.abspath(workdir), state_lib.CHECKPOINT_DIR)
+  config = ml_collections.ConfigDict(config.to_dict())
+  if os.path.isdir(directory) and os.listdir(directory):
+    ckpts = checkpoint.Checkpoints(directory)
+    try:
+      if ckpts.latest_step() is not None:
+        saved = ckpts.saved_config()
+        config.train.steps = int(saved['train']['steps'])
+        config.optim.warmup_steps = int(saved['optim']['warmup_steps'])
+        return config, None
+    finally:
+      ckpts.close()
+  compile_s, step_s, eval_s = calibrate(build(config, workdir))
+  spent = time.perf_counter() - t0
+  setup_s = max(spent - TIMED_STEPS * step_s - eval_s, 0.0)
+  steps = steps_within(minutes * 60, spent_s=spent, step_s=step_s, eval_s=eval_s,
+                       compile_s=compile_s, setup_s=setup_s,
+                       eval_every=int(config.train.eval_every))
+  if steps < 1:
+    raise ValueError(f'config.train.minutes={minutes}: not even one step fits (a step takes '
+                     f'{step_s:.1f} s, an eval {eval_s:.1f} s, compilation {compile_s:.1f} s); '
+                     'give more minutes or a smaller model or patch')
+  config.train.steps = steps
+  config.optim.warmup_steps = min(int(config.optim.warmup_steps), max(steps // 10, 0))
+  return config, Plan(minutes=minutes, steps=steps, step_s=step_s, eval_s=eval_s,
+                      compile_s=compile_s, setup_s=setup_s, calibration_s=spent)
