@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from unet_ds import budget
 from unet_ds import config_lib
 from unet_ds import dirnames
 from unet_ds import logs
@@ -328,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns `{'step', 'runs': {name: summary}}` (or `{'step', 'stopped_early': True}` when
   `train.stop_at_step` stopped it), each summary as `train.train_and_evaluate` returns it.
   """
+  config, _ = budget.fit(config, workdir, MultiExperiment.build)  # train.minutes -> train.steps
   mexp = MultiExperiment.build(config, workdir)
   out = loop.fit(mexp, allow_changes)
   if out.get('stopped_early'):
