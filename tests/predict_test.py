@@ -264,3 +264,22 @@ def test_train_on_a_folder_then_eval_its_saved_split(tmp_path):
   assert split == {'train': ['0', '1', '3'], 'validation': ['2']}
   result = evaluate.run(None, workdir, input_path=None, output=str(tmp_path / 'ev'))
   assert result['num_cases'] == 1 and result['cases'][0]['case_id'] == '2'
+
+
+def test_inputs_unlike_the_training_data_get_a_warning(tmp_path):
+  root = tmp_path / 'Task'
+  _msd_folder(root, n=3)
+  config = _config('msd', root, (4, 4, 4))
+  trained = cases_lib.training_geometry(config.data, ['c0', 'c1', 'c2'])
+  assert trained['spacing_min'] == pytest.approx([0.8, 1.2, 2.5])
+  assert trained['orientations'] == ['RAS']
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / cases_lib.GEOMETRY_FILE).write_text(json.dumps(trained))
+  odd = tmp_path / 'odd.nii.gz'
+  nibabel.save(nibabel.Nifti1Image(np.zeros((5, 5, 5), np.float32), np.diag([-0.8, 1.2, 5.0, 1])),
+               odd)
+  same = str(root / 'imagesTr' / 'c0.nii.gz')
+  (warning,) = predict.warn_on_geometry([same, str(odd)], str(workdir))
+  assert warning.startswith(f'{odd}: spacing (0.8, 1.2, 5.0) mm is outside the training range')
+  assert 'orientation LAS differs' in warning

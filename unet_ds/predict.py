@@ -138,6 +138,24 @@ class Predictor:
     return out
 
 
+def warn_on_geometry(inputs: Sequence[str], workdir: str) -> list[str]:
+  """Warns for each NIfTI input whose spacing or orientation differs from the training data's
+  (`WORKDIR/data_geometry.json`); returns the warnings."""
+  path = os.path.join(workdir, cases_lib.GEOMETRY_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    trained = json.load(f)
+  warnings = []
+  for image in inputs:
+    if image.lower().endswith(io.NIFTI_SUFFIXES):
+      why = cases_lib.geometry_mismatch(image, trained)
+      if why:
+        warnings.append(f'{image}: {why}; predicted anyway')
+        logging.warning('%s', warnings[-1])
+  return warnings
+
+
 def predict_files(predictor: Predictor, inputs: Sequence[str], output_dir: str,
                   log: Callable[[str], None] = print) -> list[str]:
   """Predicts every input image and writes one result per input; returns the written paths."""
@@ -227,6 +245,7 @@ def run(config: Any, workdir: str, *, input_path: str, output: str,
     settings = dataclasses.replace(settings, save_probs=True)
   inputs = find_inputs(input_path, cfg.data)  # every input error before any compute
   output = check_output_dir(output)
+  warn_on_geometry(inputs, workdir)
   predict_fn, step = restore_predict_fn(cfg, workdir)
   predictor = Predictor(predict_fn, cfg.data, settings)
   written = predict_files(predictor, inputs, output)

@@ -198,7 +198,11 @@ class Experiment:
     writer.write_text('config.json', config_lib.to_json(self.config))
     if self.config.data.name in cases_lib.FILE_KINDS and (
         fresh or not os.path.exists(writer.path(cases_lib.SPLIT_FILE))):
-      writer.write_json(cases_lib.SPLIT_FILE, cases_lib.case_split(self.config.data))
+      split = cases_lib.case_split(self.config.data)
+      writer.write_json(cases_lib.SPLIT_FILE, split)
+      if self.config.data.name == 'msd':  # what predict compares its inputs with
+        writer.write_json(cases_lib.GEOMETRY_FILE,
+                          cases_lib.training_geometry(self.config.data, split['train']))
     writer.close()
 
   def data_iterator(self) -> loop.DataIterator:

@@ -11,6 +11,9 @@ import json
 import os
 from typing import Any
 
+import nibabel
+import numpy as np
+
 from unet_ds.data import folder2d
 from unet_ds.data import io
 from unet_ds.data import msd
@@ -18,6 +21,8 @@ from unet_ds.data import prepare
 
 FILE_KINDS = ('msd', 'folder2d')  # data.name values backed by files on disk
 SPLIT_FILE = 'split.json'
+GEOMETRY_FILE = 'data_geometry.json'  # the training images' spacings and orientations (3D)
+SPACING_TOLERANCE = 0.1  # relative: inputs beyond the training range by more get a warning
 
 
 def data_kind(data_cfg: Any) -> str:
@@ -92,3 +97,35 @@ def saved_split(workdir: str) -> dict[str, list[str]] | None:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def _header_geometry(path: str) -> tuple[tuple[float, ...], str]:
+  img = nibabel.load(path)  # the header only: the data stays on disk
+  return (tuple(float(z) for z in img.header.get_zooms()[:3]),
+          ''.join(nibabel.aff2axcodes(img.affine)))
+
+
+def training_geometry(data_cfg: Any, case_ids: Sequence[str]) -> dict[str, Any]:
+  """Spacing range (mm, per axis) and orientation codes of the training cases' NIfTI headers."""
+  by_id = {c[0]: c for c in _all_labelled(data_cfg.path, data_cfg)[0]}
+  geoms = [_header_geometry(by_id[i][1]) for i in case_ids if i in by_id]
+  spacings = np.asarray([g[0] for g in geoms], np.float64)
+  return {'spacing_min': spacings.min(0).tolist(), 'spacing_max': spacings.max(0).tolist(),
+          'spacing_median': np.median(spacings, 0).tolist(),
+          'orientations': sorted({g[1] for g in geoms})}
+
+
+def geometry_mismatch(path: str, trained: dict[str, Any]) -> str | None:
+  """Why the NIfTI image `path` does not look like the training data (None if it does)."""
+  spacing, codes = _header_geometry(path)
+  lo = np.asarray(trained['spacing_min']) * (1 - SPACING_TOLERANCE)
+  hi = np.asarray(trained['spacing_max']) * (1 + SPACING_TOLERANCE)
+  problems = []
+  if len(spacing) == len(lo) and (np.any(np.asarray(spacing) < lo) or
+                                  np.any(np.asarray(spacing) > hi)):
+    problems.append(f'spacing {tuple(round(s, 3) for s in spacing)} mm is outside the training '
+                    f'range {tuple(trained["spacing_min"])}..{tuple(trained["spacing_max"])}')
+  if codes not in trained['orientations']:
+    problems.append(f'orientation {codes} differs from the training data\'s '
+                    f'{"/".join(trained["orientations"])}')
+  return '; '.join(problems) or None
