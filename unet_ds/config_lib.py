@@ -335,9 +335,9 @@ def _check_outputs(c: ml_collections.ConfigDict, channels: int) -> None:
                      f'num_classes={k} label values; set --config.model.num_classes={k} (softmax) '
                      'or 1 (one sigmoid foreground channel, with loss.name=bce_dice)')
   elif loss in losses.BINARY_LOSSES:
-    raise ValueError(f'config.loss.name={loss!r} trains one sigmoid channel but config.model.'
-                     f'num_classes={channels}; set --config.model.num_classes=1 (foreground = '
-                     'every label > 0), or a softmax loss (dice_ce, dice, ce, generalized_dice)')
+    raise ValueError(f'config.loss.name: {loss} needs model.num_classes=1 (one sigmoid channel), '
+                     f'got {channels}; set --config.model.num_classes=1 (foreground = every '
+                     'label > 0), or a softmax loss (dice_ce, dice, ce, generalized_dice)')
   try:
     metrics.parse_regions(regions, k)
   except ValueError as e:
