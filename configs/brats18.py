@@ -82,8 +82,6 @@ def _brats_labels(c, _):
 
 def _num_class(c, value):
   c.data.num_classes = int(value)
-  if int(value) != 4:
-    c.eval.regions = ''
 
 
 _FLAGS = {
@@ -102,4 +100,7 @@ _FLAGS = {
 
 
 def get_config(arg=None):
-  return presets.build(arg, ndim=3, settings=_settings, extra=_FLAGS)
+  c = presets.build(arg, ndim=3, settings=_settings, extra=_FLAGS)
+  if c.data.num_classes != 4 and c.eval.regions in _REGIONS.values():
+    c.eval.regions = ''  # the BraTS regions need its 4 classes (any arg may have changed them)
+  return c

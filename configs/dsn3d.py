@@ -24,6 +24,7 @@ floor), loss=NAME (default ce, as the papers), path=DIR, patch=XxYxZ, steps=N, c
 channels=C, fold=N, seed=N, smoke.
 """
 
+from unet_ds import models
 from unet_ds import presets
 
 
@@ -49,9 +50,9 @@ def _settings(c, real):
     c.train.update(steps=300, eval_every=100, checkpoint_every=100)
 
 
-def level_weights(depth: int) -> str:
+def level_weights(head_levels) -> str:
   """'1,0.5,0.25,...': weight 1 for the final output, 0.5^level for the head at each level."""
-  return ','.join(f'{0.5 ** level:g}' for level in range(depth - 1))
+  return ','.join(f'{0.5 ** level:g}' for level in (0, *head_levels))
 
 
 _ARGS = {
@@ -63,6 +64,6 @@ _ARGS = {
 
 def get_config(arg=None):
   c = presets.build(arg, ndim=3, settings=_settings, extra=_ARGS)
-  if not c.loss.ds_weights:  # after `smoke` / --config.model.depth: one weight per output
-    c.loss.ds_weights = level_weights(c.model.depth)
+  if not c.loss.ds_weights:  # after `smoke`, `ds=`...: one weight per output of this model
+    c.loss.ds_weights = level_weights(models.model_config(c.model).head_levels)
   return c

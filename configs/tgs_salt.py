@@ -77,5 +77,11 @@ def _isbi(c, _):
   c.data.eval_shape = (512, 512)
 
 
+def _no_bench_ref(c, _):
+  raise ValueError('unknown config argument \'bench_ref\' for configs/tgs_salt.py: the speed '
+                   'reference is a softmax 3D model (configs/unet3d.py:bench_ref)')
+
+
 def get_config(arg=None):
-  return presets.build(arg, ndim=2, settings=_settings, extra={'isbi': _isbi})
+  return presets.build(arg, ndim=2, settings=_settings,
+                       extra={'isbi': _isbi, 'bench_ref': _no_bench_ref})

@@ -247,7 +247,6 @@ def test_up_kernel_3_is_tf_same_transposed_conv():
 
 @pytest.mark.parametrize('kw, match', [
     (dict(block='dense'), 'block must be one of'),
-    (dict(block='preact_residual', residual=True), 'residual=True'),
     (dict(down_dropout=(0.1, 0.2, 0.3)), r'down_dropout has 3 rates .* for depth-1=2 levels'),
     (dict(up_dropout=1.5), r'up_dropout rates must be in \[0, 1\)'),
     (dict(up_kernel=4), 'up_kernel must be 2 or 3'),

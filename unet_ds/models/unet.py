@@ -30,7 +30,7 @@ class UNetConfig:
   filter_growth: int = 2        # 2: double per level; 1: constant width (Brats18 FILTER_GROW=False)
   max_filters: int = 320
   convs_per_block: int = 2      # block='preact_residual': residual units per level
-  residual: bool = False        # block='conv': add the (projected) input, nnU-Net ResEnc style
+  residual: bool = False        # block='conv' only: add the (projected) input, nnU-Net ResEnc
   block: str = 'conv'           # conv (ConvBlock) | preact_residual (TGS salt's level)
   norm: str = 'instance'
   activation: str = 'leaky_relu'
@@ -64,9 +64,6 @@ class UNetConfig:
           f'activation must be one of {blocks.ACTIVATIONS}, got {self.activation!r}')
     check(0.0 <= self.dropout < 1.0, f'dropout must be in [0, 1), got {self.dropout}')
     check(self.block in blocks.BLOCKS, f'block must be one of {blocks.BLOCKS}, got {self.block!r}')
-    check(not (self.residual and self.block != 'conv'),
-          f'residual=True is the conv block\'s skip; block={self.block!r} is residual already '
-          '(set residual=False)')
     for key in ('down_dropout', 'up_dropout'):
       rates = getattr(self, key)
       check(len(rates) <= self.depth - 1,
