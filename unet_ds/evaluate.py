@@ -58,7 +58,8 @@ def case_spacing(example: dict[str, Any]) -> tuple[float, ...]:
 
 def score_cases(probs_fn: Callable[[dict[str, Any]], np.ndarray], cases: Iterable[Case],
                 num_classes: int, *, ignore_index: int | None = None,
-                tolerance_mm: float = 1.0,
+                tolerance_mm: float = 1.0, binary: bool = False,
+                regions: metrics.Regions = (),
                 on_prediction: Callable[[Case, np.ndarray, np.ndarray], None] | None = None,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
   """Predicts (`probs_fn(example)`: probabilities on the label's grid) and scores every case.
@@ -66,17 +67,25 @@ def score_cases(probs_fn: Callable[[dict[str, Any]], np.ndarray], cases: Iterabl
   Per case: Dice / IoU from its confusion counts, HD95 and normalised surface Dice at
   `tolerance_mm` in the input's physical units (`surface_metrics`). Returns the summary with one
   record per case (`cases`); `on_prediction(case, labels, probs)` sees each prediction.
+  `binary`: a one-sigmoid-channel model, scored against the union of the foreground classes,
+  with the TGS salt competition score per image beside; `regions`: unions of labels scored
+  beside the classes (`eval.regions`).
   """
-  rows, total = [], np.zeros((3, num_classes), np.int64)
+  num_classes = 2 if binary else num_classes
+  rows, total = [], None
   for case in cases:
     probs = probs_fn(case.example)
     pred = np.argmax(probs, -1).astype(np.int64)
     label = case.example['label']
-    counts = metrics.case_counts(pred, label, num_classes, ignore_index)
-    total += counts
+    if binary:
+      label = np.asarray(metrics.foreground_label(label, ignore_index))
+    counts = metrics.case_counts(pred, label, num_classes, ignore_index, regions)
+    total = counts if total is None else total + counts
+    extra = ({'tgs_score': float(metrics.tgs_scores(pred[None], label[None], ignore_index)[0])}
+             if binary else {})
     rows.append({'case_id': case.case_id,
                  'file': os.path.basename(case.image_path) if case.image_path else '',
-                 **metrics.summarize(counts),
+                 **metrics.summarize(counts, regions), **extra,
                  **surface_metrics.case_surface_metrics(
                      pred, label, case_spacing(case.example), num_classes,
                      tolerance_mm=tolerance_mm, ignore_index=ignore_index)})
@@ -90,14 +99,20 @@ def score_cases(probs_fn: Callable[[dict[str, Any]], np.ndarray], cases: Iterabl
                for k in ('dice', 'iou')}
   surface = surface_metrics.mean_over_cases(rows)
   per_class.update(hd95=surface['hd95'], nsd=surface['nsd'])
+  extra = {}
+  if regions:  # per region, the mean over cases (as per class)
+    extra['region_dice'] = {n: _nanmean([r['region_dice'][n] for r in rows]) for n, _ in regions}
+  if binary:
+    extra['mean_tgs_score'] = _nanmean([r['tgs_score'] for r in rows])
   return {
+      **extra,
       'mean_foreground_dice': _nanmean(per_class['dice'][1:]),
       'mean_foreground_iou': _nanmean(per_class['iou'][1:]),
       'mean_foreground_hd95': surface['mean_foreground_hd95'],
       'mean_foreground_nsd': surface['mean_foreground_nsd'],
       'nsd_tolerance_mm': tolerance_mm,
       'per_class': per_class,
-      'pooled': metrics.summarize(total),
+      'pooled': metrics.summarize(total, regions),
       'num_cases': len(rows),
       'cases': rows,
   }
@@ -149,7 +164,8 @@ def file_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, str, 
 
 def evaluate_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, str, str]],
                    output_dir: str, *, ignore_index: int | None = None,
-                   tolerance_mm: float = 1.0, write_predictions: bool = False,
+                   tolerance_mm: float = 1.0, binary: bool = False,
+                   regions: metrics.Regions = (), write_predictions: bool = False,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
   """Scores labelled files (case_id, image, label) with `predictor`; writes the metrics files
   (and each prediction when `write_predictions`) into `output_dir`."""
@@ -161,8 +177,8 @@ def evaluate_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, s
         output_dir, case.image_path, pred.astype(np.uint8), probs if save_probs else None)
   summary = score_cases(predictor.probs, file_cases(predictor, selected),
                         max(predictor.data_settings['num_classes'], 2),
-                        ignore_index=ignore_index, tolerance_mm=tolerance_mm,
-                        on_prediction=on_prediction, log=log)
+                        ignore_index=ignore_index, tolerance_mm=tolerance_mm, binary=binary,
+                        regions=regions, on_prediction=on_prediction, log=log)
   write_metrics(output_dir, summary)
   return summary
 
@@ -190,13 +206,16 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
   ignore = int(config.loss.get('ignore_index', -1)) if 'loss' in config else -1
   ignore = None if ignore < 0 else ignore
   tolerance = float(config.get('eval', {}).get('nsd_tolerance_mm', 1.0))
+  binary = int(config.model.num_classes) == 1 if 'model' in config else False
+  regions = () if binary else metrics.parse_regions(
+      config.get('eval', {}).get('regions', ''), max(int(config.data.num_classes), 2))
   if config.data.name == 'synthetic':
     if input_path:
       raise ValueError('--input: a synthetic-data run is evaluated on its own validation volumes')
     windows = inference.Windows(predict_fn, settings)
     summary = score_cases(lambda ex: windows.probs(ex['image']), synthetic_cases(config.data),
                           max(int(config.data.num_classes), 2), ignore_index=ignore,
-                          tolerance_mm=tolerance, log=log)
+                          tolerance_mm=tolerance, binary=binary, regions=regions, log=log)
     summary = {'step': step, 'cases_selected': 'validation', 'input': 'synthetic', **summary}
   else:
     own_path = os.path.abspath(os.path.expanduser(config.data.path))
@@ -207,7 +226,8 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     log(f'eval: {len(selected)} {cases} cases of {input_path}, checkpoint step {step}')
     predictor = predict.Predictor(predict_fn, config.data, settings)
     summary = evaluate_cases(predictor, selected, output, ignore_index=ignore,
-                             tolerance_mm=tolerance, write_predictions=write_predictions, log=log)
+                             tolerance_mm=tolerance, binary=binary, regions=regions,
+                             write_predictions=write_predictions, log=log)
     summary = {'step': step, 'cases_selected': cases, 'input': input_path, **summary}
   write_metrics(output, summary)  # again, with the run's facts
   summary['output'] = output

@@ -169,10 +169,12 @@ def multi_train_step(states: state_lib.TrainState, batches: dict[str, jax.Array]
 
 
 def multi_eval_step(states: state_lib.TrainState, batch: dict[str, jax.Array], *, model: Any,
-                    num_classes: int, vectorize: str = 'vmap') -> jax.Array:
+                    num_classes: int, vectorize: str = 'vmap', ignore_index: int | None = None,
+                    regions: metrics.Regions = ()) -> jax.Array:
   """`[K, 1 + n_heads, 3, C]` confusion counts: every run scores the same batch."""
   def one(state):
-    return train.eval_step(state, batch, model=model, num_classes=num_classes)
+    return train.eval_step(state, batch, model=model, num_classes=num_classes,
+                           ignore_index=ignore_index, regions=regions)
   return _over_runs(one, vectorize, states)
 
 
@@ -256,7 +258,8 @@ class MultiExperiment:
   def _eval_fn(self) -> Callable:
     step = functools.partial(multi_eval_step, model=self.exp.model,
                              num_classes=self.exp.num_classes,
-                             vectorize=self.exp.config.multirun.vectorize)
+                             vectorize=self.exp.config.multirun.vectorize,
+                             ignore_index=self.exp.ds_loss.ignore_index, regions=self.exp.regions)
     return jax.jit(step, out_shardings=sharding.replicated(self.exp.mesh))
 
   def train_loaders(self) -> list[Any]:
@@ -285,7 +288,7 @@ class MultiExperiment:
   def evaluate(self, states: state_lib.TrainState) -> list[dict[str, Any]]:
     """Each run's in-training scores on the validation split (pooled counts)."""
     counts = self.exp.eval_counts(states, self._eval_fn)
-    return [metrics.summarize_outputs(c) for c in counts]
+    return [metrics.summarize_outputs(c, self.exp.regions) for c in counts]
 
   def final_eval(self, states: state_lib.TrainState, step: int) -> list[dict[str, Any]]:
     """Each run's whole-image eval of the held-out cases (as `--mode=eval` in its folder)."""

@@ -109,11 +109,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-              num_classes: int) -> jax.Array:
-  """`[1 + n_heads, 3, K]` confusion counts of the batch's real (masked-in) examples."""
+              num_classes: int, ignore_index: int | None = None,
+              regions: metrics.Regions = ()) -> jax.Array:
+  """`[1 + n_heads, 3, K + R]` confusion counts of the batch's real (masked-in) examples."""
   final, intermediates = model.apply(state.variables(), batch['image'], train=False)
   return metrics.output_counts(final, intermediates, batch['label'], num_classes,
-                               batch.get('mask'))
+                               batch.get('mask'), ignore_index=ignore_index, regions=regions)
 
 
 @dataclasses.dataclass
@@ -173,8 +174,16 @@ class Experiment:
     # Batch shardings come from the global arrays; the state is replicated and donated.
     return jax.jit(step, out_shardings=(repl, repl), donate_argnums=0)
 
+  @property
+  def regions(self) -> metrics.Regions:
+    """`eval.regions` (unions of labels scored beside the classes; softmax outputs only)."""
+    if self.setup.model_config.num_classes == 1:
+      return ()
+    return metrics.parse_regions(self.config.get('eval', {}).get('regions', ''), self.num_classes)
+
   def jit_eval_step(self) -> Callable:
-    step = functools.partial(eval_step, model=self.model, num_classes=self.num_classes)
+    step = functools.partial(eval_step, model=self.model, num_classes=self.num_classes,
+                             ignore_index=self.ds_loss.ignore_index, regions=self.regions)
     return jax.jit(step, out_shardings=sharding.replicated(self.mesh))
 
   def train_loader(self):
@@ -234,7 +243,7 @@ class Experiment:
 
   def evaluate(self, state: TrainState) -> list[dict[str, Any]]:
     """In-training scores on the validation split, from pooled confusion counts."""
-    return [metrics.summarize_outputs(self.eval_counts(state, self._eval_fn))]
+    return [metrics.summarize_outputs(self.eval_counts(state, self._eval_fn), self.regions)]
 
   def final_eval(self, state: TrainState, step: int) -> list[dict[str, Any]]:
     """The whole-image eval of the held-out cases, as `--mode=eval` gives it."""
