@@ -1,15 +1,13 @@
 """What the experiment notebooks share: the checkout as working directory and a sweep's jobs.
 
-A notebook puts the checkout's root on `sys.path` (Jupyter starts it in `experiments/`), then
-calls `enter_repo()`, so that `configs/...` paths and the launched `python -m unet_ds.main`
-resolve as they do on the command line.
+A notebook (started by Jupyter in `experiments/`) calls `enter_repo()`, so that `configs/...`
+paths and the launched `python -m unet_ds.main` resolve as they do on the command line.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import sys
 from typing import Any, Mapping
 
 from experiments import launch
@@ -18,10 +16,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def enter_repo() -> pathlib.Path:
-  """Makes the checkout's root the working directory and importable; returns it."""
+  """Makes the checkout's root the working directory; returns it."""
   os.chdir(REPO)
-  if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
   return REPO
 
 

@@ -32,17 +32,12 @@ TARGET_DICE = 0.8
 EXTRA = {}  # Extra overrides for every run, e.g. {'train.steps': 500}.
 
 # %%
-import pathlib
-import sys
-
-# Jupyter starts in experiments/: the checkout's root holds the packages, and the runs are
-# launched from there, as on the command line.
-_cwd = pathlib.Path.cwd()
-sys.path.insert(0, str(_cwd if (_cwd / 'experiments').is_dir() else _cwd.parent))
-from experiments import launch  # noqa: E402
-from experiments import notebook_utils  # noqa: E402
-from experiments import plots  # noqa: E402
-from experiments import report  # noqa: E402
+# The package is installed (requirements.txt: `-e .`); the runs are launched from the checkout's
+# root, as on the command line.
+from experiments import launch
+from experiments import notebook_utils
+from experiments import plots
+from experiments import report
 
 REPO = notebook_utils.enter_repo()
 
