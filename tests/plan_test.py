@@ -229,3 +229,20 @@ def test_cli_prints_the_plan(tmp_path):
   bad = subprocess.run([sys.executable, '-m', 'unet_ds.plan', f'--input={tmp_path}'],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert bad.returncode != 0 and 'neither an MSD task folder' in bad.stderr
+
+
+def test_command_line_overrides_win_over_the_plan(tmp_path):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'Aniso'
+  _anisotropic_set(root)
+  argv = ['prog', f'--config={ROOT}/configs/auto.py:path={root},data_dir={tmp_path / "tfds"}',
+          '--config.train.batch_size=3', '--config.data.target_spacing=(1.0,1.0,2.0)']
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, flag_values=values, sys_argv=argv)
+  values(argv)
+  c = values.config
+  assert c.train.batch_size == 3 and c.data.target_spacing == (1.0, 1.0, 2.0)
+  assert c.plan.batch_size == 2 and c.plan.target_spacing == pytest.approx((1.0, 1.0, 3.7))
+  recorded = json.loads(config_lib.to_json(c))
+  assert recorded['train']['batch_size'] == 3 and recorded['plan']['batch_size'] == 2
