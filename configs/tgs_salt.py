@@ -30,7 +30,7 @@ What still differs from the original, and why:
 - Loss: the kernel's later stages switched to the Lovasz hinge; here BCE + soft Dice (batch
   Dice, the README's `bce_dice`), the seed's loss.
 - Inputs: TGS images were 101x101 padded/resized to 128x128; here any folder of images, trained
-  on random patches (`data.patch_size`, default 256x256 on real data, 64x64 synthetic) with the
+  on random patches (`data.patch_size`, default 128x128 on real data, 64x64 synthetic) with the
   project's augmentation, and predicted by sliding window.
 - Optimiser: Adam with the project's warm-up + cosine schedule, not ReduceLROnPlateau on
   validation IoU; no early stopping (fixed `train.steps`).
@@ -61,9 +61,10 @@ def _settings(c, real):
   c.loss.ds_weights = 'exp'
   c.optim.update(name='adamw', lr=1e-3, weight_decay=0.0, schedule='cosine', warmup_steps=20)
   if real:
-    c.data.patch_size = c.data.shape = c.data.eval_shape = (256, 256)
-    c.train.update(steps=600, batch_size=4, eval_batch_size=2, eval_every=200,
-                   checkpoint_every=200)
+    # Sized for a few CPU cores: ISBI membranes, see docs/results.md.
+    c.data.patch_size = c.data.shape = c.data.eval_shape = (128, 128)
+    c.train.update(steps=300, batch_size=4, eval_batch_size=2, eval_every=100,
+                   checkpoint_every=100)
   else:
     c.data.shape = (64, 64)
     c.data.num_train, c.data.num_val = 256, 32

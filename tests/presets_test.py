@@ -56,7 +56,8 @@ def test_tgs_salt_isbi_arg_and_real_data_defaults():
   c = tgs_salt.get_config('path=/data/isbi/train,isbi')
   assert (c.data.name, c.data.path, c.data.label_map) == ('folder2d', '/data/isbi/train',
                                                          '0:1,255:0')
-  assert c.data.val_cases == '25,26,27,28,29' and tuple(c.data.patch_size) == (256, 256)
+  assert c.data.val_cases == '25,26,27,28,29' and tuple(c.data.patch_size) == (128, 128)
+  assert tuple(c.data.eval_shape) == (512, 512)  # whole held-out slices
   assert c.model.num_classes == 1 and c.data.num_classes == 2
 
 
