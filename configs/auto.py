@@ -7,6 +7,9 @@ batch size, for an MSD-style 3D folder (imagesTr/ + labelsTr/) or a 2D folder (i
       --config.data.val_cases=25,26,27,28,29 --workdir=runs/em_auto
   python -m unet_ds.plan --input=/data/Task04_Hippocampus   # the plan alone, as JSON
 
+Anisotropic data gets per-axis pooling (`model.strides`: the coarse axis is pooled only once the
+others have caught up in spacing) and a patch that is not padded along that axis.
+
 The plan is computed when the config is built (the fingerprint once per dataset, cached beside the
 prepared data) and recorded in the run's config.json: the planned fields of `data`, `model` and
 `train`, plus the whole plan under `config.plan`. Explicit `--config.*` flags are applied after
@@ -44,11 +47,9 @@ def config_from_plan(plan: dict[str, Any]) -> ml_collections.ConfigDict:
     c.data.image_dir, c.data.label_dir = 'image', 'label'
   patch = tuple(int(p) for p in plan['patch_size'])
   depth = int(plan['depth'])
-  if 'strides' in c.model:  # a U-Net with per-axis pooling takes the planned pooling as is
-    c.model.strides = tuple(tuple(int(v) for v in level) for level in plan['strides'])
-  else:  # every axis pooled at every level: round each axis up to 2^(depth-1)
-    m = 2 ** (depth - 1)
-    patch = tuple(-(-p // m) * m for p in patch)
+  strides = tuple(tuple(int(v) for v in level) for level in plan['strides'])
+  if any(f != 2 for level in strides for f in level):  # anisotropic: the coarse axis waits
+    c.model.strides = strides
   c.data.patch_size = c.data.shape = c.data.eval_shape = patch
   c.model.depth = depth
   c.model.base_filters = int(plan['base_filters'])
@@ -89,8 +90,13 @@ def get_config(arg=None):
     c.data.num_classes = 3
     c.data.patch_size = c.data.shape = c.data.eval_shape = (32, 32, 32)
     c.model.depth, c.model.base_filters = 4, 8
+  def smoke(c, value):  # tiny model: every axis pooled
+    config_lib.REAL_DATA_ARGS['smoke'](c, value)
+    c.model.strides = ()
+
   extra = {
       **config_lib.REAL_DATA_ARGS,
+      'smoke': smoke,
       'label_map': lambda c, v: setattr(c.data, 'label_map', _label_map_arg(v)),
       'data_dir': lambda c, v: setattr(c.data, 'data_dir', v),
   }

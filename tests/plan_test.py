@@ -211,8 +211,12 @@ def test_auto_config_records_the_plan(tmp_path):
   assert c.data.target_spacing == pytest.approx((1.0, 1.0, 3.7))
   assert (c.data.num_folds, c.data.fold, c.model.ds.mode, c.seed) == (5, 1, 'none', 3)
   assert c.model.depth == c.plan.depth and c.train.batch_size == c.plan.batch_size
-  m = 2 ** (c.model.depth - 1)
-  assert all(p % m == 0 and p >= q for p, q in zip(c.data.patch_size, c.plan.patch_size))
+  # in-plane first, then z: the model pools as planned and the patch is the planned one
+  assert c.model.strides == tuple(tuple(s) for s in c.plan.strides)
+  assert c.model.strides[0] == (2, 2, 1) and c.data.patch_size == c.plan.patch_size
+  smoke = _auto_config(f'path={root},data_dir={tmp_path / "tfds"},smoke')
+  config_lib.validate(smoke)
+  assert smoke.model.strides == () and smoke.data.patch_size == (16, 16, 16)
   recorded = json.loads(config_lib.to_json(c))
   assert recorded['plan']['target_spacing'] == pytest.approx([1.0, 1.0, 3.7])
   assert recorded['plan']['anisotropic_axis'] == 2

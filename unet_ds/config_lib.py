@@ -56,6 +56,7 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.model.dropout = 0.0
   c.model.down = 'maxpool'
   c.model.up = 'transpose'
+  c.model.strides = ()                # per level, per-axis pooling ((2, 2, 1), ...); (): all 2
   c.model.conv_impl = 'auto'
   c.model.dtype = 'float32'
   c.model.remat = False
@@ -294,21 +295,24 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
   if len(shape) != c.data.ndim:
     raise ValueError(f'config.data.shape/patch_size {shape} has {len(shape)} axes but '
                      f'config.data.ndim is {c.data.ndim}')
-  m = model_cfg.size_multiple
-  if any(s % m for s in shape):
-    raise ValueError(f'config.data training shape {shape} must be divisible by {m} '
-                     f'(2^(model.depth-1), depth={model_cfg.depth})')
+  m = model_cfg.size_multiples(c.data.ndim)
+  what = (f'2^(model.depth-1), depth={model_cfg.depth}' if not model_cfg.strides else
+          f'the pooling factors of model.strides={model_cfg.strides}')
+  if any(s % k for s, k in zip(shape, m)):
+    raise ValueError(f'config.data training shape {shape} must be divisible by '
+                     f'{_multiple_text(m)} ({what})')
   eval_shape = tuple(c.data.get('eval_shape') or ())
-  if eval_shape and (len(eval_shape) != c.data.ndim or any(s % m for s in eval_shape)):
+  if eval_shape and (len(eval_shape) != c.data.ndim
+                     or any(s % k for s, k in zip(eval_shape, m))):
     raise ValueError(f'config.data.eval_shape {eval_shape}: needs {c.data.ndim} sizes divisible '
-                     f'by {m} (2^(model.depth-1), depth={model_cfg.depth})')
+                     f'by {_multiple_text(m)} ({what})')
   if c.data.name != 'synthetic' and not c.data.get('val_cases') and (
       int(c.data.get('num_folds', 0) or 0) <= 1 and float(c.data.get('val_fraction', 0.2)) <= 0):
     raise ValueError('config.data.val_fraction=0 leaves no validation cases to evaluate; set '
                      'it in (0, 1), or data.val_cases=ID,..., or data.num_folds=5 with data.fold')
-  if c.mesh.space > 1 and (shape[0] // m) % c.mesh.space:
+  if c.mesh.space > 1 and (shape[0] // m[0]) % c.mesh.space:
     raise ValueError(f'config.mesh.space={c.mesh.space} must divide the lowest-resolution size '
-                     f'{shape[0] // m} of the first spatial axis')
+                     f'{shape[0] // m[0]} of the first spatial axis')
   _validate_multirun(c, model_cfg)
   return model_cfg
 
@@ -342,6 +346,11 @@ def _check_outputs(c: ml_collections.ConfigDict, channels: int) -> None:
     metrics.parse_regions(regions, k)
   except ValueError as e:
     raise ValueError(f'config.{e}') from None
+
+
+def _multiple_text(multiples: tuple[int, ...]) -> str:
+  """'8' when every axis needs the same multiple, else '(8, 8, 2)' per axis."""
+  return str(multiples[0]) if len(set(multiples)) == 1 else f'{multiples} per axis'
 
 
 MULTIRUN_LISTS = ('seeds', 'ds_weights', 'ds_schedule', 'ds_floor')

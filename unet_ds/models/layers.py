@@ -9,7 +9,7 @@ same names and layouts as `flax.linen.Conv` / `ConvTranspose` (`kernel` as (*k, 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,7 @@ from unet_ds.models.ops.dispatch import resolve_impl
 from unet_ds.models.ops.dispatch import uses_fused_cpu_ops
 
 __all__ = ['IMPLS', 'Conv', 'ConvTranspose', 'conv', 'conv_transpose', 'dimension_numbers',
-           'max_pool', 'resize', 'resolve_impl', 'uses_fused_cpu_ops']
+           'max_pool', 'per_axis', 'resize', 'resolve_impl', 'uses_fused_cpu_ops']
 
 
 # He-normal (kaiming_normal_, as PyTorch/MONAI): the blocks use (leaky) ReLU. Not truncated:
@@ -33,11 +33,21 @@ __all__ = ['IMPLS', 'Conv', 'ConvTranspose', 'conv', 'conv_transpose', 'dimensio
 _KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 
+def per_axis(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
+  """A size given once for every axis, or per axis, as a per-axis tuple."""
+  if isinstance(value, int):
+    return (value,) * ndim
+  value = tuple(int(v) for v in value)
+  if len(value) != ndim:
+    raise ValueError(f'{value}: needs {ndim} values, one per spatial axis')
+  return value
+
+
 class Conv(nn.Module):
   """N-d 'SAME' convolution; rank from the input, channels-last."""
   features: int
   kernel_size: int = 3
-  strides: int = 1
+  strides: int | tuple[int, ...] = 1  # one for every axis, or per axis
   use_bias: bool = True
   impl: str = 'native'
   dtype: Any = None  # compute dtype (e.g. bfloat16); params stay float32.
@@ -48,7 +58,7 @@ class Conv(nn.Module):
     kernel = self.param('kernel', _KERNEL_INIT,
                         (self.kernel_size,) * ndim + (x.shape[-1], self.features), jnp.float32)
     dtype = self.dtype or x.dtype
-    y = conv(x.astype(dtype), kernel.astype(dtype), (self.strides,) * ndim, self.impl)
+    y = conv(x.astype(dtype), kernel.astype(dtype), per_axis(self.strides, ndim), self.impl)
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(dtype)
@@ -58,8 +68,8 @@ class Conv(nn.Module):
 class ConvTranspose(nn.Module):
   """N-d transposed convolution with kernel == stride (the U-Net's learned upsampling)."""
   features: int
-  kernel_size: int = 2
-  strides: int = 2
+  kernel_size: int | tuple[int, ...] = 2  # one for every axis, or per axis
+  strides: int | tuple[int, ...] = 2
   impl: str = 'native'
   dtype: Any = None
 
@@ -67,8 +77,10 @@ class ConvTranspose(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     ndim = x.ndim - 2
     kernel = self.param('kernel', _KERNEL_INIT,
-                        (self.kernel_size,) * ndim + (x.shape[-1], self.features), jnp.float32)
+                        per_axis(self.kernel_size, ndim) + (x.shape[-1], self.features),
+                        jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
     dtype = self.dtype or x.dtype
-    y = conv_transpose(x.astype(dtype), kernel.astype(dtype), (self.strides,) * ndim, self.impl)
+    y = conv_transpose(x.astype(dtype), kernel.astype(dtype), per_axis(self.strides, ndim),
+                       self.impl)
     return y + bias.astype(dtype)

@@ -42,6 +42,9 @@ class UNetConfig:
   down: str = 'maxpool'
   up: str = 'transpose'
   up_kernel: int = 2            # transposed-conv kernel (stride 2): 2, or 3 ('SAME', as Keras)
+  # Per-axis pooling factors (1 or 2) of levels 1..depth-1, e.g. ((2, 2, 1), (2, 2, 2), ...) for
+  # anisotropic data whose coarse axis waits (unet_ds.plan); () halves every axis at every level.
+  strides: tuple[tuple[int, ...], ...] = ()
   ds_mode: str = 'deep'
   ds_levels: tuple[int, ...] | None = None  # None: every decoder level below full resolution
   ds_fusion: str = 'conv_norm_act'  # hypercolumn: conv_norm_act | conv_act (3x3) | conv1x1_norm_act
@@ -73,6 +76,15 @@ class UNetConfig:
           f'ds.fusion_dropout must be in [0, 1), got {self.ds_fusion_dropout}')
     check(self.ds_fusion in ds.FUSIONS,
           f'ds.fusion must be one of {ds.FUSIONS}, got {self.ds_fusion!r}')
+    if self.strides:
+      check(len(self.strides) == self.depth - 1,
+            f'strides has {len(self.strides)} levels {self.strides} but depth={self.depth} needs '
+            f'depth-1={self.depth - 1} (set both, or strides=() to halve every axis)')
+      check(len({len(s) for s in self.strides}) == 1 and all(f in (1, 2) for s in self.strides
+                                                            for f in s),
+            f'strides {self.strides}: one factor (1 or 2) per spatial axis at every level')
+      check(self.up_kernel == 2, f'strides needs up_kernel=2 (kernel == stride), got '
+            f'{self.up_kernel}')
     check(not (self.ds_fusion == 'conv1x1_norm_act' and self.ds_fusion_dropout > 0),
           'ds.fusion_dropout needs a 3x3 fusion (conv_norm_act or conv_act)')
     check(self.up_kernel in (2, 3), f'up_kernel must be 2 or 3, got {self.up_kernel}')
@@ -118,8 +130,25 @@ class UNetConfig:
 
   @property
   def size_multiple(self) -> int:
-    """Every spatial size must be divisible by this (one halving per level below the top)."""
+    """Every spatial size must be divisible by this when every axis is halved per level (see
+    `size_multiples` for per-axis `strides`)."""
     return 2 ** (self.depth - 1)
+
+  def level_factors(self, rank: int) -> tuple[tuple[int, ...], ...]:
+    """Per-axis pooling factors of levels 1..depth-1 (`strides`, default 2 everywhere)."""
+    if self.strides:
+      if len(self.strides[0]) != rank:
+        raise ValueError(f'config.model.strides {self.strides} has {len(self.strides[0])} axes '
+                         f'per level; the data has {rank}')
+      return tuple(tuple(s) for s in self.strides)
+    return ((2,) * rank,) * (self.depth - 1)
+
+  def size_multiples(self, rank: int) -> tuple[int, ...]:
+    """What each spatial size must be divisible by: the product of its pooling factors."""
+    out = [1] * rank
+    for factors in self.level_factors(rank):
+      out = [m * f for m, f in zip(out, factors)]
+    return tuple(out)
 
 
 class UNet(nn.Module):
@@ -129,14 +158,14 @@ class UNet(nn.Module):
   def _check_input(self, x: jax.Array) -> None:
     if x.ndim not in (4, 5):
       raise ValueError(f'UNet input must be [B, H, W, C] or [B, D, H, W, C], got shape {x.shape}')
-    m = self.config.size_multiple
     spatial = x.shape[1:-1]
-    if any(s % m for s in spatial):
-      needed = tuple(-(-s // m) * m for s in spatial)
+    m = self.config.size_multiples(len(spatial))
+    if any(s % k for s, k in zip(spatial, m)):
+      needed = tuple(-(-s // k) * k for s, k in zip(spatial, m))
       raise ValueError(
-          f'UNet input spatial shape {spatial} must be divisible by {m} (2^(depth-1), depth='
-          f'{self.config.depth}); pad it to {needed} or crop it (sliding-window prediction pads '
-          f'automatically)')
+          f'UNet input spatial shape {spatial} must be divisible by {m} per axis (the pooling '
+          f'factors, depth={self.config.depth}); pad it to {needed} or crop it (sliding-window '
+          'prediction pads automatically)')
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False
@@ -158,16 +187,16 @@ class UNet(nn.Module):
     def dropout(x: jax.Array, rate: float) -> jax.Array:
       return nn.Dropout(rate, deterministic=not train)(x) if rate > 0 else x
 
-    # Encoder: level l has resolution 1/2^l.
+    # Encoder: level l has resolution 1/2^l (per axis: the product of its factors).
+    factors = cfg.level_factors(x.ndim - 2)
     skips = []
     for level in range(cfg.depth):
       strides = 1
       if level > 0:
         if cfg.down == 'maxpool':
-          window = (2,) * (x.ndim - 2)
-          x = layers.max_pool(x, window, impl)
+          x = layers.max_pool(x, factors[level - 1], impl)
         else:
-          strides = 2
+          strides = factors[level - 1]
         x = dropout(x, cfg.level_rate('down_dropout', level - 1))
       x = block(cfg.filters(level), strides, f'enc_l{level}')(x, train)
       skips.append(x)
@@ -180,7 +209,8 @@ class UNet(nn.Module):
       if cfg.up == 'transpose' and cfg.up_kernel == 3:
         x = blocks.SameConvTranspose(f, impl, dtype, name=f'up_l{level}')(x)
       elif cfg.up == 'transpose':
-        x = layers.ConvTranspose(f, 2, 2, impl, dtype, name=f'up_l{level}')(x)
+        x = layers.ConvTranspose(f, factors[level], factors[level], impl, dtype,
+                                 name=f'up_l{level}')(x)
       else:
         x = layers.resize(x, skip.shape[1:-1], 'linear')
         x = layers.Conv(f, 1, impl=impl, dtype=dtype, name=f'up_l{level}')(x)
