@@ -38,7 +38,9 @@ What still differs from the original, and why:
   `loss.side_losses=True`) but are not trained by default, as in the original.
 
 Args (comma-separated): path=DIR, isbi (ISBI masks: 0 = membrane = foreground, 255 = cell;
-slices 25-29 held out, whole 512x512 eval), patch=HxW, steps=N, classes=K, channels=C, fold=N,
+slices 25-29 held out, whole 512x512 eval), dropout_ratio=R (the kernel's DropoutRatio, 0.5:
+R/2 after the first pool, R after the others, on the decoder concatenations and the
+hypercolumn), patch=HxW, steps=N, classes=K, channels=C, fold=N,
 seed=N, smoke. With `classes=K` > 2 the one channel is the union of the foreground classes.
 """
 
@@ -78,6 +80,13 @@ def _isbi(c, _):
   c.data.eval_shape = (512, 512)
 
 
+def _dropout_ratio(c, value):
+  """The kernel's `DropoutRatio` (0.5): half of it after the first pool, all of it elsewhere."""
+  r = float(value)
+  c.model.down_dropout, c.model.up_dropout = (r / 2, r), (r,)
+  c.model.ds.fusion_dropout = r
+
+
 def _no_bench_ref(c, _):
   raise ValueError('unknown config argument \'bench_ref\' for configs/tgs_salt.py: the speed '
                    'reference is a softmax 3D model (configs/unet3d.py:bench_ref)')
@@ -85,4 +94,5 @@ def _no_bench_ref(c, _):
 
 def get_config(arg=None):
   return presets.build(arg, ndim=2, settings=_settings,
-                       extra={'isbi': _isbi, 'bench_ref': _no_bench_ref})
+                       extra={'isbi': _isbi, 'dropout_ratio': _dropout_ratio,
+                              'bench_ref': _no_bench_ref})

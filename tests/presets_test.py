@@ -52,6 +52,11 @@ def test_tgs_salt_is_the_keras_model():
   assert c.optim.name == 'adamw' and c.optim.weight_decay == 0.0  # Adam
 
 
+def test_tgs_salt_dropout_ratio_scales_the_pattern():
+  m = config_lib.validate(tgs_salt.get_config('dropout_ratio=0.2'))
+  assert (m.down_dropout, m.up_dropout, m.ds_fusion_dropout) == ((0.1, 0.2), (0.2,), 0.2)
+
+
 def test_tgs_salt_isbi_arg_and_real_data_defaults():
   c = tgs_salt.get_config('path=/data/isbi/train,isbi')
   assert (c.data.name, c.data.path, c.data.label_map) == ('folder2d', '/data/isbi/train',
