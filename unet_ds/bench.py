@@ -108,7 +108,7 @@ class TrainStep:
   impl: str                 # the resolved conv_impl
   flops: float | None       # XLA's count of the same step with the native ops
   compile_s: float
-  setup: Any               # state.Setup: model, model config, optimiser
+  setup: Any                # state.Setup: model, model config, optimiser
   native_model: Any         # the same model with the native ops (FLOP counts)
 
   def __call__(self) -> Any:
