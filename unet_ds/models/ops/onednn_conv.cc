@@ -1,6 +1,6 @@
 // oneDNN convolutions (forward, backward data, backward weights) as XLA FFI custom calls.
 //
-// Built on first use by unet_ds/models/onednn.py (g++, oneDNN from the onednn-cpu-gomp wheel).
+// Built on first use by unet_ds/models/ops/onednn.py (g++, oneDNN from the onednn-cpu-gomp wheel).
 // Layouts are the model's: activations channels-last (NHWC / NDHWC), kernels in flax layout
 // (*k, C_in, C_out), float32. Primitives are cached per problem (shapes, strides, padding); a
 // call wraps the XLA buffers without copies, reorders the kernel (or its gradient) where the
