@@ -162,10 +162,11 @@ class UNet(nn.Module):
     m = self.config.size_multiples(len(spatial))
     if any(s % k for s, k in zip(spatial, m)):
       needed = tuple(-(-s // k) * k for s, k in zip(spatial, m))
+      what = (f'{m[0]} (2^(depth-1), depth={self.config.depth})' if not self.config.strides else
+              f'{m} per axis (the pooling factors of strides={self.config.strides})')
       raise ValueError(
-          f'UNet input spatial shape {spatial} must be divisible by {m} per axis (the pooling '
-          f'factors, depth={self.config.depth}); pad it to {needed} or crop it (sliding-window '
-          'prediction pads automatically)')
+          f'UNet input spatial shape {spatial} must be divisible by {what}; pad it to {needed} '
+          'or crop it (sliding-window prediction pads automatically)')
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False
