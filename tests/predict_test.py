@@ -224,6 +224,9 @@ def test_predict_and_eval_restore_the_run_from_its_workdir(tmp_path):
   assert on_disk['step'] == 7 and on_disk['cases'][0]['case_id'] == '3'
   assert on_disk['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
   assert (tmp_path / 'ev' / 'metrics.csv').exists() and (tmp_path / 'ev' / '3.png').exists()
+  (tmp_path / 'a_file').write_text('not a folder')
+  with pytest.raises(NotADirectoryError, match='a_file: exists and is not a folder'):
+    predict.run(None, workdir, input_path=str(root / 'image'), output=str(tmp_path / 'a_file'))
   with pytest.raises(FileNotFoundError, match='config.json not found'):
     predict.run(None, str(tmp_path / 'nothing'), input_path=str(root),
                 output=str(tmp_path / 'x'))

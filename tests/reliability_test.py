@@ -131,3 +131,55 @@ def test_cli_errors_end_with_one_line_naming_the_cause(tmp_path, data_dir):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith('error: ') and expected in last, last
     assert 'Traceback' not in res.stderr
+
+
+def _wait_for(predicate, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if predicate():
+      return True
+    time.sleep(0.01)
+  return False
+
+
+def test_sigterm_and_a_kill_inside_a_checkpoint_save_resume_exactly(tmp_path, data_dir):
+  flags = ['--config.train.steps=14', '--config.train.checkpoint_every=1',
+           '--config.train.eval_every=7', '--config.train.log_every=1']
+  straight = tmp_path / 'straight'
+  subprocess.run(_cli(straight, data_dir, *flags), cwd=REPO, check=True, capture_output=True,
+                 timeout=600)
+  run = tmp_path / 'run'
+  ckpt_dir = run / 'checkpoints'
+
+  def start():
+    return subprocess.Popen(_cli(run, data_dir, *flags), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+  def logged_step():
+    try:
+      return max(_steps(run / 'metrics.jsonl'), default=0)
+    except (OSError, ValueError):
+      return 0
+
+  proc = start()  # 1: SIGTERM after a few steps
+  assert _wait_for(lambda: logged_step() >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM
+  proc = start()  # 2: SIGKILL as soon as a checkpoint is being written (orbax's temp folder)
+  in_save = lambda: any('tmp' in p.name for p in ckpt_dir.iterdir())  # noqa: E731
+  _wait_for(lambda: logged_step() >= 8 and in_save(), proc)
+  proc.kill()
+  proc.communicate(timeout=300)
+  proc = start()  # 3: to the end
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-2000:]
+  a = [json.loads(l) for l in open(straight / 'metrics.jsonl')]
+  b = [json.loads(l) for l in open(run / 'metrics.jsonl')]
+  assert [r['step'] for r in b] == list(range(1, 15))
+  np.testing.assert_array_equal([r['loss'] for r in a], [r['loss'] for r in b])
+  assert _steps(run / 'eval.jsonl') == [7, 14]
+  sa = json.loads((straight / 'summary.json').read_text())
+  sb = json.loads((run / 'summary.json').read_text())
+  assert sa['mean_foreground_dice'] == sb['mean_foreground_dice']
+  assert sa['final'] == sb['final']

@@ -63,6 +63,8 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.model.ds = ml_collections.ConfigDict()
   c.model.ds.mode = 'deep'
   c.model.ds.levels = ()              # () -> every decoder level below full resolution
+  c.model.ds.fusion = 'conv_norm_act'  # hypercolumn: conv_norm_act | conv_act (3x3) | conv1x1_norm_act
+  c.model.ds.fusion_dropout = 0.0     # hypercolumn: dropout on the concatenated column
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = 'dice_ce'

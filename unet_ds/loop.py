@@ -31,6 +31,7 @@ import tqdm
 
 from unet_ds import checkpoint
 from unet_ds import config_lib
+from unet_ds import hostmem
 from unet_ds import logs
 from unet_ds import state as state_lib
 from unet_ds import workdir as workdir_lib
@@ -243,6 +244,8 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
   try:
     for step in range(start + 1, last + 1):
       state, m = step_fn(state, trainer.shard(next(data_iter)))
+      if step == start + 1:  # compiled: hand the compiler's freed heap back to the OS
+        hostmem.trim_host_heap()
       if pending is not None:
         log(*pending)
       pending = (step, m)
