@@ -8,6 +8,8 @@ out over the new step count, so its programs compile anew), then its steps and e
 final whole-image eval (estimated as `FINAL_EVAL_FACTOR` in-training evals plus one more
 compilation). The number of steps is the largest that fits all of that after the calibration.
 The learning-rate schedule and the DS weight schedule follow `train.steps`, so both fit too.
+Should the machine slow down, training stops at the first step past the budget less the final
+eval's estimate (checkpointed and evaluated there).
 
 A resumed budgeted run keeps the step count its checkpoint was trained with.
 """
@@ -41,6 +43,12 @@ class Plan:
   compile_s: float
   setup_s: float
   calibration_s: float
+
+  @property
+  def train_deadline_s(self) -> float:
+    """Seconds from the start after which training stops whatever the plan (its safety net when
+    the machine slows down): the budget less the final eval's estimate."""
+    return self.minutes * 60 - FINAL_EVAL_FACTOR * self.eval_s - self.compile_s
 
   def predicted_seconds(self, eval_every: int) -> float:
     return self.calibration_s + run_seconds(self.steps, step_s=self.step_s, eval_s=self.eval_s,

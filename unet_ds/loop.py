@@ -203,9 +203,12 @@ def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> li
   return ckpts.set_aside_after(failed_step - 2)
 
 
-def fit(trainer: Trainer, allow_changes: Sequence[str] = ()) -> dict[str, Any]:
+def fit(trainer: Trainer, allow_changes: Sequence[str] = (),
+        deadline: float | None = None) -> dict[str, Any]:
   """Trains `trainer` from its workdir's latest checkpoint to `last_step`, then scores it.
 
+  `deadline` (a `time.time()`): training stops at the first step past it, checkpointed and
+  evaluated, as if it were the last (a wall-clock budget's safety net).
   Returns the last in-training records and whole-image evals, per run:
   `{'step', 'stopped_early'?: True, 'evals': [...], 'in_training': [...], 'seconds'}`.
   """
@@ -223,7 +226,8 @@ def fit(trainer: Trainer, allow_changes: Sequence[str] = ()) -> dict[str, Any]:
       for writer in writers:
         writer.truncate_after(start)
       with _signals_to_flag() as flag:
-        return _run(trainer, state, start, data_iter, ckpts, writers, config_json, flag)
+        return _run(trainer, state, start, data_iter, ckpts, writers, config_json, flag,
+                    deadline)
     finally:  # on any error too: finish the async saves, so the last good checkpoint is complete
       ckpts.wait()
       ckpts.close()
@@ -233,7 +237,7 @@ def fit(trainer: Trainer, allow_changes: Sequence[str] = ()) -> dict[str, Any]:
 
 def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
          ckpts: checkpoint.Checkpoints, writers: Sequence[logs.Writer], config_json: str,
-         flag: dict[str, int]) -> dict[str, Any]:
+         flag: dict[str, int], deadline: float | None = None) -> dict[str, Any]:
   c = trainer.config
   step_fn = trainer.jit_train_step()
   log = _StepLog(trainer, writers, start)
@@ -249,8 +253,9 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
       if pending is not None:
         log(*pending)
       pending = (step, m)
-      saving = step % c.train.checkpoint_every == 0 or step == last
-      scoring = step % c.train.eval_every == 0 or step == c.train.steps
+      out_of_time = deadline is not None and time.time() > deadline and step < last
+      saving = step % c.train.checkpoint_every == 0 or step == last or out_of_time
+      scoring = step % c.train.eval_every == 0 or step == c.train.steps or out_of_time
       if saving or scoring or 'signum' in flag:
         log(*pending)
         pending = None
@@ -267,6 +272,9 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
         name = signal.Signals(flag['signum']).name
         raise Interrupted(flag['signum'], f'{name}: checkpoint of step {step} saved in '
                           f'{ckpts.directory}; run the same command again to resume')
+      if out_of_time:
+        print(f'time budget reached: training stops at step {step} of {c.train.steps}')
+        break
   except NonFiniteError as e:
     moved = _set_aside_unverified(ckpts, e.step)
     kept = ckpts.latest_step()
@@ -276,7 +284,7 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
   finally:
     log.bar.close()
   seconds = time.time() - t0
-  if last < c.train.steps:
+  if last < c.train.steps and step == last:
     return {'step': last, 'stopped_early': True}
   step = int(np.ravel(state.step)[0])
   if evals is None:  # resumed a finished run: score the restored state

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import json
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import flax
@@ -332,9 +333,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns `{'step', 'runs': {name: summary}}` (or `{'step', 'stopped_early': True}` when
   `train.stop_at_step` stopped it), each summary as `train.train_and_evaluate` returns it.
   """
-  config, _ = budget.fit(config, workdir, MultiExperiment.build)  # train.minutes -> train.steps
+  t0 = time.time()
+  config, plan = budget.fit(config, workdir, MultiExperiment.build)  # train.minutes -> steps
   mexp = MultiExperiment.build(config, workdir)
-  out = loop.fit(mexp, allow_changes)
+  out = loop.fit(mexp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None)
   if out.get('stopped_early'):
     return out
   conv_impl = train.layers.resolve_impl(config.model.conv_impl)

@@ -265,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   t0 = time.time()
   config, plan = budget.fit(config, workdir, Experiment.build)  # train.minutes -> train.steps
   exp = Experiment.build(config, workdir)
-  out = loop.fit(exp, allow_changes)
+  out = loop.fit(exp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None)
   if out.get('stopped_early'):
     return out
   summary = loop.summary_record(out['evals'][0], out['in_training'][0], config, step=out['step'],
