@@ -12,6 +12,9 @@ from configs import dsn3d
 from configs import tgs_salt
 from configs import unet2d
 from unet_ds import config_lib
+from unet_ds import evaluate
+from unet_ds import metrics
+from unet_ds import predict
 from unet_ds import train
 
 PRESETS = {'tgs_salt': tgs_salt, 'brats18': brats18, 'dsn3d': dsn3d}
@@ -34,6 +37,8 @@ def test_preset_smoke_trains_end_to_end(tmp_path, data_dir, name, classes, heads
   assert len(summary['final']['dice']) == classes
   assert len(summary['heads']) == heads
   assert 0.0 <= summary['mean_foreground_dice'] <= 1.0
+  ev = evaluate.run(None, str(tmp_path))  # --mode=eval gives the number training ended with
+  assert ev['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
 
 
 def test_tgs_salt_is_the_keras_model():
@@ -129,6 +134,17 @@ def test_tgs_salt_binary_on_a_png_folder(tmp_path):
   c.data.label_map, c.data.val_cases = '0:1,255:0', '3'
   summary = _train(c, tmp_path / 'run', str(tmp_path / 'tfds'))
   assert summary['step'] == 4 and len(summary['final']['dice']) == 2
+  # --mode=eval: the held-out slice, binary Dice, IoU and the TGS score; --mode=predict: PNGs in
+  # the folder's own values (0 / 255), probabilities on request.
+  ev = evaluate.run(None, str(tmp_path / 'run'), output=str(tmp_path / 'ev'))
+  assert ev['num_cases'] == 1 and len(ev['per_class']['dice']) == 2
+  assert ev['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
+  assert 0.0 <= ev['mean_tgs_score'] <= 1.0
+  out = predict.run(None, str(tmp_path / 'run'), input_path=str(tmp_path / 'em' / 'image'),
+                    output=str(tmp_path / 'pred'), probabilities=True)
+  first = np.array(Image.open(out['written'][0]))
+  assert set(np.unique(first)) <= {0, 255}
+  assert np.load(tmp_path / 'pred' / '0_probs.npy').shape == first.shape + (2,)
 
 
 def test_brats18_on_4d_nifti_with_4_modalities(tmp_path):
@@ -147,6 +163,15 @@ def test_brats18_on_4d_nifti_with_4_modalities(tmp_path):
   c.data.val_cases = 'c2'
   summary = _train(c, tmp_path / 'run', str(tmp_path / 'tfds'))
   assert summary['step'] == 4 and len(summary['final']['dice']) == 4
+  ev = evaluate.run(None, str(tmp_path / 'run'))  # the held-out case, classes and regions
+  assert ev['num_cases'] == 1 and len(ev['per_class']['dice']) == 4
+  assert ev['mean_foreground_dice'] == pytest.approx(summary['mean_foreground_dice'])
+  if c.eval.regions:
+    assert set(ev['region_dice']) == {n for n, _ in metrics.parse_regions(c.eval.regions)}
+  out = predict.run(None, str(tmp_path / 'run'), input_path=str(root / 'imagesTr' / 'c0.nii.gz'),
+                    output=str(tmp_path / 'pred'))
+  written = nibabel.load(out['written'][0])
+  assert written.shape == (18, 16, 17) and written.get_data_dtype() == np.uint8
 
 
 def test_binary_output_on_multiclass_synthetic_trains_and_keeps_the_data():

@@ -110,7 +110,7 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
 
   c.inference = inference_group()     # --mode=eval/predict: sliding-window overlap, batch, TTA
   c.eval = ml_collections.ConfigDict()
-  c.eval.regions = ''                 # 'name:1+2+3,...': unions of labels scored beside classes
+  c.eval.regions = ''                 # 'wt=1,2,3;tc=1,3;et=3': unions of labels scored beside classes
   c.eval.nsd_tolerance_mm = 1.0       # normalised surface Dice tolerance (whole-image eval)
 
   # K runs trained together in one vmapped program (unet_ds.multirun); per-run lists: () = same.

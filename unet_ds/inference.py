@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unet_ds import metrics
 from unet_ds.data import patches
 
 PredictFn = Callable[[jax.Array], jax.Array]  # [B, *patch, C] -> logits [B, *patch, K]
@@ -95,15 +96,6 @@ def flip_combinations(tta_axes: Sequence[int]) -> list[tuple[int, ...]]:
   return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def logits_to_probs(logits: jax.Array) -> jax.Array:
-  """Softmax over classes; one binary logit channel becomes `[1 - sigmoid, sigmoid]`."""
-  logits = logits.astype(jnp.float32)
-  if logits.shape[-1] == 1:
-    p = jax.nn.sigmoid(logits)
-    return jnp.concatenate([1 - p, p], axis=-1)
-  return jax.nn.softmax(logits, axis=-1)
-
-
 def make_window_fn(predict_fn: PredictFn, weight: np.ndarray,
                    tta_axes: Sequence[int] = ()) -> Callable[[np.ndarray], jax.Array]:
   """Jitted `[B, *patch, C] -> weight * mean_over_flips(probs)` `[B, *patch, K]`."""
@@ -116,7 +108,7 @@ def make_window_fn(predict_fn: PredictFn, weight: np.ndarray,
     for flip in flips:
       batch_axes = tuple(a + 1 for a in flip)
       x = jnp.flip(batch, batch_axes) if flip else batch
-      p = logits_to_probs(predict_fn(x))
+      p = metrics.probs_from_logits(predict_fn(x))
       probs = probs + (jnp.flip(p, batch_axes) if flip else p)
     return probs * (weight / len(flips))
 
