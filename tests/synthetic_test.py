@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from unet_ds.data import prepare
 from unet_ds.data import synthetic
 
 _TINY = dict(ndim=3, shape=(16, 16, 16), num_classes=3, num_train=6, num_val=2, seed=0)
@@ -102,9 +103,9 @@ def test_class_intensities_rise_but_overlap():
 
 def test_default_data_dir(monkeypatch):
   monkeypatch.setenv('UNET_DS_DATA_DIR', '/some/where')
-  assert synthetic.default_data_dir() == '/some/where'
+  assert prepare.default_data_dir() == '/some/where'
   monkeypatch.delenv('UNET_DS_DATA_DIR')
-  assert synthetic.default_data_dir() == os.path.expanduser('~/.cache/unet_ds/tfds')
+  assert prepare.default_data_dir() == os.path.expanduser('~/.cache/unet_ds/tfds')
 
 
 @pytest.mark.parametrize('override,match', [

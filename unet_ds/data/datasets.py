@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import grain.python as grain
 import numpy as np
 
+from unet_ds.data import prepare
 from unet_ds.data import synthetic
 
 
@@ -22,7 +23,7 @@ def get_sources(data_cfg: Any) -> dict[str, Any]:
     return synthetic.load(ndim=data_cfg.ndim, shape=tuple(data_cfg.shape),
                           num_classes=data_cfg.num_classes, num_train=data_cfg.num_train,
                           num_val=data_cfg.num_val, seed=data_cfg.seed,
-                          data_dir=data_cfg.data_dir or synthetic.default_data_dir(),
+                          data_dir=data_cfg.data_dir or prepare.default_data_dir(),
                           in_channels=int(data_cfg.get('in_channels', 1)))
   if data_cfg.name == 'msd':
     from unet_ds.data import msd  # pylint: disable=g-import-not-at-top

@@ -27,7 +27,7 @@ from unet_ds.data import split as split_lib
 
 
 def default_data_dir() -> str:
-  """Where prepared data goes when `data.data_dir` is unset (the synthetic data's convention):
+  """Where prepared data (synthetic and user folders) goes when `data.data_dir` is unset:
   $UNET_DS_DATA_DIR, else ~/.cache/unet_ds/tfds."""
   return os.environ.get('UNET_DS_DATA_DIR') or os.path.expanduser('~/.cache/unet_ds/tfds')
 

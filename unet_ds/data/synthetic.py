@@ -59,11 +59,6 @@ class _DropCustomConfigWarning(logging.Filter):
 logging.getLogger('absl').addFilter(_DropCustomConfigWarning())
 
 
-def default_data_dir() -> str:
-  """Where synthetic datasets are prepared: $UNET_DS_DATA_DIR, else ~/.cache/unet_ds/tfds."""
-  return os.environ.get('UNET_DS_DATA_DIR') or os.path.expanduser('~/.cache/unet_ds/tfds')
-
-
 def config_name(*, ndim: int, shape: Sequence[int], num_classes: int, num_train: int, num_val: int,
                 seed: int, in_channels: int = 1) -> str:
   """The builder config name; it encodes every generation parameter, e.g. `3d_32x32x32_k3_n64v16_s0`
