@@ -183,3 +183,16 @@ def test_sigterm_and_a_kill_inside_a_checkpoint_save_resume_exactly(tmp_path, da
   sb = json.loads((run / 'summary.json').read_text())
   assert sa['mean_foreground_dice'] == sb['mean_foreground_dice']
   assert sa['final'] == sb['final']
+
+
+def test_a_checkpoint_from_before_a_new_config_key_resumes(tmp_path, data_dir):
+  c = _smoke(data_dir, steps=4, eval_every=2, checkpoint_every=2, stop_at_step=2)
+  train.train_and_evaluate(c, str(tmp_path))
+  # As if written by an older unet_ds: the saved config lacks a key that now has a default.
+  ckpt = tmp_path / 'checkpoints' / '2' / 'config' / 'metadata'
+  saved = json.loads(ckpt.read_text())
+  del saved['model']['ds']['fusion']
+  ckpt.write_text(json.dumps(saved))
+  summary = train.train_and_evaluate(_smoke(data_dir, steps=4, eval_every=2, checkpoint_every=2),
+                                     str(tmp_path))
+  assert summary['step'] == 4
