@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import runs as runs_lib
+from tests import smoke
 from unet_ds import checkpoint
 from unet_ds import config_lib
 from unet_ds import evaluate
@@ -22,12 +23,7 @@ _RUNS = [dict(seed=3, ds_weights='exp', ds_schedule='constant', ds_floor=0.0),
          dict(seed=5, ds_weights='0.5,0.5', ds_schedule='linear', ds_floor=0.25)]
 
 
-def _smoke(data_dir, **train_kw):
-  c = config_lib.apply_args(config_lib.base_config(2), 'ds=deep,smoke')
-  c.data.data_dir = data_dir
-  c.mesh.data = 1
-  c.train.update(train_kw)
-  return c
+_smoke = smoke.config
 
 
 def _multi(data_dir, runs=_RUNS, **train_kw):

@@ -11,8 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from tests import smoke
 from unet_ds import checkpoint
-from unet_ds import config_lib
 from unet_ds import evaluate
 from unet_ds import train
 from unet_ds import workdir as workdir_lib
@@ -20,12 +20,7 @@ from unet_ds import workdir as workdir_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _smoke(data_dir, **train_kw):
-  c = config_lib.apply_args(config_lib.base_config(2), 'ds=deep,smoke')
-  c.data.data_dir = data_dir
-  c.mesh.data = 1
-  c.train.update(train_kw)
-  return c
+_smoke = smoke.config
 
 
 def _steps(path, key='step'):

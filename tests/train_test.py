@@ -1,14 +1,13 @@
 """End-to-end training tests on tiny synthetic data: every DS mode, resume, checkpoints, sharding."""
 
-import functools
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests import smoke
 from unet_ds import checkpoint
 from unet_ds import config_lib
 from unet_ds import evaluate
@@ -18,11 +17,7 @@ from unet_ds import train
 
 
 def _smoke(data_dir, ndim=3, mode='deep', **train_kw):
-  c = config_lib.apply_args(config_lib.base_config(ndim), f'ds={mode},smoke')
-  c.data.data_dir = data_dir
-  c.mesh.data = 1
-  c.train.update(train_kw)
-  return c
+  return smoke.config(data_dir, ndim, mode, **train_kw)
 
 
 def _lines(path):
