@@ -121,18 +121,29 @@ def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+def build_once(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: tfds.core.BuilderConfig,
+               data_dir: str | None) -> tfds.core.GeneratorBasedBuilder:
+  """The builder of `config` under `data_dir`, prepared on first use (array_record).
+
+  Several processes may start at once: one prepares under a file lock, the others wait for it
+  and then reuse what it wrote.
+  """
+  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
+  os.makedirs(data_dir, exist_ok=True)
+  make = lambda: builder_cls(config=config, data_dir=data_dir, file_format='array_record')  # noqa
+  builder = make()
+  if not os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
+    with open(os.path.join(data_dir, f'.{builder.name}.{config.name}.lock'), 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      builder = make()
+      builder.download_and_prepare(file_format='array_record')
+  return builder
+
+
 def prepare_and_load(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: FolderConfig,
                      data_dir: str | None) -> dict[str, CaseSource]:
   """Prepares (once per config) and returns `{split: CaseSource}` for the non-empty splits."""
-  data_dir = os.path.abspath(os.path.expanduser(data_dir or default_data_dir()))
-  os.makedirs(data_dir, exist_ok=True)
-  builder = builder_cls(config=config, data_dir=data_dir)
-  if not os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
-    # Several processes may start at once: one prepares, the others wait and then reuse it.
-    with open(os.path.join(data_dir, f'.{builder.name}.{config.name}.lock'), 'w') as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
-      builder = builder_cls(config=config, data_dir=data_dir)
-      builder.download_and_prepare(file_format='array_record')
+  builder = build_once(builder_cls, config, data_dir)
   sources = builder.as_data_source()
   # Named by content, not location: a checkpointed iterator resumes on a copy of the data.
   return {str(split): CaseSource(src, f'{builder.name}/{config.content_id}/{split}')

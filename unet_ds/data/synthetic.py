@@ -23,14 +23,14 @@ algorithm, so different parameters never share files; `load()` prepares a config
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from unet_ds.data import prepare
 
 # The constants below define the data: change any of them, or the generator, and bump VERSION.
 # Shape families, cycled over the foreground classes (class c uses family (c - 1) % 3).
@@ -291,15 +291,7 @@ def load(*, ndim: int, shape: Sequence[int], num_classes: int, num_train: int, n
   config = SyntheticConfig.create(ndim=ndim, shape=shape, num_classes=num_classes,
                                   num_train=num_train, num_val=num_val, seed=seed,
                                   in_channels=in_channels)
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
-  os.makedirs(data_dir, exist_ok=True)
-  builder = SyntheticShapes(config=config, data_dir=data_dir, file_format='array_record')
-  if not os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
-    # Several processes may start at once: one generates, the others wait and then reuse it.
-    with open(os.path.join(data_dir, f'.{builder.name}.{config.name}.lock'), 'w') as lock:
-      fcntl.flock(lock, fcntl.LOCK_EX)
-      builder = SyntheticShapes(config=config, data_dir=data_dir, file_format='array_record')
-      builder.download_and_prepare(file_format='array_record')
+  builder = prepare.build_once(SyntheticShapes, config, data_dir)
   sources = builder.as_data_source()
   return {split: _Source(sources[split], f'{builder.info.full_name}/{split}')
           for split in ('train', 'validation')}
