@@ -7,7 +7,7 @@ ordered from the highest resolution to the lowest, each at its own resolution (`
 - `deep`: the same, plus a 1x1 head per chosen level, each trained with its own weighted loss
   (CPM, nnU-Net, MONAI DynUNet).
 - `additive`: the per-level heads are accumulated from the lowest level upwards,
-  `acc = up(acc + head_l)`, and added into the final logits (3DUnet-Tensorflow-Brats18); one loss
+  `acc = up(acc) + head_l`, and added into the final logits (3DUnet-Tensorflow-Brats18); one loss
   on `final`, heads may get side losses.
 - `hypercolumn`: decoder features of every level resized to full size, concatenated and fused by
   a 3x3 conv-norm-act (`fusion='conv_norm_act'`) or conv-act with a bias (`'conv_act'`, the TGS
