@@ -412,6 +412,24 @@ def side_losses(c: ml_collections.ConfigDict) -> bool:
   return c.model.ds.mode == 'deep' or bool(c.loss.side_losses)
 
 
+def fill_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+  """A saved config (a nested dict, as config.json) with the keys a newer unet_ds added, at their
+  defaults: a run written before a key existed ran with what is now its default, so a resume or
+  a comparison of runs sees no change."""
+  ndim = int(saved.get('data', {}).get('ndim', 3))
+  defaults = json.loads(to_json(base_config(ndim)))
+
+  def fill(into: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    out = dict(into)
+    for key, value in base.items():
+      if key not in out:
+        out[key] = value
+      elif isinstance(value, dict) and isinstance(out[key], dict):
+        out[key] = fill(out[key], value)
+    return out
+  return fill(saved, defaults)
+
+
 def to_json(c: ml_collections.ConfigDict) -> str:
   """The resolved config as JSON (tuples become lists)."""
   def default(o):

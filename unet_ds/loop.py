@@ -185,7 +185,7 @@ def _restore(trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter: DataIte
     return trainer.init_state(), 0, True
   # The config first: a changed model is named by its keys, not by mismatching arrays.
   saved_step = ckpts.steps()[-1]
-  accepted = workdir_lib.check_resume(_with_new_defaults(ckpts.saved_config(), trainer.config),
+  accepted = workdir_lib.check_resume(config_lib.fill_defaults(ckpts.saved_config()),
                                       json.loads(config_json), allow_changes,
                                       ckpts.path(saved_step))
   if accepted:
@@ -196,23 +196,6 @@ def _restore(trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter: DataIte
   if data_state is not None:
     data_iter.set_state(data_state)
   return state, start, any(k.startswith('data.') for k in accepted)
-
-
-def _with_new_defaults(saved: dict[str, Any], config: ml_collections.ConfigDict
-                       ) -> dict[str, Any]:
-  """`saved` with the keys a newer unet_ds added, at their defaults: a checkpoint written before
-  a key existed trained with what is now its default, so resuming it changes nothing."""
-  defaults = json.loads(config_lib.to_json(config_lib.base_config(int(config.data.ndim))))
-
-  def fill(into: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
-    out = dict(into)
-    for key, value in base.items():
-      if key not in out:
-        out[key] = value
-      elif isinstance(value, dict) and isinstance(out[key], dict):
-        out[key] = fill(out[key], value)
-    return out
-  return fill(saved, defaults)
 
 
 def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> list[str]:
