@@ -85,9 +85,8 @@ def _fsync_dir(folder: str) -> None:
   except OSError:
     return  # not every filesystem lets a directory be opened
   try:
-    os.fsync(fd)
-  except OSError:
-    pass
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+      os.fsync(fd)
   finally:
     os.close(fd)
 
