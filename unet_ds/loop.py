@@ -195,7 +195,8 @@ def _restore(trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter: DataIte
     print(f'resume: continuing from step {start}; the unreadable checkpoint is now {path}')
   if data_state is not None:
     data_iter.set_state(data_state)
-  return state, start, any(k.startswith('data.') for k in accepted)
+  # The split is written anew only when the data itself was allowed to change.
+  return state, start, any(k.startswith('data.') and k != 'data.data_dir' for k in accepted)
 
 
 def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> list[str]:
