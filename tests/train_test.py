@@ -47,6 +47,7 @@ def test_one_step_train_and_evaluate_every_mode(tmp_path, data_dir, ndim, mode):
   assert ev['pooled_foreground_dice'] == summary['pooled_foreground_dice']
   saved = json.loads((tmp_path / 'config.json').read_text())
   assert saved['model']['ds']['mode'] == mode
+  assert len(os.listdir(tmp_path / 'tensorboard')) == 1  # one event file a run
   saved_summary = json.loads((tmp_path / 'summary.json').read_text())
   assert saved_summary['step'] == 1
   assert saved_summary['conv_impl'] == 'cpu_fast'  # 'auto' with conftest's 4 CPU devices

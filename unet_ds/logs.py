@@ -75,12 +75,14 @@ def read_jsonl(path: str | os.PathLike[str], required: Sequence[str] = ()
 class Writer:
   """Appends metrics to the workdir's files (and TensorBoard, when tensorboardX is there)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    """`tensorboard=False`: a writer of workdir files only (no event file is opened)."""
     self.workdir = workdir
     self.enabled = jax.process_index() == 0
     self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+    if self.enabled and tensorboard:
       try:
         import tensorboardX  # pylint: disable=g-import-not-at-top
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))

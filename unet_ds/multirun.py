@@ -347,6 +347,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               step=out['step'], train_seconds=out['seconds'],
                               num_params=out['num_params'], conv_impl=conv_impl),
         'multirun': {'k': mexp.k, 'index': i, 'name': run.name}}
-    logs.Writer(os.path.join(mexp.workdir, run.name)).write_json('summary.json',
-                                                                 summaries[run.name])
+    logs.Writer(os.path.join(mexp.workdir, run.name), tensorboard=False).write_json(
+        'summary.json', summaries[run.name])
   return {'step': out['step'], 'runs': summaries}

@@ -203,7 +203,7 @@ class Experiment:
 
     A resumed run keeps its split even if files were added to the data folder since.
     """
-    writer = logs.Writer(self.workdir)
+    writer = logs.Writer(self.workdir, tensorboard=False)
     writer.write_text('config.json', config_lib.to_json(self.config))
     if self.config.data.name in cases_lib.FILE_KINDS and (
         fresh or not os.path.exists(writer.path(cases_lib.SPLIT_FILE))):
@@ -275,5 +275,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if plan is not None:
     summary['budget'] = {**dataclasses.asdict(plan),
                          'predicted_seconds': plan.predicted_seconds(config.train.eval_every)}
-  logs.Writer(exp.workdir).write_json('summary.json', summary)
+  logs.Writer(exp.workdir, tensorboard=False).write_json('summary.json', summary)
   return summary
