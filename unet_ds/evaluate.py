@@ -166,9 +166,11 @@ def evaluate_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, s
                    output_dir: str, *, ignore_index: int | None = None,
                    tolerance_mm: float = 1.0, binary: bool = False,
                    regions: metrics.Regions = (), write_predictions: bool = False,
+                   facts: dict[str, Any] | None = None,
                    log: Callable[[str], None] = print) -> dict[str, Any]:
   """Scores labelled files (case_id, image, label) with `predictor`; writes the metrics files
-  (and each prediction when `write_predictions`) into `output_dir`."""
+  (and each prediction when `write_predictions`) into `output_dir`. `facts` (e.g. the step)
+  lead the summary."""
   output_dir = predict.check_output_dir(output_dir)
   on_prediction = None
   if write_predictions:
@@ -179,6 +181,7 @@ def evaluate_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, s
                         max(predictor.data_settings['num_classes'], 2),
                         ignore_index=ignore_index, tolerance_mm=tolerance_mm, binary=binary,
                         regions=regions, on_prediction=on_prediction, log=log)
+  summary = {**(facts or {}), **summary}
   write_metrics(output_dir, summary)
   return summary
 
@@ -217,6 +220,7 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
                           max(int(config.data.num_classes), 2), ignore_index=ignore,
                           tolerance_mm=tolerance, binary=binary, regions=regions, log=log)
     summary = {'step': step, 'cases_selected': 'validation', 'input': 'synthetic', **summary}
+    write_metrics(output, summary)
   else:
     own_path = os.path.abspath(os.path.expanduser(config.data.path))
     input_path = os.path.abspath(input_path or own_path)
@@ -227,9 +231,8 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     predictor = predict.Predictor(predict_fn, config.data, settings)
     summary = evaluate_cases(predictor, selected, output, ignore_index=ignore,
                              tolerance_mm=tolerance, binary=binary, regions=regions,
-                             write_predictions=write_predictions, log=log)
-    summary = {'step': step, 'cases_selected': cases, 'input': input_path, **summary}
-  write_metrics(output, summary)  # again, with the run's facts
+                             write_predictions=write_predictions, log=log,
+                             facts={'step': step, 'cases_selected': cases, 'input': input_path})
   summary['output'] = output
   return summary
 
