@@ -30,7 +30,6 @@ from unet_ds import inference
 from unet_ds import metrics
 from unet_ds import overlays
 from unet_ds import predict
-from unet_ds import state as state_lib
 from unet_ds import surface_metrics
 from unet_ds import workdir as workdir_lib
 from unet_ds.data import cases as cases_lib
@@ -267,9 +266,7 @@ def run(config: Any, workdir: str, *, input_path: str | None = None, output: str
   that many overlay PNGs (`write_overlays`).
   """
   cfg = predict.run_config(config, workdir)
-  setup, state, step = state_lib.restore(cfg, workdir)
-  variables = state.variables()
-  apply_fn = lambda x: setup.model.apply(variables, x, train=False)  # noqa: E731
+  apply_fn, step = predict.restore_apply_fn(cfg, workdir)
   summary = evaluate_run(cfg, workdir, lambda x: apply_fn(x)[0], step, input_path=input_path,
                          output=output, cases=cases, write_predictions=bool(output))
   if num_overlays > 0:

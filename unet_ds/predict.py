@@ -210,15 +210,15 @@ def _differs(a: Any, b: Any) -> bool:
   return to(a) != to(b)
 
 
-def restore_predict_fn(config: ml_collections.ConfigDict, workdir: str
-                       ) -> tuple[inference.PredictFn, int]:
-  """(`x -> final logits` with the latest checkpoint's weights, its step).
+def restore_apply_fn(config: ml_collections.ConfigDict, workdir: str
+                     ) -> tuple[Callable[[Any], tuple[Any, Any]], int]:
+  """(`x -> (final, intermediates)` with the latest checkpoint's weights, its step).
 
   Needs only the checkpoint and the config, not the training data.
   """
   setup, state, step = state_lib.restore(config, workdir)
   variables = state.variables()
-  return (lambda x: setup.model.apply(variables, x, train=False)[0]), step
+  return (lambda x: setup.model.apply(variables, x, train=False)), step
 
 
 def run(config: Any, workdir: str, *, input_path: str, output: str,
@@ -246,7 +246,7 @@ def run(config: Any, workdir: str, *, input_path: str, output: str,
   inputs = find_inputs(input_path, cfg.data)  # every input error before any compute
   output = check_output_dir(output)
   warn_on_geometry(inputs, workdir)
-  predict_fn, step = restore_predict_fn(cfg, workdir)
-  predictor = Predictor(predict_fn, cfg.data, settings)
+  apply_fn, step = restore_apply_fn(cfg, workdir)
+  predictor = Predictor(lambda x: apply_fn(x)[0], cfg.data, settings)
   written = predict_files(predictor, inputs, output)
   return {'written': written, 'step': step}
