@@ -57,6 +57,8 @@ def config_from_plan(plan: dict[str, Any]) -> ml_collections.ConfigDict:
   c.train.steps = STEPS[ndim]
   c.train.eval_batch_size = 4 if ndim == 3 else 2
   c.train.eval_every = c.train.checkpoint_every = 200 if ndim == 3 else 100
+  # nnU-Net's mirroring at inference: training flips every axis, so each flip is in-distribution.
+  c.inference.tta_axes = tuple(range(ndim))
   c.plan = ml_collections.ConfigDict(_plan_record(plan))
   return c
 

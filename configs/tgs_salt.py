@@ -62,6 +62,7 @@ def _settings(c, real):
   c.loss.side_losses = False
   c.loss.ds_weights = 'exp'
   c.optim.update(name='adamw', lr=1e-3, weight_decay=0.0, schedule='cosine', warmup_steps=20)
+  c.inference.tta_axes = (1,)            # the kernel's prediction: mean with the left-right flip
   if real:
     # Sized for a few CPU cores: ISBI membranes, see docs/results.md.
     c.data.patch_size = c.data.shape = c.data.eval_shape = (128, 128)

@@ -11,12 +11,12 @@ from unet_ds import train
 
 def test_steps_within_is_the_largest_count_that_fits():
   # 90 s left: setup 4 + n steps of 1 s + (ceil(n / 10) evals + 3 final) of 5 s + compile 1.
-  n = budget.steps_within(100, spent_s=10, step_s=1.0, eval_s=5.0, compile_s=1.0, setup_s=4.0,
-                          eval_every=10)
+  n = budget.steps_within(100, spent_s=10, step_s=1.0, eval_s=5.0, final_eval_s=15.0,
+                          compile_s=1.0, setup_s=4.0, eval_every=10)
   assert n == 45
   assert 4 + 45 + (5 + 3) * 5 + 1 <= 90 < 4 + 46 + (5 + 3) * 5 + 1
-  assert budget.steps_within(10, spent_s=9, step_s=1.0, eval_s=1.0, compile_s=1.0, setup_s=0.0,
-                             eval_every=1) == 0
+  assert budget.steps_within(10, spent_s=9, step_s=1.0, eval_s=1.0, final_eval_s=3.0,
+                             compile_s=1.0, setup_s=0.0, eval_every=1) == 0
 
 
 def test_a_budgeted_run_fits_its_minutes_and_resumes_with_its_steps(tmp_path, data_dir):

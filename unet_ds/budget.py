@@ -5,8 +5,11 @@ throwaway copy of the run is built, compiled and timed: the train step (median o
 after compilation), one in-training eval, and everything else it took (data, init,
 compilations: `setup_s`). The real run pays that setup again (its learning-rate schedule is laid
 out over the new step count, so its programs compile anew), then its steps and evals, then the
-final whole-image eval (estimated as `FINAL_EVAL_FACTOR` in-training evals plus one more
-compilation). The number of steps is the largest that fits all of that after the calibration.
+final whole-image eval (estimated as `FINAL_EVAL_FACTOR` in-training evals per flip-TTA pass
+plus one more compilation). Steps are timed with their data fetch, as the loop runs them, and
+planned `STEP_MARGIN` slower than measured: a long run's steady state (data workers, checkpoint
+saves, other processes) is a little slower than a few calibration steps, and a schedule cut
+short by the deadline never reaches its low learning rates. The number of steps is the largest that fits all of that after the calibration.
 The learning-rate schedule and the DS weight schedule follow `train.steps`, so both fit too.
 Should the machine slow down, training stops at the first step past the budget less the final
 eval's estimate (checkpointed and evaluated there).
@@ -30,7 +33,8 @@ from unet_ds import checkpoint
 from unet_ds import state as state_lib
 
 FINAL_EVAL_FACTOR = 3.0  # whole-image sliding-window eval vs one in-training eval (estimate)
-TIMED_STEPS = 3
+STEP_MARGIN = 1.06       # planned step time / measured (module doc)
+TIMED_STEPS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Plan:
   steps: int
   step_s: float
   eval_s: float
+  final_eval_s: float
   compile_s: float
   setup_s: float
   calibration_s: float
@@ -48,26 +53,26 @@ class Plan:
   def train_deadline_s(self) -> float:
     """Seconds from the start after which training stops whatever the plan (its safety net when
     the machine slows down): the budget less the final eval's estimate."""
-    return self.minutes * 60 - FINAL_EVAL_FACTOR * self.eval_s - self.compile_s
+    return self.minutes * 60 - self.final_eval_s - self.compile_s
 
   def predicted_seconds(self, eval_every: int) -> float:
     return self.calibration_s + run_seconds(self.steps, step_s=self.step_s, eval_s=self.eval_s,
-                                            compile_s=self.compile_s, setup_s=self.setup_s,
+                                            final_eval_s=self.final_eval_s, compile_s=self.compile_s, setup_s=self.setup_s,
                                             eval_every=eval_every)
 
 
-def run_seconds(steps: int, *, step_s: float, eval_s: float, compile_s: float, setup_s: float,
-                eval_every: int) -> float:
+def run_seconds(steps: int, *, step_s: float, eval_s: float, final_eval_s: float,
+                compile_s: float, setup_s: float, eval_every: int) -> float:
   """Predicted seconds of a run of `steps` after calibration (module doc)."""
   evals = math.ceil(steps / eval_every)
-  return setup_s + steps * step_s + (evals + FINAL_EVAL_FACTOR) * eval_s + compile_s
+  return setup_s + steps * step_s + evals * eval_s + final_eval_s + compile_s
 
 
 def steps_within(budget_s: float, *, spent_s: float, step_s: float, eval_s: float,
-                 compile_s: float, setup_s: float, eval_every: int) -> int:
+                 final_eval_s: float, compile_s: float, setup_s: float, eval_every: int) -> int:
   """The most steps whose `run_seconds` fit in `budget_s - spent_s` (0 if none)."""
-  times = dict(step_s=step_s, eval_s=eval_s, compile_s=compile_s, setup_s=setup_s,
-               eval_every=eval_every)
+  times = dict(step_s=step_s, eval_s=eval_s, final_eval_s=final_eval_s, compile_s=compile_s,
+               setup_s=setup_s, eval_every=eval_every)
   left = budget_s - spent_s
   n = max(int((left - run_seconds(0, **times)) / (step_s + eval_s / eval_every)) + 1, 0)
   while n > 0 and run_seconds(n, **times) > left:
@@ -91,9 +96,8 @@ def calibrate(trainer: Any) -> tuple[float, float, float]:
   compile_s = time.perf_counter() - t
   times = []
   for _ in range(TIMED_STEPS):
-    batch = trainer.shard(next(data))
     t = time.perf_counter()
-    state, m = step_fn(state, batch)
+    state, m = step_fn(state, trainer.shard(next(data)))
     _block(m)
     times.append(time.perf_counter() - t)
   trainer.evaluate(state)  # compiles the eval step
@@ -131,8 +135,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
   compile_s, step_s, eval_s = calibrate(build(config, workdir))
   spent = time.perf_counter() - t0
   setup_s = max(spent - TIMED_STEPS * step_s - eval_s, 0.0)
+  step_s *= STEP_MARGIN
+  passes = 2 ** len(tuple(config.get('inference', {}).get('tta_axes', ()) or ()))
+  final_eval_s = FINAL_EVAL_FACTOR * eval_s * passes
   steps = steps_within(minutes * 60, spent_s=spent, step_s=step_s, eval_s=eval_s,
-                       compile_s=compile_s, setup_s=setup_s,
+                       final_eval_s=final_eval_s, compile_s=compile_s, setup_s=setup_s,
                        eval_every=int(config.train.eval_every))
   if steps < 1:
     raise ValueError(f'config.train.minutes={minutes}: not even one step fits (a step takes '
@@ -141,4 +148,5 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
   config.train.steps = steps
   config.optim.warmup_steps = min(int(config.optim.warmup_steps), max(steps // 10, 0))
   return config, Plan(minutes=minutes, steps=steps, step_s=step_s, eval_s=eval_s,
+                      final_eval_s=final_eval_s,
                       compile_s=compile_s, setup_s=setup_s, calibration_s=spent)
