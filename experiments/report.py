@@ -14,7 +14,10 @@ what is skipped) and writes into `--out` (default ROOT):
     heads' own, over the image (see `experiments.case_overlays`).
 
 Variants: runs whose configs are equal once seeds (`seed`, `*_seed` keys), folds (`data.fold`,
-`data.val_cases`: which cases are held out), workdir-like keys and `--ignore` keys are removed.
+`data.val_cases`: which cases are held out), workdir-like keys and `--ignore` keys are removed;
+a key that some runs record and an older run lacks counts at its default for that run
+(`config_lib.fill_defaults`: it trained with what is now the default), so code that gained config
+keys while a sweep ran splits no variant.
 A variant's label is the keys on which variants differ (e.g. `model.ds.mode=deep`). Numbers per
 variant, over its seeds: mean ± std (ddof=1) of the final mean foreground Dice (`summary.json`:
 the whole-image eval of the held-out cases) and of each class's Dice; the eval's HD95 and NSD
@@ -46,6 +49,8 @@ from experiments import case_overlays
 from experiments import plots
 from experiments import runs as runs_lib
 from experiments import stats
+from experiments import sweep
+from unet_ds import config_lib
 
 BASELINE_KEY = 'model.ds.mode'
 BASELINE_VALUE = 'none'
@@ -122,8 +127,8 @@ def build(root: str | pathlib.Path, target_dice: float = 0.8,
   fold_keys = [k for k in FOLD_KEYS if k not in ignore
                and len({_hashable(r.config.get(k, _UNSET)) for r in found}) > 1]
   groups: dict[tuple, list[runs_lib.Run]] = {}
-  for run in found:
-    groups.setdefault(_variant_key(run.config, ignore), []).append(run)
+  for run, config in zip(found, with_missing_defaults([r.config for r in found])):
+    groups.setdefault(_variant_key(config, ignore), []).append(run)
   keys = list(groups)
   all_config_keys = sorted({k for key in keys for k, _ in key})
   differing = [k for k in all_config_keys
@@ -142,6 +147,27 @@ def build(root: str | pathlib.Path, target_dice: float = 0.8,
   folds = _sorted({f for v in variants for f in v.folds}) if fold_keys else []
   return Report(root=root, target_dice=target_dice, variants=variants, skipped=skipped,
                 folds=folds)
+
+
+def with_missing_defaults(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Each flattened config with the keys that others of `configs` have and it lacks, at their
+  defaults (`config_lib.fill_defaults`).
+
+  A run written before a key existed trained with what is now its default, so it groups with the
+  runs that record that default instead of forming a variant of its own. Only keys some run has
+  are filled: a hand-made or trimmed config does not gain the whole base config (seed keys among
+  them, which `_summarise` reads from the run's own config).
+  """
+  present = set().union(*configs) if configs else set()
+  out = []
+  for config in configs:
+    missing = present - config.keys()
+    if missing:
+      ndim = config.get('data.ndim', 3)
+      defaults = sweep.flatten(config_lib.fill_defaults({'data': {'ndim': ndim}}))
+      config = {**{k: defaults[k] for k in missing if k in defaults}, **config}
+    out.append(config)
+  return out
 
 
 def _variant_key(config: dict[str, Any], ignore: Sequence[str]) -> tuple:

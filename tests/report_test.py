@@ -457,3 +457,45 @@ def test_block_folds_are_labelled_by_fold(tmp_path):
   deep = _by_label(rep)['model.ds.mode=deep']
   assert deep.vs_baseline.n == 2 and deep.vs_baseline.mean == pytest.approx(0.02, abs=1e-12)
   assert report.fold_label((('data.val_cases', '3,4,5'),)) == 'data.val_cases=3,4,5'
+
+
+def _add_keys(run, keys):
+  """Sets nested config keys ('train.minutes') in a hand-made run's config.json."""
+  config = json.loads((run / 'config.json').read_text())
+  for key, value in keys.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  (run / 'config.json').write_text(json.dumps(config))
+
+
+def test_keys_added_since_a_run_count_at_their_defaults(tmp_path):
+  """Runs written before `train.minutes` / `model.strides` existed group with runs that record
+  those keys at their defaults (0, []); a run with another value is its own variant."""
+  root = tmp_path / 'mixed'
+  for seed in (0, 1):  # old runs: no such keys
+    _make_run(root, f'none,old,s={seed}', 'none', seed, 0.70 + seed / 100, [0.9, 0.7])
+    _make_run(root, f'deep,old,s={seed}', 'deep', seed, 0.72 + seed / 100, [0.9, 0.7], heads=(0.5,))
+  for seed in (2, 3):  # new runs: the keys at their defaults
+    for mode, dice in (('none', 0.71), ('deep', 0.74)):
+      run = _make_run(root, f'{mode},new,s={seed}', mode, seed, dice, [0.9, dice],
+                      heads=(0.5,) if mode == 'deep' else ())
+      _add_keys(run, {'train.minutes': 0.0, 'model.strides': []})
+  run = _make_run(root, 'deep,budget', 'deep', 0, 0.8, [0.9, 0.8], heads=(0.5,))
+  _add_keys(run, {'train.minutes': 5.0, 'model.strides': []})
+  v = _by_label(report.build(root))
+  assert list(v) == ['model.ds.mode=none train.minutes=0.0', 'model.ds.mode=deep train.minutes=0.0',
+                     'model.ds.mode=deep train.minutes=5.0']
+  deep = v['model.ds.mode=deep train.minutes=0.0']
+  assert [r.name for r in deep.runs] == ['deep,old,s=0', 'deep,old,s=1', 'deep,new,s=2',
+                                         'deep,new,s=3']
+  # Seeds are still the run's own seed keys: filling defaults adds none (no data.seed etc.).
+  assert deep.seeds[0] == (('data.shuffle_seed', 10), ('seed', 0))
+  assert deep.vs_baseline.n == 4
+  assert deep.vs_baseline.mean == pytest.approx((0.02 * 2 + 0.03 * 2) / 4, abs=1e-12)
+  # Without the new keys anywhere, nothing is filled: the hand-made configs stay as they are.
+  assert 'train.minutes' not in report.with_missing_defaults([{'seed': 0}, {'seed': 1}])[0]
+  assert report.with_missing_defaults([{'seed': 0}, {'seed': 1, 'train.minutes': 2.0}]) == [
+      {'seed': 0, 'train.minutes': 0.0}, {'seed': 1, 'train.minutes': 2.0}]
