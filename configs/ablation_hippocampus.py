@@ -16,7 +16,7 @@ Cross-validated (nnU-Net's 5 folds, one seed each: 20 runs):
 The seed varies the initialisation and the patch order; the train/validation split stays fixed
 (`data.seed`, or `fold=N`), so seeds pair across variants; with `folds=K` each (form, seed) runs
 on every fold and the report pairs runs by (fold, seed). Args (comma-separated): `path=DIR`,
-`weights`, `seeds=N`, `folds=K`, `forms=A+B`, `steps=N`, `side` (see `experiments.ablation`) and
+`weights`, `schedules=A+B`, `seeds=N`, `folds=K`, `forms=A+B`, `steps=N`, `side` (see `experiments.ablation`) and
 those of msd.py (`fold=N`, `classes=K`, `channels=C`, `smoke`).
 """
 

@@ -11,7 +11,7 @@ The folder holding image/ and label/ is required, as the `path=` arg:
 Without `folds`, every run holds out slices 25-29. With `folds=K`, fold k holds out the k-th block
 of consecutive slices (5 folds of 6 slices for ISBI): adjacent sections are near-copies, so a
 random fold would validate on neighbours of training slices. Args (comma-separated): `path=DIR`,
-`weights`, `seeds=N`, `folds=K`, `forms=A+B`, `steps=N`, `side` (see `experiments.ablation`) and
+`weights`, `schedules=A+B`, `seeds=N`, `folds=K`, `forms=A+B`, `steps=N`, `side` (see `experiments.ablation`) and
 those of folder2d.py (`classes=K`, `channels=C`, `smoke`).
 """
 

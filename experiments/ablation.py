@@ -4,8 +4,11 @@ An ablation config file starts from a base config file (e.g. `configs/default.py
 `configure` for its own args, and returns `sweep_points` from `get_sweep`:
 
   args (comma-separated, beside the base file's, e.g. `smoke`):
-    weights  the DS weight sweep instead of the DS forms: `deep` with loss.ds_weights
-             exp / nnunet / same x loss.ds_schedule constant / linear, plus the `none` baseline;
+    weights  the DS weight sweep instead of the DS forms: `deep` (or with `forms=F`, the one
+             form F; `additive` / `hypercolumn` need `side`, their heads having no loss
+             otherwise) with loss.ds_weights exp / nnunet / same x loss.ds_schedule constant /
+             linear, plus the `none` baseline;
+    schedules=A+B  with `weights`: the schedules swept (default constant+linear);
     seeds=N  seeds per variant (default 3; 2 with smoke, 1 with weights,smoke);
     forms=A+B  the DS forms to compare, `+`-separated (default all four; none+deep with smoke);
     folds=K  K-fold cross-validation (real-data configs only): `data.num_folds=K` and a
@@ -29,7 +32,7 @@ from unet_ds import config_lib
 MODES = ('none', 'deep', 'additive', 'hypercolumn')
 WEIGHT_SCHEMES = ('exp', 'nnunet', 'same')
 WEIGHT_SCHEDULES = ('constant', 'linear')
-ARGS = ('weights', 'seeds', 'folds', 'forms', 'steps', 'side')
+ARGS = ('weights', 'schedules', 'seeds', 'folds', 'forms', 'steps', 'side')
 FOLD_KEY = 'data.fold'
 
 
@@ -89,6 +92,29 @@ def forms(mine: dict[str, Any]) -> tuple[str, ...]:
   return chosen
 
 
+def weighted_form(mine: dict[str, Any]) -> str:
+  """The DS form the weight sweep trains: `deep`, or the one `forms=F` (not `none`)."""
+  chosen = forms(mine) or ('deep',)
+  if len(chosen) != 1 or chosen[0] == 'none':
+    raise ValueError(f'ablation args weights and forms={mine["forms"]}: the weight sweep trains '
+                     'one DS form (deep, additive or hypercolumn) against `none`; give one form')
+  if chosen[0] != 'deep' and not mine.get('side'):
+    raise ValueError(f'ablation args weights,forms={chosen[0]}: {chosen[0]}\'s heads get no loss '
+                     'without side losses, so the weights would change nothing; add side')
+  return chosen[0]
+
+
+def schedules(mine: dict[str, Any]) -> tuple[str, ...]:
+  """The `schedules=A+B` arg (default: all of WEIGHT_SCHEDULES)."""
+  if 'schedules' not in mine:
+    return WEIGHT_SCHEDULES
+  chosen = tuple(str(mine['schedules']).split('+'))
+  if any(s not in WEIGHT_SCHEDULES for s in chosen) or len(set(chosen)) != len(chosen):
+    raise ValueError(f'ablation arg schedules={mine["schedules"]}: need distinct schedules from '
+                     f'{WEIGHT_SCHEDULES}, joined by +')
+  return chosen
+
+
 def fold_axis(k: int) -> list[sweep.Point]:
   """The folds of K-fold cross-validation as a sweep axis (`data.fold` 0..K-1)."""
   return sweep.axis(FOLD_KEY, range(k))
@@ -123,20 +149,21 @@ def sweep_points(arg: str | None,
   if k:
     seeds = sweep.product(folds(k), seeds)
   if 'weights' in mine:
-    if 'forms' in mine:
-      raise ValueError(f'ablation args weights and forms={mine["forms"]}: the weight sweep trains '
-                       '`deep` against `none`; give one')
+    form = weighted_form(mine)
     if smoke:  # two weightings that exercise both the scheme and the schedule
       weights = sweep.zip_axes(sweep.axis('loss.ds_weights', ['exp', 'same']),
                                sweep.axis('loss.ds_schedule', ['constant', 'linear']))
     else:
       weights = sweep.product(sweep.axis('loss.ds_weights', WEIGHT_SCHEMES),
-                              sweep.axis('loss.ds_schedule', WEIGHT_SCHEDULES))
-    return sweep.chain(
+                              sweep.axis('loss.ds_schedule', schedules(mine)))
+    points = sweep.chain(
         sweep.product(sweep.axis('model.ds.mode', ['none']), seeds),
-        sweep.product(sweep.axis('model.ds.mode', ['deep']), weights, seeds))
-  modes = forms(mine) or (('none', 'deep') if smoke else MODES)
-  points = sweep.product(sweep.axis('model.ds.mode', modes), seeds)
-  # Seed-major, then fold order: a partly run ablation already holds every form at the first
-  # seeds (and folds).
+        sweep.product(sweep.axis('model.ds.mode', [form]), weights, seeds))
+  else:
+    if 'schedules' in mine:
+      raise ValueError(f'ablation arg schedules={mine["schedules"]}: only with weights')
+    modes = forms(mine) or (('none', 'deep') if smoke else MODES)
+    points = sweep.product(sweep.axis('model.ds.mode', modes), seeds)
+  # Seed-major, then fold order: a partly run ablation already holds every form (or weighting)
+  # at the first seeds (and folds).
   return sorted(points, key=lambda p: (p['seed'], p.get(FOLD_KEY, 0)))

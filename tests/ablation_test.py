@@ -45,8 +45,30 @@ def test_forms_choose_the_compared_forms():
   assert len(points) == 10
   with pytest.raises(ValueError, match='forms=none\\+deeper: need distinct forms'):
     sweep.load('configs/ablation_synthetic.py:forms=none+deeper')
-  with pytest.raises(ValueError, match='weights and forms=deep'):
-    sweep.load('configs/ablation_synthetic.py:weights,forms=deep')
+  with pytest.raises(ValueError, match='weights and forms=none\\+deep: .* give one form'):
+    sweep.load('configs/ablation_synthetic.py:weights,forms=none+deep')
+
+
+def test_weight_sweep_on_a_fused_form():
+  config, points = sweep.load('configs/ablation_hippocampus.py:path=/data/hip,weights,'
+                              'forms=additive,side,schedules=constant,folds=2,seeds=1')
+  assert len(points) == (1 + 3) * 2
+  assert {(p['model.ds.mode'], p.get('loss.ds_weights'), p.get('loss.ds_schedule'))
+          for p in points} == {('none', None, None), ('additive', 'exp', 'constant'),
+                               ('additive', 'nnunet', 'constant'), ('additive', 'same', 'constant')}
+  assert config.loss.side_losses
+  # Fold-major like the form ablation: a partly run sweep holds every weighting on fold 0.
+  assert [(p['model.ds.mode'], p.get('loss.ds_weights'), p['data.fold']) for p in points[:4]] == [
+      ('none', None, 0), ('additive', 'exp', 0), ('additive', 'nnunet', 0), ('additive', 'same', 0)]
+  run = sweep.apply_overrides(config, next(p for p in points if p.get('loss.ds_weights') == 'same'))
+  config_lib.validate(run)
+  assert (run.model.ds.mode, run.loss.ds_weights, run.loss.side_losses) == ('additive', 'same', True)
+  with pytest.raises(ValueError, match='forms=additive: additive.s heads get no loss without side'):
+    sweep.load('configs/ablation_hippocampus.py:path=/data/hip,weights,forms=additive')
+  with pytest.raises(ValueError, match='schedules=cosine\\+linear: need distinct schedules'):
+    sweep.load('configs/ablation_hippocampus.py:path=/data/hip,weights,schedules=cosine+linear')
+  with pytest.raises(ValueError, match='schedules=linear: only with weights'):
+    sweep.load('configs/ablation_hippocampus.py:path=/data/hip,schedules=linear')
 
 
 def test_bad_fold_args():
