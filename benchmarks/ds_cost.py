@@ -1,7 +1,7 @@
 """Step time and FLOPs of each deep-supervision form on one config (default: 3D bench_ref).
 
   python benchmarks/ds_cost.py [--config=configs/unet3d.py:bench_ref] [--steps=3] [--rounds=3]
-      [--forms=none,deep,additive,hypercolumn,hypercolumn:conv1]
+      [--forms=none,deep,additive,hypercolumn,hypercolumn:conv1x1_norm_act]
 
 A form is `mode[:fusion]` (`model.ds.mode`, `model.ds.fusion`). Every form's train step is
 compiled first; the timed rounds then alternate the forms (each round times `--steps` steps of
