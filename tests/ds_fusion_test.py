@@ -1,5 +1,5 @@
-"""Hypercolumn fusion `conv1x1_norm_act`: a 1x1 conv-norm-act of the concatenated column, computed
-as per-level projections resized and summed (same values), cheaper than the 3x3 fusion."""
+"""Deep-supervision output stages: the hypercolumn fusions and additive against their definitions
+(values), their gradients, the heads' shapes, and the stencil upsampling they use."""
 
 import flax
 import flax.linen as nn
@@ -10,6 +10,7 @@ import pytest
 
 from unet_ds import models
 from unet_ds.models import ds
+from unet_ds.models import linear_upsample
 
 
 def _features(seed=0):
@@ -78,3 +79,63 @@ def test_conv1x1_fusion_config():
   flat = flax.traverse_util.flatten_dict(variables['params'])
   assert ('ds', 'fusion_l2', 'kernel') not in flat  # depth 3: decoder levels 0 and 1
   assert model.apply(variables, x, train=False)[0].shape == (1, 8, 8, 2)
+
+
+@pytest.mark.parametrize('shape,size', [
+    ((2, 3, 4, 2, 3), (6, 16, 2)),  # factors 2, 4, 1 per axis
+    ((1, 1, 5, 2), (3, 10)),        # a size-1 axis (its edges repeat), an odd factor
+    ((2, 4, 6, 2), (8, 9)),         # 9 / 6 is no integer: layers.resize computes it
+])
+def test_linear_upsample_equals_jax_image_resize(shape, size):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  out_shape = (shape[0], *size, shape[-1])
+  cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
+  got = linear_upsample.resize(x, size)
+  want = jax.image.resize(x, out_shape, 'linear')
+  assert got.shape == out_shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(linear_upsample.resize(x, size) * cotangent))(x)
+  grad_want = jax.grad(lambda x: jnp.sum(jax.image.resize(x, out_shape, 'linear') * cotangent))(x)
+  np.testing.assert_allclose(grad, grad_want, rtol=0, atol=1e-5)
+
+
+def test_linear_upsample_names_a_wrong_rank():
+  with pytest.raises(ValueError, match=r'2 spatial sizes \(4, 4\) for an input of shape'):
+    linear_upsample.resize(jnp.zeros((1, 2, 2, 2, 1)), (4, 4))
+
+
+def test_additive_equals_its_definition_and_heads_have_their_levels_shapes():
+  features = _features(2)
+  module = ds.DSOutput('additive', (1, 2), 3, 5, 'instance', 'leaky_relu')
+  variables = module.init(jax.random.key(0), features, train=False)
+  final, heads = module.apply(variables, features, train=False)
+  assert [h.shape for h in heads] == [(2, 8, 6, 3), (2, 4, 3, 3)]
+  params = variables['params']
+
+  def head(name, x):
+    conv = params[name]['Conv_0']
+    return x @ conv['kernel'][0, 0] + conv['bias']
+
+  up = lambda x, like: jax.image.resize(x, (*like.shape[:-1], x.shape[-1]), 'linear')
+  acc = head('head_l1', features[1]) + up(head('head_l2', features[2]), features[1])
+  expected = head('final_head', features[0]) + up(acc, features[0])
+  np.testing.assert_allclose(final, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('mode,fusion', [('additive', 'conv_norm_act'),
+                                         ('hypercolumn', 'conv1x1_norm_act'),
+                                         ('hypercolumn', 'conv_norm_act')])
+def test_ds_gradients_are_finite_and_reach_every_level(mode, fusion):
+  features = _features(3)
+  module = ds.DSOutput(mode, (1, 2), 3, 5, 'instance', 'leaky_relu', fusion=fusion)
+  variables = module.init(jax.random.key(0), features, train=True)
+
+  def loss(features):
+    final, heads = module.apply(variables, features, train=True)
+    return jnp.mean(final ** 2) + sum(jnp.mean(h ** 2) for h in heads)
+
+  grads = jax.grad(loss)(features)
+  for f, g in zip(features, grads):
+    assert g.shape == f.shape
+    assert np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) > 0
