@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -48,7 +49,7 @@ _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Print the traceback above an
 
 # Errors whose message already names the file, key or shape at fault: one line is enough.
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, OSError,
-                KeyError)
+                KeyError, flags.Error)
 
 
 def main(argv):
@@ -57,6 +58,9 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError('--workdir is required')
   try:
+    workdir = os.path.expanduser(_WORKDIR.value)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise NotADirectoryError(f'--workdir={_WORKDIR.value}: exists and is not a folder')
     result = _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except Exception as e:  # pylint: disable=broad-except
     _exit_with(e)
@@ -101,13 +105,54 @@ def _train_line(summary: dict) -> dict:
           'heads_pooled_dice': [h['mean_foreground_dice'] for h in summary.get('heads', [])]}
 
 
-def _exit_with(error: BaseException) -> None:
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, where a missing config file, a bad config argument, an unknown
+  `--config.*` key or a bad flag value ends in one error line naming it."""
+  try:
+    for i, arg in enumerate(argv[1:], 1):
+      value = (arg.split('=', 1)[1] if arg.startswith('--config=') else
+               argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)
+      if value is not None and not os.path.isfile(value.split(':', 1)[0]):
+        raise FileNotFoundError(f'--config={value}: {value.split(":", 1)[0]} not found (paths '
+                                'are relative to the current folder, e.g. configs/default.py)')
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+    error = _flag_error(e, argv)
+    error.__cause__ = error.__cause__ or (e if error is not e else None)  # for --traceback
+    _exit_with(error, show_traceback='--traceback' in argv)
+    raise  # not reached
+
+
+def _flag_error(error: Exception, argv: list[str]) -> Exception:
+  """`error` of flag parsing as one line naming the flag at fault."""
+  if isinstance(error, (AttributeError, KeyError)):  # an unknown --config.* key
+    cause = error
+    while cause.args and isinstance(cause.args[0], BaseException):  # ml_collections nests them
+      cause = cause.args[0]
+    text = str(cause.args[0]) if cause.args else ''
+    key = (re.findall(r"'(\w+)'", text) or [''])[0]
+    bad = [a.split('=', 1)[0] for a in argv if a.startswith('--config.') and
+           key in a.split('=', 1)[0].split('.')]
+    hint = ''.join(f' ({line[0].lower()}{line[1:]})' for line in text.splitlines()
+                   if line.startswith('Did you mean'))
+    return ValueError(f'{bad[0] if bad else "--config." + key}: no such config key{hint}')
+  text = str(error).strip()
+  if 'Traceback (most recent call last)' in text:  # a config file's get_config raised
+    flag = re.match(r'flag (--\S+?): ', text)
+    cause = re.sub(r'^\w+: ', '', text.splitlines()[-1].strip())
+    return ValueError(f'{flag.group(1) if flag else "--config"}: {cause}')
+  return error
+
+
+def _exit_with(error: BaseException, show_traceback: bool | None = None) -> None:
   """One last line naming the cause; the process ends without shutdown noise after it."""
-  from unet_ds import loop  # pylint: disable=g-import-not-at-top
-  if isinstance(error, loop.Interrupted):
+  loop = sys.modules.get('unet_ds.loop')  # only training raises Interrupted
+  if loop is not None and isinstance(error, loop.Interrupted):
     print(f'interrupted: {error}', file=sys.stderr, flush=True)
     os._exit(128 + error.signum)  # pylint: disable=protected-access
-  if _TRACEBACK.value or not isinstance(error, _USER_ERRORS):
+  if show_traceback is None:
+    show_traceback = _TRACEBACK.value
+  if show_traceback or not isinstance(error, _USER_ERRORS):
     traceback.print_exception(error, file=sys.stderr)
   message = ' '.join(str(error).split()) or repr(error)
   print(f'error: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
@@ -118,7 +163,7 @@ def _exit_with(error: BaseException) -> None:
 
 def run_cli() -> None:
   """The `unet-ds` console script (same flags as `python -m unet_ds.main`)."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

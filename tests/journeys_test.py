@@ -1,0 +1,50 @@
+"""User journeys across modules, as a new user walks them: the command line's error paths end
+with one `error:` line naming the flag, key, file or shape, before any data is built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def env(tmp_path):
+  """The user's environment: no simulated devices, a private (so checkable) data cache."""
+  e = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  e['UNET_DS_DATA_DIR'] = str(tmp_path / 'tfds')
+  return e
+
+
+def _fail(args, env, timeout=300):
+  """Runs `python -m unet_ds.main ARGS`, expects exit status 1; returns stderr's lines."""
+  res = subprocess.run([sys.executable, '-m', 'unet_ds.main', *args], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+  assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
+  return res.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--config=configs/default.py', '--config.train.stepz=5'],
+     ('--config.train.stepz', '"steps"')),
+    (['--config=configs/default.py:smok'], ('--config=configs/default.py:smok', "'smok'")),
+    (['--config=configs/nope.py:smoke'], ('--config=configs/nope.py:smoke', 'not found')),
+    (['--config=configs/default.py', '--mode=evaluate'], ('--mode', 'evaluate')),
+])
+def test_command_line_mistakes_end_in_one_error_line(tmp_path, env, args, expected):
+  lines = _fail([*args, f'--workdir={tmp_path / "run"}'], env)
+  assert lines[-1].startswith('error: '), lines[-5:]
+  assert all(e in lines[-1] for e in expected), lines[-1]
+  assert not any('Traceback' in l for l in lines), lines  # no traceback without --traceback
+  assert not (tmp_path / 'run').exists()
+
+
+def test_workdir_that_is_a_file_fails_before_the_data_is_built(tmp_path, env):
+  afile = tmp_path / 'afile'
+  afile.write_text('mine')
+  lines = _fail(['--config=configs/default.py:smoke', f'--workdir={afile}'], env)
+  assert lines[-1].startswith('error: ') and f'--workdir={afile}' in lines[-1], lines[-3:]
+  assert 'not a folder' in lines[-1]
+  assert afile.read_text() == 'mine' and not os.path.exists(env['UNET_DS_DATA_DIR'])
