@@ -1,11 +1,15 @@
 """User journeys across modules, as a new user walks them: the command line's error paths end
 with one `error:` line naming the flag, key, file or shape, before any data is built."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+
+from unet_ds import predict
+from unet_ds.data import io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,3 +52,25 @@ def test_workdir_that_is_a_file_fails_before_the_data_is_built(tmp_path, env):
   assert lines[-1].startswith('error: ') and f'--workdir={afile}' in lines[-1], lines[-3:]
   assert 'not a folder' in lines[-1]
   assert afile.read_text() == 'mine' and not os.path.exists(env['UNET_DS_DATA_DIR'])
+
+
+def _saved_run(workdir, data):
+  """A workdir with only the run's config.json (enough for predict's up-front checks)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump({'data': data, 'inference': {}}, f)
+
+
+def test_predict_with_another_tasks_workdir_names_the_mismatch(tmp_path):
+  pngs = tmp_path / 'pngs'
+  pngs.mkdir()
+  (pngs / 'a.png').write_bytes(b'')
+  _saved_run(tmp_path / 'hip', {'name': 'msd', 'patch_size': [8, 8, 8]})
+  with pytest.raises(io.DataError, match=r'pngs: holds .png/.tif/.tiff images, but this run was '
+                     r'trained on msd data and predicts .nii.gz/.nii'):
+    predict.run(None, str(tmp_path / 'hip'), input_path=str(pngs), output=str(tmp_path / 'o'))
+  _saved_run(tmp_path / 'syn', {'name': 'synthetic', 'patch_size': [8, 8, 8]})
+  with pytest.raises(ValueError, match=r"syn: trained on config.data.name='synthetic', not on "
+                     'files'):
+    predict.run(None, str(tmp_path / 'syn'), input_path=str(pngs), output=str(tmp_path / 'o'))
+  assert not (tmp_path / 'o').exists()

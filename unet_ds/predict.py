@@ -63,6 +63,10 @@ def find_inputs(path: str, data_cfg: Any) -> list[str]:
     if os.path.isdir(folder) and any(not f.startswith('.') and f.lower().endswith(suffixes)
                                      for f in os.listdir(folder)):
       return io.list_files(folder, suffixes)
+  others = io.IMAGE2D_SUFFIXES if kind == 'msd' else io.NIFTI_SUFFIXES
+  if any(f.lower().endswith(others) for f in os.listdir(path)):  # another task's images
+    raise io.DataError(f'{path}: holds {"/".join(others)} images, but this run was trained on '
+                       f'{kind} data and predicts {"/".join(suffixes)} images')
   raise io.DataError(f'{path}: empty folder, no {"/".join(suffixes)} images (also looked in '
                      f'{", ".join(subdirs)})')
 
@@ -240,6 +244,10 @@ def run(config: Any, workdir: str, *, input_path: str, output: str,
   if not output:
     raise ValueError('--output is required for --mode=predict')
   cfg = run_config(config, workdir)
+  if cfg.data.name not in cases_lib.FILE_KINDS:
+    raise ValueError(f'--workdir={workdir}: trained on config.data.name={cfg.data.name!r}, not '
+                     'on files; predict needs a run trained on NIfTI (msd, auto) or PNG/TIFF '
+                     '(folder2d) data')
   settings = settings_from_config(cfg)
   if probabilities:
     settings = dataclasses.replace(settings, save_probs=True)
