@@ -48,6 +48,8 @@ def test_bench_record_2d_smoke():
   assert record['achieved_flops_per_s'] == pytest.approx(
       record['train_flops_per_step'] / record['step_s_median'])
   assert 0 < record['baseline_rss_mb'] <= record['train_peak_rss_mb'] <= record['peak_rss_mb']
+  # XLA's temporaries hold at least the saved full-resolution activations of the step.
+  assert record['step_temp_mb'] > 2 * math.prod(c.data.shape) * c.model.base_filters * 4 / 2**20
   assert record['threads'] >= 1
   assert record['config']['model']['depth'] == c.model.depth
 

@@ -242,7 +242,9 @@ def test_up_kernel_3_is_tf_same_transposed_conv():
   p = variables['params']['up_l0']
   expected = jax.lax.conv_transpose(seen['up_l0'], p['kernel'], (2, 2), 'SAME',
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['bias']
-  np.testing.assert_allclose(seen['dec_l0'][..., :2], expected, rtol=1e-5, atol=1e-6)
+  upsampled, skip = seen['dec_l0']  # the block's input as its parts: [upsampled, skip]
+  assert skip.shape == (1, 6, 10, 2)
+  np.testing.assert_allclose(upsampled, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('kw, match', [
@@ -271,3 +273,74 @@ def test_same_conv_transpose_equals_lax_same(ndim):
                                       dimension_numbers=dn) + p['bias'] + 0.5
     v = {'params': {**p, 'bias': p['bias'] + 0.5}}
     np.testing.assert_allclose(module.apply(v, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('impl,kernel_size,strides', [
+    ('native', 3, 1), ('auto', 3, 1), ('auto', 1, 1), ('auto', 3, 2)])
+def test_conv_of_parts_is_conv_of_concatenation(impl, kernel_size, strides):
+  from unet_ds.models import layers  # pylint: disable=g-import-not-at-top
+  a = jax.random.normal(jax.random.key(0), (2, 8, 8, 8, 3))
+  b = jax.random.normal(jax.random.key(1), (2, 8, 8, 8, 2))
+  conv = layers.Conv(4, kernel_size, strides, impl=impl)
+  whole = jnp.concatenate([a, b], axis=-1)
+  params = conv.init(jax.random.key(2), whole)
+  # One parameter tree for both forms (init from the parts draws the same kernel).
+  assert jax.tree.map(jnp.shape, conv.init(jax.random.key(2), (a, b))) == jax.tree.map(
+      jnp.shape, params)
+  np.testing.assert_array_equal(conv.init(jax.random.key(2), (a, b))['params']['kernel'],
+                                params['params']['kernel'])
+
+  def loss(p, a, b, parts):
+    y = conv.apply(p, (a, b) if parts else jnp.concatenate([a, b], axis=-1))
+    return jnp.sum(y * jnp.cos(y)), y
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+  (g_whole, y_whole), (g_parts, y_parts) = grad(params, a, b, False), grad(params, a, b, True)
+  assert y_parts.shape == (2,) + (8 // strides,) * 3 + (4,)
+  np.testing.assert_allclose(y_parts, y_whole, rtol=1e-5, atol=1e-5)
+  for x, y in zip(jax.tree.leaves(g_parts), jax.tree.leaves(g_whole)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match=r'parts of one input must agree.*\(2, 4, 8, 8, 2\)'):
+    conv.apply(params, (a, b[:, :4]))
+
+
+def test_recomputed_in_backward_same_values_and_gradients():
+  from unet_ds.models import blocks  # pylint: disable=g-import-not-at-top
+  from unet_ds.models.ops import fused  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 6, 4)) * 3 + 1
+  scale = jnp.linspace(0.5, 1.5, 4)
+  bias = jnp.linspace(-0.2, 0.3, 4)
+  fn = functools.partial(fused.instance_norm_act, negative_slope=0.01)
+  late = blocks.recomputed_in_backward(fn)
+  np.testing.assert_array_equal(late(x, scale, bias), fn(x, scale, bias))
+  weights = jax.random.normal(jax.random.key(1), x.shape)
+  grads = [jax.jit(jax.grad(lambda *args, f=f: jnp.sum(f(*args) * weights), argnums=(0, 1, 2)))(
+      x, scale, bias) for f in (fn, late)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_dropout_keeps_the_concatenation():
+  # With up_dropout the decoder drops from the concatenated input (the rates' original
+  # meaning); without, its block gets [upsampled, skip] as parts. Same parameters either way.
+  x = jax.random.normal(jax.random.key(0), (1, 16, 16, 1))
+  seen = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == '__call__' and context.module.name == 'dec_l0':
+      seen['dec_l0'] = args[0]
+    return next_fun(*args, **kwargs)
+
+  shapes = []
+  for rate in (0.0, 0.5):
+    model = _model('deep', depth=3, up_dropout=rate)
+    variables = model.init(jax.random.key(0, impl='rbg'), x)
+    shapes.append(jax.tree.map(jnp.shape, variables))
+    with flax.linen.intercept_methods(interceptor):
+      model.apply(variables, x)
+    got = seen['dec_l0']
+    if rate:
+      assert got.shape == (1, 16, 16, 4)
+    else:
+      assert [p.shape for p in got] == [(1, 16, 16, 2), (1, 16, 16, 2)]
+  assert shapes[0] == shapes[1]

@@ -10,7 +10,9 @@ FLOPs are the model's: XLA's cost analysis of the same step lowered with the nat
 CPU backend (the fast path computes the same math, but the analysis counts a scan body once; GPU
 plugins have no such analysis and their compiled one skips cuDNN convolutions).
 Memory: peak host RSS (of the whole process: imports, compile, steps; the compiler's freed heap
-is trimmed before the first step), and the device's peak bytes in use where reported.
+is trimmed before the first step), XLA's temporary buffer of the step (`step_temp_mb`: saved
+activations and the backward's working set), and the device's peak bytes in use where reported.
+`benchmarks/host_memory.py` breaks the host's peak down by stage.
 
 Compare with MONAI's DynUNet on the same shapes with `benchmarks/monai_dynunet.py` (optional
 extra: torch and monai in their own venv); run both under the same allocator (README).
@@ -82,6 +84,16 @@ def _flops(lowered_or_compiled: Any) -> float | None:
     cost = cost[0] if cost else None
   flops = (cost or {}).get('flops')
   return float(flops) if flops and flops > 0 else None
+
+
+def temp_mb(compiled: Any) -> float | None:
+  """XLA's temporary buffer of a compiled computation (MiB): what its live intermediates take at
+  their peak (a train step's saved activations and backward working set), beside its arguments
+  and outputs; None where the backend has no memory analysis."""
+  try:
+    return compiled.memory_analysis().temp_size_in_bytes / 2**20
+  except Exception:  # pylint: disable=broad-except  (backends without an analysis)
+    return None
 
 
 def model_flops(fn: Callable[..., Any], *args: Any) -> float | None:
@@ -207,6 +219,7 @@ def run(config: Any, steps: int = 10, warmup: int = 2, mode: str = 'both',
       if peak:
         record['fraction_of_peak'] = record['achieved_flops_per_s'] / peak
     record['train_peak_rss_mb'] = hostmem.peak_rss_mb()
+    record['step_temp_mb'] = temp_mb(train_step.compiled)
 
   if mode in ('infer', 'both'):
     def forward(m, variables, x):

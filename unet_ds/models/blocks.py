@@ -3,8 +3,9 @@ pre-activation residual stage and 3x3 'SAME' transposed conv of the Kaggle TGS s
 
 from __future__ import annotations
 
+import functools
 import itertools
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -57,11 +58,40 @@ class _InstanceNormParams(nn.Module):
             self.param('bias', nn.initializers.zeros, (channels,), jnp.float32))
 
 
+def recomputed_in_backward(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """`fn` with the same values and gradients, whose backward pass keeps only `fn`'s inputs and
+  recomputes the rest once the output's cotangent has arrived.
+
+  For cheap ops on large tensors (a norm): otherwise XLA:CPU's scheduler computes the parts of
+  their backward that need no cotangent (the normalised input) right in the forward pass and keeps
+  them live, beside the input, until the backward reaches the op (3D bench_ref: 6 extra
+  full-resolution tensors at the step's peak). The recomputation reads the saved inputs through a
+  data dependency on the cotangent (plus 0 times one of its elements, fused into the readers), so
+  no step of the backward can be scheduled before the cotangent exists; XLA:CPU drops
+  optimization barriers before scheduling, so a barrier would not hold it back.
+  """
+  @jax.custom_vjp
+  def wrapped(*args):
+    return fn(*args)
+
+  def forward(*args):
+    return fn(*args), args
+
+  def backward(args, cotangent):
+    zero = cotangent.reshape(-1)[0] * 0  # NaN/inf there would make the whole gradient NaN anyway
+    args = tuple(a + zero.astype(a.dtype) for a in args)
+    return jax.vjp(fn, *args)[1](cotangent)
+
+  wrapped.defvjp(forward, backward)
+  return wrapped
+
+
 class InstanceNormAct(nn.Module):
   """`activation(Norm('instance')(x))` as one fused op (`fused.instance_norm_act`).
 
   Same values, gradients and parameter tree as `Norm('instance')` and then `activation(act)`
-  when used under the same name (checkpoints move between the two).
+  when used under the same name (checkpoints move between the two). Its backward keeps only `x`
+  (`recomputed_in_backward`: the statistics are recomputed, one pass over `x`).
   """
   act: str | None = 'leaky_relu'
   dtype: Any = None
@@ -72,7 +102,8 @@ class InstanceNormAct(nn.Module):
       raise ValueError(f'activation must be one of {ACTIVATIONS}, got {self.act!r}')
     scale, bias = _InstanceNormParams(name='InstanceNorm_0')(x.shape[-1])
     slope = None if self.act is None else _NEGATIVE_SLOPES[self.act]
-    return fused.instance_norm_act(x, scale, bias, negative_slope=slope, dtype=self.dtype)
+    norm_act = functools.partial(fused.instance_norm_act, negative_slope=slope, dtype=self.dtype)
+    return recomputed_in_backward(norm_act)(x, scale, bias)
 
 
 class ConvNormAct(nn.Module):
@@ -86,7 +117,7 @@ class ConvNormAct(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array | Sequence[jax.Array], train: bool) -> jax.Array:
     # A bias before a normalisation is redundant.
     x = layers.Conv(self.features, self.kernel_size, self.strides, use_bias=self.norm == 'none',
                     impl=self.impl, dtype=self.dtype)(x)
@@ -121,7 +152,8 @@ class ConvBlock(nn.Module):
   dtype: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array | Sequence[jax.Array], train: bool) -> jax.Array:
+    """`x`: one input, or its channel parts in order (`layers.Conv`: never concatenated)."""
     shortcut = x
     for i in range(self.num_convs):
       last = i == self.num_convs - 1
@@ -131,7 +163,7 @@ class ConvBlock(nn.Module):
       if i == 0 and self.dropout > 0:
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
     if self.residual:
-      if shortcut.shape[-1] != self.features or self.strides != 1:
+      if layers.channels(shortcut) != self.features or self.strides != 1:
         shortcut = ConvNormAct(self.features, 1, self.strides, self.norm, None,
                                self.impl, self.dtype)(shortcut, train)
       x = activation(self.act)(x + shortcut)

@@ -24,13 +24,20 @@ from unet_ds.models.ops.dispatch import resize
 from unet_ds.models.ops.dispatch import resolve_impl
 from unet_ds.models.ops.dispatch import uses_fused_cpu_ops
 
-__all__ = ['IMPLS', 'Conv', 'ConvTranspose', 'conv', 'conv_transpose', 'dimension_numbers',
-           'max_pool', 'per_axis', 'resize', 'resolve_impl', 'uses_fused_cpu_ops']
+__all__ = ['IMPLS', 'Conv', 'ConvTranspose', 'channels', 'conv', 'conv_transpose',
+           'dimension_numbers', 'max_pool', 'per_axis', 'resize', 'resolve_impl',
+           'uses_fused_cpu_ops']
 
 
 # He-normal (kaiming_normal_, as PyTorch/MONAI): the blocks use (leaky) ReLU. Not truncated:
 # XLA:CPU takes seconds to compile each truncated-normal draw, which dominated init.
 _KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
+def channels(x: jax.Array | Sequence[jax.Array]) -> int:
+  """The channel count of an input given whole or as parts (see `Conv`)."""
+  parts = tuple(x) if isinstance(x, (list, tuple)) else (x,)
+  return sum(int(p.shape[-1]) for p in parts)
 
 
 def per_axis(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
@@ -44,7 +51,13 @@ def per_axis(value: int | Sequence[int], ndim: int) -> tuple[int, ...]:
 
 
 class Conv(nn.Module):
-  """N-d 'SAME' convolution; rank from the input, channels-last."""
+  """N-d 'SAME' convolution; rank from the input, channels-last.
+
+  `x` may be a sequence of parts, the channels of one input split in order: the conv of their
+  concatenation, computed as the sum of each part's conv with its slice of the one kernel (same
+  parameter). No concatenated copy is built, nor kept for the backward pass (the U-Net decoder's
+  `[upsampled, skip]` input: its parts are kept anyway).
+  """
   features: int
   kernel_size: int = 3
   strides: int | tuple[int, ...] = 1  # one for every axis, or per axis
@@ -53,12 +66,22 @@ class Conv(nn.Module):
   dtype: Any = None  # compute dtype (e.g. bfloat16); params stay float32.
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    ndim = x.ndim - 2
+  def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
+    parts = tuple(x) if isinstance(x, (list, tuple)) else (x,)
+    if len({(p.ndim, p.shape[:-1]) for p in parts}) != 1:
+      raise ValueError(f'Conv: parts of one input must agree in all but the channel axis, got '
+                       f'shapes {[p.shape for p in parts]}')
+    ndim = parts[0].ndim - 2
     kernel = self.param('kernel', _KERNEL_INIT,
-                        (self.kernel_size,) * ndim + (x.shape[-1], self.features), jnp.float32)
-    dtype = self.dtype or x.dtype
-    y = conv(x.astype(dtype), kernel.astype(dtype), per_axis(self.strides, ndim), self.impl)
+                        (self.kernel_size,) * ndim + (channels(parts), self.features), jnp.float32)
+    dtype = self.dtype or parts[0].dtype
+    strides = per_axis(self.strides, ndim)
+    y, start = None, 0
+    for part in parts:
+      stop = start + part.shape[-1]
+      y_part = conv(part.astype(dtype), kernel[..., start:stop, :].astype(dtype), strides,
+                    self.impl)
+      y, start = (y_part if y is None else y + y_part), stop
     if self.use_bias:
       bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(dtype)

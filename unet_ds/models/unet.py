@@ -215,8 +215,11 @@ class UNet(nn.Module):
       else:
         x = layers.resize(x, skip.shape[1:-1], 'linear')
         x = layers.Conv(f, 1, impl=impl, dtype=dtype, name=f'up_l{level}')(x)
-      x = jnp.concatenate([x.astype(skip.dtype), skip], axis=-1)
-      x = dropout(x, cfg.level_rate('up_dropout', step))
+      rate = cfg.level_rate('up_dropout', step)
+      if rate > 0:
+        x = dropout(jnp.concatenate([x.astype(skip.dtype), skip], axis=-1), rate)
+      else:  # the block's convs take [x, skip] as parts: no concatenated copy (layers.Conv)
+        x = (x.astype(skip.dtype), skip)
       x = block(f, 1, f'dec_l{level}')(x, train)
       features[level] = x
 
