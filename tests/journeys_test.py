@@ -10,6 +10,7 @@ import pytest
 
 from unet_ds import predict
 from unet_ds.data import io
+from unet_ds.data import split
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,3 +75,10 @@ def test_predict_with_another_tasks_workdir_names_the_mismatch(tmp_path):
                      'files'):
     predict.run(None, str(tmp_path / 'syn'), input_path=str(pngs), output=str(tmp_path / 'o'))
   assert not (tmp_path / 'o').exists()
+
+
+def test_split_errors_name_the_config_key():
+  with pytest.raises(ValueError, match=r"config.data.val_cases \['27'\] are not among the 2"):
+    split.split_cases(['25', '26'], val_cases='25,27')
+  with pytest.raises(ValueError, match=r'config.data.fold=5: need 0 <= fold < data.num_folds=5'):
+    split.split_cases(['25', '26'], num_folds=5, fold=5)

@@ -54,16 +54,16 @@ def split_cases(case_ids: Sequence[str], *, val_fraction: float = 0.2, seed: int
   if val_list:
     unknown = sorted(set(val_list) - set(ids))
     if unknown:
-      raise ValueError(f'val_cases {unknown[:10]} are not among the {len(ids)} cases '
-                       f'(e.g. {ids[:3]})')
+      raise ValueError(f'config.data.val_cases {unknown[:10]} are not among the {len(ids)} '
+                       f'cases (e.g. {ids[:3]})')
     held = set(val_list)
     return [i for i in ids if i not in held], sorted(held)
   if num_folds and num_folds > 1:
     if not 0 <= fold < num_folds:
-      raise ValueError(f'fold={fold}: need 0 <= fold < num_folds={num_folds}')
+      raise ValueError(f'config.data.fold={fold}: need 0 <= fold < data.num_folds={num_folds}')
     return kfold(ids, num_folds, seed)[fold]
   if not 0 <= val_fraction < 1:
-    raise ValueError(f'val_fraction={val_fraction}: need 0 <= val_fraction < 1')
+    raise ValueError(f'config.data.val_fraction={val_fraction}: need 0 <= val_fraction < 1')
   num_val = int(round(len(ids) * val_fraction))
   if val_fraction > 0:
     num_val = min(max(num_val, 1), len(ids) - 1)
