@@ -2,15 +2,29 @@
 //
 // Built on first use by unet_ds/models/ops/onednn.py (g++, oneDNN from the onednn-cpu-gomp wheel).
 // Layouts are the model's: activations channels-last (NHWC / NDHWC), kernels in flax layout
-// (*k, C_in, C_out), float32. Primitives are cached per problem (shapes, strides, padding); a
-// call wraps the XLA buffers without copies, reorders the kernel (or its gradient) where the
+// (*k, C_in, C_out), float32. Primitives are cached per problem (shapes, strides, padding, threads);
+// a call wraps the XLA buffers without copies, reorders the kernel (or its gradient) where the
 // primitive wants another layout, and runs the primitive on oneDNN's OpenMP threads.
+//
+// Batched calls (vmap, e.g. K runs trained together): every operand has the same leading dims
+// before its [N, *spatial, C] / [*k, I, O] dims (their product: the members), each member an
+// independent convolution of the same problem. Members run side by side, one per thread (a
+// small pool; the calling thread is one of them), each primitive on T / threads OpenMP threads:
+// K small convolutions keep the cores busy with no barrier between them, where one
+// convolution's OpenMP team idles at its barriers (most of all on a loaded machine).
 
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -57,20 +71,23 @@ struct Operand {
   int arg;
 };
 
-// One primitive with its two inputs and one output.
+// One primitive with its two inputs and one output, and the scratchpad it needs (user-managed:
+// members running concurrently must not share oneDNN's global one).
 struct Step {
   dnnl::primitive prim;
   Operand in0, in1, out;
+  memory::desc scratchpad;
 };
 
 struct Problem {
   Kind kind;
   memory::dims src, wei, dst, strides, lo, hi;
   size_t rank;
+  int threads;  // OpenMP threads the primitive is built for (and must run on)
 };
 
 std::string Key(const Problem& p) {
-  std::string key = std::to_string(p.kind);
+  std::string key = std::to_string(p.kind) + '/' + std::to_string(p.threads);
   for (const memory::dims* v : {&p.src, &p.wei, &p.dst, &p.strides, &p.lo, &p.hi}) {
     key += '|';
     for (auto x : *v) key += std::to_string(x) + ',';
@@ -88,26 +105,29 @@ Step Build(const Problem& p) {
   memory::desc src(p.src, f32, ActivationTag(p.rank)), dst(p.dst, f32, ActivationTag(p.rank));
   memory::desc wei_md(p.wei, f32, any), wei_user(p.wei, f32, KernelTag(p.rank));
   auto alg = dnnl::algorithm::convolution_direct;
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   auto fwd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training, alg, src, wei_md, dst, p.strides, p.lo,
-      p.hi);
+      p.hi, attr);
   Step s;
   if (p.kind == kForward) {
     s = {dnnl::convolution_forward(fwd), {src, fwd.src_desc(), DNNL_ARG_SRC},
-         {wei_user, fwd.weights_desc(), DNNL_ARG_WEIGHTS}, {dst, fwd.dst_desc(), DNNL_ARG_DST}};
+         {wei_user, fwd.weights_desc(), DNNL_ARG_WEIGHTS}, {dst, fwd.dst_desc(), DNNL_ARG_DST},
+         fwd.scratchpad_desc()};
   } else if (p.kind == kBackwardData) {
     auto bwd = dnnl::convolution_backward_data::primitive_desc(
-        eng, alg, src, wei_md, dst, p.strides, p.lo, p.hi, fwd);
+        eng, alg, src, wei_md, dst, p.strides, p.lo, p.hi, fwd, attr);
     s = {dnnl::convolution_backward_data(bwd),
          {dst, bwd.diff_dst_desc(), DNNL_ARG_DIFF_DST},
          {wei_user, bwd.weights_desc(), DNNL_ARG_WEIGHTS},
-         {src, bwd.diff_src_desc(), DNNL_ARG_DIFF_SRC}};
+         {src, bwd.diff_src_desc(), DNNL_ARG_DIFF_SRC}, bwd.scratchpad_desc()};
   } else {
     auto bwd = dnnl::convolution_backward_weights::primitive_desc(
-        eng, alg, src, wei_md, dst, p.strides, p.lo, p.hi, fwd);
+        eng, alg, src, wei_md, dst, p.strides, p.lo, p.hi, fwd, attr);
     s = {dnnl::convolution_backward_weights(bwd), {src, bwd.src_desc(), DNNL_ARG_SRC},
          {dst, bwd.diff_dst_desc(), DNNL_ARG_DIFF_DST},
-         {wei_user, bwd.diff_weights_desc(), DNNL_ARG_DIFF_WEIGHTS}};
+         {wei_user, bwd.diff_weights_desc(), DNNL_ARG_DIFF_WEIGHTS}, bwd.scratchpad_desc()};
   }
   return s;
 }
@@ -126,7 +146,9 @@ void Run(const Step& s, void* in0, void* in1, void* out) {
   memory a = input(s.in0, in0), b = input(s.in1, in1);
   memory out_user(s.out.user, eng, out);
   memory o = s.out.want == s.out.user ? out_user : memory(s.out.want, eng);
-  s.prim.execute(stream, {{s.in0.arg, a}, {s.in1.arg, b}, {s.out.arg, o}});
+  memory scratch(s.scratchpad, eng);
+  s.prim.execute(stream, {{s.in0.arg, a}, {s.in1.arg, b}, {s.out.arg, o},
+                          {DNNL_ARG_SCRATCHPAD, scratch}});
   if (!(s.out.want == s.out.user)) dnnl::reorder(o, out_user).execute(stream, o, out_user);
   stream.wait();
 }
@@ -144,22 +166,151 @@ const Step& Cached(const Problem& p) {
   return *it->second;
 }
 
+// Sets this thread's OpenMP thread count (oneDNN plans and runs a primitive with the count of the
+// thread that creates / executes it) for the scope, then restores it.
+class OmpThreads {
+ public:
+  explicit OmpThreads(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~OmpThreads() { omp_set_num_threads(saved_); }
+
+ private:
+  int saved_;
+};
+
+// Runs fn(0..n-1) on `threads` threads: the caller and threads - 1 pool workers, each taking
+// the next index until none is left (a member stalled on a busy core delays no other).
+class MemberPool {
+ public:
+  // Returns the first error message of any fn call ('' if none).
+  std::string Run(int64_t n, int threads, int inner, const std::function<void(int64_t)>& fn) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (static_cast<int>(workers_.size()) < threads - 1) {
+        workers_.emplace_back([this] { Loop(); });
+        workers_.back().detach();
+      }
+      fn_ = &fn;
+      n_ = n;
+      inner_ = inner;
+      next_ = 0;
+      error_.clear();
+      busy_ = static_cast<int>(workers_.size());
+      ++generation_;
+    }
+    wake_.notify_all();
+    {
+      OmpThreads scope(inner);
+      Work(fn);
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    done_.wait(lock, [this] { return busy_ == 0; });
+    fn_ = nullptr;
+    return error_;
+  }
+
+ private:
+  void Work(const std::function<void(int64_t)>& fn) {
+    for (int64_t i = next_++; i < n_; i = next_++) {
+      try {
+        fn(i);
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (error_.empty()) error_ = e.what();
+      }
+    }
+  }
+
+  void Loop() {
+    uint64_t seen = 0;
+    int inner = -1;
+    for (;;) {
+      const std::function<void(int64_t)>* fn;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        fn = fn_;
+        if (inner != inner_) omp_set_num_threads(inner = inner_);
+      }
+      Work(*fn);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (--busy_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0;
+  std::atomic<int64_t> next_{0};
+  int inner_ = 1;
+  int busy_ = 0;
+  uint64_t generation_ = 0;
+  std::string error_;
+};
+
+MemberPool& Pool() {
+  static MemberPool* pool = new MemberPool();  // never destroyed: its threads outlive main
+  return *pool;
+}
+
 memory::dims ToDims(ffi::Span<const int64_t> v) { return memory::dims(v.begin(), v.end()); }
+
+int64_t Product(ffi::Span<const int64_t> d, size_t begin, size_t end) {
+  int64_t n = 1;
+  for (size_t i = begin; i < end; ++i) n *= d[i];
+  return n;
+}
 
 ffi::Error Conv(Kind kind, ffi::Span<const int64_t> src_dims, ffi::Span<const int64_t> wei_dims,
                 ffi::Span<const int64_t> dst_dims, void* in0, void* in1, void* out,
                 ffi::Span<const int64_t> strides, ffi::Span<const int64_t> lo,
                 ffi::Span<const int64_t> hi) {
-  size_t rank = src_dims.size();
-  if ((rank != 4 && rank != 5) || wei_dims.size() != rank || dst_dims.size() != rank ||
-      strides.size() != rank - 2 || lo.size() != rank - 2 || hi.size() != rank - 2) {
+  // One member is [N, *spatial, C] / [*k, I, O]; any dims before those are members (vmap).
+  size_t rank = strides.size() + 2;
+  size_t lead = src_dims.size() - rank;
+  if ((rank != 4 && rank != 5) || src_dims.size() < rank || wei_dims.size() != lead + rank ||
+      dst_dims.size() != lead + rank || lo.size() != rank - 2 || hi.size() != rank - 2) {
     return ffi::Error::InvalidArgument("unet_ds onednn conv: inconsistent ranks");
   }
-  Problem p{kind, ActivationDims(src_dims), KernelDims(wei_dims), ActivationDims(dst_dims),
-            ToDims(strides), ToDims(lo), ToDims(hi), rank};
+  for (size_t i = 0; i < lead; ++i) {
+    if (wei_dims[i] != src_dims[i] || dst_dims[i] != src_dims[i]) {
+      return ffi::Error::InvalidArgument("unet_ds onednn conv: operands' member dims differ");
+    }
+  }
+  int64_t members = Product(src_dims, 0, lead);
+  ffi::Span<const int64_t> src(src_dims.begin() + lead, rank), wei(wei_dims.begin() + lead, rank),
+      dst(dst_dims.begin() + lead, rank);
+  // One member's size (floats) of each of the handler's buffers (in0, in1, out).
+  int64_t src_size = Product(src, 0, rank), wei_size = Product(wei, 0, rank),
+          dst_size = Product(dst, 0, rank);
+  int64_t in0_size = kind == kBackwardData ? dst_size : src_size;
+  int64_t in1_size = kind == kBackwardWeights ? dst_size : wei_size;
+  int64_t out_size = kind == kForward ? dst_size : kind == kBackwardData ? src_size : wei_size;
+  int cores = std::max(1, omp_get_max_threads());
+  int threads = static_cast<int>(std::min<int64_t>(members, cores));
+  int inner = std::max(1, cores / threads);
+  Problem p{kind, ActivationDims(src), KernelDims(wei), ActivationDims(dst),
+            ToDims(strides), ToDims(lo), ToDims(hi), rank, inner};
   try {
     std::lock_guard<std::mutex> lock(Mutex());
-    Run(Cached(p), in0, in1, out);
+    const Step* step;
+    {
+      OmpThreads scope(inner);  // the primitive is planned for the threads it will run on
+      step = &Cached(p);
+    }
+    auto member = [&](int64_t i) {
+      Run(*step, static_cast<float*>(in0) + i * in0_size, static_cast<float*>(in1) + i * in1_size,
+          static_cast<float*>(out) + i * out_size);
+    };
+    if (threads == 1) {
+      OmpThreads scope(inner);
+      for (int64_t i = 0; i < members; ++i) member(i);
+    } else {
+      std::string error = Pool().Run(members, threads, inner, member);
+      if (!error.empty()) return ffi::Error::Internal("unet_ds onednn conv: " + error);
+    }
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("unet_ds onednn conv: ") + e.what());
   }
