@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from unet_ds import evaluate
 from unet_ds import predict
 from unet_ds.data import io
 from unet_ds.data import split
@@ -82,3 +84,38 @@ def test_split_errors_name_the_config_key():
     split.split_cases(['25', '26'], val_cases='25,27')
   with pytest.raises(ValueError, match=r'config.data.fold=5: need 0 <= fold < data.num_folds=5'):
     split.split_cases(['25', '26'], num_folds=5, fold=5)
+
+
+@pytest.mark.parametrize('kind, name', [('msd', 'case_1.nii.gz'), ('folder2d', '10.png')])
+def test_output_folder_of_the_inputs_is_refused(tmp_path, kind, name):
+  """`--output` = `--input` (predict) or = the labels folder (eval --output) would replace the
+  user's files with predictions: refused before the model is restored."""
+  images = tmp_path / 'images'
+  images.mkdir()
+  (images / name).write_bytes(b'original')
+  _saved_run(tmp_path / 'run', {'name': kind, 'patch_size': [8] * (3 if kind == 'msd' else 2)})
+  with pytest.raises(FileExistsError, match=rf'--output=.*images: the result .*{name} would '
+                     'replace an input file'):
+    predict.run(None, str(tmp_path / 'run'), input_path=str(images), output=str(images))
+  assert (images / name).read_bytes() == b'original'
+  labels = [str(tmp_path / 'labels' / name)]
+  with pytest.raises(FileExistsError, match='would replace an input file'):
+    predict.check_spares(kind, str(tmp_path / 'labels'), [str(images / name)],
+                         [str(images / name), *labels])
+  predict.check_spares(kind, str(tmp_path / 'out'), [str(images / name)], labels)  # no clash
+
+
+def test_eval_output_into_the_labels_folder_is_refused(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from configs import folder2d  # pylint: disable=g-import-not-at-top
+  for sub in ('image', 'label'):
+    (tmp_path / sub).mkdir()
+    for name in ('a', 'b'):
+      Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / sub / f'{name}.png')
+  config = folder2d.get_config(f'path={tmp_path},smoke')
+  before = (tmp_path / 'label' / 'a.png').read_bytes()
+  with pytest.raises(FileExistsError, match=r'label/a.png would replace an input file'):
+    evaluate.evaluate_run(config, str(tmp_path / 'run'), lambda x: 1 / 0, 1,
+                          input_path=str(tmp_path), output=str(tmp_path / 'label'), cases='all',
+                          write_predictions=True, log=lambda _: None)
+  assert (tmp_path / 'label' / 'a.png').read_bytes() == before

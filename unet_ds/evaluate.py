@@ -226,6 +226,9 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     cases = cases or ('validation' if input_path == own_path else 'all')
     selected = cases_lib.find_labelled(input_path, config.data, cases,
                                        split=cases_lib.saved_split(workdir))
+    if write_predictions:  # a prediction must never replace one of the images or labels
+      predict.check_spares(config.data.name, output, [i for _, i, _ in selected],
+                           [f for _, i, l in selected for f in (i, l)])
     log(f'eval: {len(selected)} {cases} cases of {input_path}, checkpoint step {step}')
     predictor = predict.Predictor(predict_fn, config.data, settings)
     summary = evaluate_cases(predictor, selected, output, ignore_index=ignore,

@@ -80,6 +80,25 @@ def check_output_dir(output: str) -> str:
   return output
 
 
+def output_files(kind: str, output_dir: str, image_path: str) -> tuple[str, str]:
+  """(label map, probabilities) paths `Predictor.write` uses for `image_path` of a `kind` run."""
+  cid = io.case_id(image_path)
+  ext, probs_ext = ('.nii.gz', '.nii.gz') if kind == 'msd' else ('.png', '.npy')
+  return (os.path.join(output_dir, f'{cid}{ext}'),
+          os.path.join(output_dir, f'{cid}_probs{probs_ext}'))
+
+
+def check_spares(kind: str, output_dir: str, images: Sequence[str], keep: Sequence[str]) -> None:
+  """Raises before any compute when writing the results of `images` into `output_dir` would
+  replace one of the files `keep` (the inputs, their labels): e.g. `--output` = `--input`."""
+  kept = {os.path.realpath(f) for f in keep}
+  for image in images:
+    for out in output_files(kind, output_dir, image):
+      if os.path.realpath(out) in kept:
+        raise FileExistsError(f'--output={output_dir}: the result {out} would replace an input '
+                              'file; write into another folder')
+
+
 class Predictor:
   """Holds a jitted window function; predicts whole images and writes results."""
 
@@ -116,17 +135,15 @@ class Predictor:
             probs: np.ndarray | None = None) -> str:
     """Writes the label map (and probabilities if asked) next to each other; returns the path."""
     os.makedirs(output_dir, exist_ok=True)
-    cid = io.case_id(image_path)
+    out, probs_out = output_files(self.kind, output_dir, image_path)
     if self.kind == 'msd':
       ref = nibabel.load(image_path)  # header only; the input's geometry is copied as is
-      out = os.path.join(output_dir, f'{cid}.nii.gz')
       with workdir_lib.atomic_path(out) as tmp:
         io.write_nifti(tmp, labels, ref.affine, ref.header, dtype=np.uint8)
       if probs is not None:
-        with workdir_lib.atomic_path(os.path.join(output_dir, f'{cid}_probs.nii.gz')) as tmp:
+        with workdir_lib.atomic_path(probs_out) as tmp:
           io.write_nifti(tmp, probs, ref.affine, ref.header, dtype=np.float32)
       return out
-    out = os.path.join(output_dir, f'{cid}.png')
     if self._inverse_map is not None:
       lut = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
       for c, v in self._inverse_map.items():
@@ -136,7 +153,7 @@ class Predictor:
     with workdir_lib.atomic_path(out) as tmp:
       io.write_image2d(tmp, labels)
     if probs is not None:
-      with workdir_lib.atomic_path(os.path.join(output_dir, f'{cid}_probs.npy')) as tmp:
+      with workdir_lib.atomic_path(probs_out) as tmp:
         with open(tmp, 'wb') as f:
           np.save(f, probs.astype(np.float16))
     return out
@@ -253,6 +270,7 @@ def run(config: Any, workdir: str, *, input_path: str, output: str,
     settings = dataclasses.replace(settings, save_probs=True)
   inputs = find_inputs(input_path, cfg.data)  # every input error before any compute
   output = check_output_dir(output)
+  check_spares(cases_lib.data_kind(cfg.data), output, inputs, inputs)
   warn_on_geometry(inputs, workdir)
   apply_fn, step = restore_apply_fn(cfg, workdir)
   predictor = Predictor(lambda x: apply_fn(x)[0], cfg.data, settings)
