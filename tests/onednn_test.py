@@ -61,18 +61,65 @@ def test_conv_equals_native(x_shape, k_shape, strides, padding):
                                err_msg=name)
 
 
-def test_vmap_runs_each_element():
-  # Multi-run training vmaps the model over runs: kernels and inputs both mapped.
+def _assert_close(got, want, name):
+  assert got.shape == want.shape, name
+  scale = float(jnp.abs(want).max())
+  np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=2e-6,
+                             err_msg=name)
+
+
+def _conv_transpose_native(strides):
+  return lambda x, k: lax.conv_transpose(
+      x, k, strides, 'VALID', dimension_numbers=layers.dimension_numbers(x.ndim - 2))
+
+
+# Multi-run training vmaps the model over K runs: one batched call runs every member (side by
+# side on the cores); each member must equal its own native conv, values and both gradients.
+@pytest.mark.parametrize('op,members,x_shape,k_shape,strides', [
+    ('conv', (3,), (2, 6, 5, 6, 2), (3, 3, 3, 2, 4), (1, 1, 1)),
+    ('conv', (4,), (1, 7, 6, 5, 3), (3, 3, 3, 3, 2), (2, 2, 2)),   # stride 2, odd sizes
+    ('conv', (2, 3), (2, 4, 4, 4, 2), (1, 1, 1, 2, 3), (1, 1, 1)),  # nested vmap, 1x1x1 head
+    ('conv', (5,), (2, 9, 8, 3), (3, 3, 3, 4), (1, 1)),            # 2D
+    ('conv', (3,), (1, 9, 7, 2), (3, 3, 2, 5), (2, 2)),            # 2D, stride 2
+    ('conv_transpose', (3,), (2, 3, 4, 3, 4), (2, 2, 2, 4, 3), (2, 2, 2)),
+    ('conv_transpose', (4,), (2, 5, 3, 4), (2, 2, 4, 2), (2, 2)),  # 2D
+])
+def test_batched_members_equal_native_per_member(op, members, x_shape, k_shape, strides):
   rng = np.random.default_rng(1)
-  x = jnp.asarray(rng.standard_normal((3, 2, 6, 6, 6, 2)), jnp.float32)
-  k = jnp.asarray(rng.standard_normal((3, 3, 3, 3, 2, 4)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal(members + x_shape), jnp.float32)
+  k = jnp.asarray(rng.standard_normal(members + k_shape), jnp.float32)
+  if op == 'conv':
+    native = _native(strides, 'SAME')
+    fast = functools.partial(onednn.conv, strides=strides)
+  else:
+    native = _conv_transpose_native(strides)
+    fast = functools.partial(onednn.conv_transpose, strides=strides)
+  out_shape = jax.eval_shape(native, x[(0,) * len(members)], k[(0,) * len(members)]).shape
+  dy = jnp.asarray(rng.standard_normal(members + out_shape), jnp.float32)
+  batched = functools.partial(_values_and_grads, fast)
+  for _ in members:
+    batched = jax.vmap(batched)
+  hlo = jax.jit(batched).lower(x, k, dy).as_text()
+  assert hlo.count('@unet_ds_onednn_conv') == 3 and 'while' not in hlo  # no per-member loop
+  got = jax.jit(batched)(x, k, dy)
+  for i in np.ndindex(*members):
+    want = _values_and_grads(native, x[i], k[i], dy[i])
+    for name, a, b in zip(('y', 'dx', 'dk'), want, got):
+      _assert_close(b[i], a, f'{name} of member {i}')
+
+
+def test_batched_input_with_one_kernel_equals_native():
+  # vmap over the data only: the shared kernel is broadcast to every member.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((3, 2, 5, 5, 5, 2)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 3, 2, 4)), jnp.float32)
   fast = functools.partial(onednn.conv, strides=(1, 1, 1))
-  got = jax.jit(jax.vmap(jax.grad(lambda x, k: jnp.sum(fast(x, k) ** 2), argnums=(0, 1))))(x, k)
   native = _native((1, 1, 1), 'SAME')
-  for i in range(3):
-    want = jax.grad(lambda x, k: jnp.sum(native(x, k) ** 2), argnums=(0, 1))(x[i], k[i])
-    for a, b in zip(want, got):
-      np.testing.assert_allclose(b[i], a, rtol=1e-4, atol=1e-4)
+  loss = lambda conv: lambda x, k: jnp.sum(jax.vmap(conv, in_axes=(0, None))(x, k) ** 2)
+  want = jax.grad(loss(native), argnums=(0, 1))(x, k)
+  got = jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(x, k)
+  for name, a, b in zip(('dx', 'dk'), want, got):
+    _assert_close(b, a, name)
 
 
 @pytest.mark.parametrize('x_shape,k_shape,strides,dtype,match', [
@@ -167,8 +214,7 @@ def test_conv_transpose_equals_native(x_shape, k_shape):
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
   k = jnp.asarray(rng.standard_normal(k_shape), jnp.float32)
   strides = k_shape[:-2]
-  native = lambda x, k: lax.conv_transpose(
-      x, k, strides, 'VALID', dimension_numbers=layers.dimension_numbers(x.ndim - 2))
+  native = _conv_transpose_native(strides)
   dy = jnp.asarray(rng.standard_normal(jax.eval_shape(native, x, k).shape), jnp.float32)
   fast = functools.partial(onednn.conv_transpose, strides=strides)
   expected = jax.jit(functools.partial(_values_and_grads, native))(x, k, dy)

@@ -12,6 +12,11 @@ The shim is built once per source / jaxlib / oneDNN version with the system C++ 
 `~/.cache/unet_ds/onednn`). `available()` says whether it could be built and why not; the
 model falls back to `cpu_fast` (`conv_impl='auto'`) when it can't.
 
+Under `jax.vmap` (K runs trained together, `unet_ds.multirun`) each op stays one custom call that
+takes every member (the mapped dims in front of each operand); the shim runs the members' K
+independent convolutions side by side, one per core, where a loop of calls would run K small
+convolutions each spread thinly over every core.
+
 Float32 only (other dtypes go through `xla_cpu`). The custom call has no SPMD partitioning
 rule, so XLA would gather sharded operands onto each device: `conv_impl='auto'` picks it only
 when a single device runs the model.
@@ -41,6 +46,9 @@ _TARGETS = {  # FFI target name -> exported handler symbol
     'unet_ds_onednn_conv_bwd_data': 'UnetDsConvBackwardData',
     'unet_ds_onednn_conv_bwd_weights': 'UnetDsConvBackwardWeights',
 }
+
+# -fopenmp: the shim sets the OpenMP thread count oneDNN (GNU OpenMP build) plans and runs with.
+_CXX_FLAGS = ('-O2', '-std=c++17', '-fopenmp', '-shared', '-fPIC')
 
 
 def cache_dir() -> str:
@@ -76,6 +84,7 @@ def _build() -> str:
   lib_file = os.path.realpath(os.path.join(lib_dir, 'libdnnl.so'))
   key = hashlib.sha256(b'\0'.join([
       source, importlib.metadata.version('jaxlib').encode(), lib_file.encode(), cxx.encode(),
+      ' '.join(_CXX_FLAGS).encode(),
   ])).hexdigest()[:16]
   out = os.path.join(cache_dir(), key, 'libunet_ds_onednn.so')
   if os.path.exists(out):
@@ -85,7 +94,7 @@ def _build() -> str:
   # half-written library.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(out))
   os.close(fd)
-  cmd = [cxx, '-O2', '-std=c++17', '-fopenmp', '-shared', '-fPIC', '-o', tmp, _SOURCE,
+  cmd = [cxx, *_CXX_FLAGS, '-o', tmp, _SOURCE,
          f'-I{jax.ffi.include_dir()}', f'-I{include}', f'-L{lib_dir}', '-ldnnl',
          f'-Wl,-rpath,{lib_dir}']
   try:
