@@ -1,5 +1,5 @@
 """Deep-supervision output stages: the hypercolumn fusions and additive against their definitions
-(values), their gradients, the heads' shapes, and the stencil upsampling they use."""
+(values), their gradients and the heads' shapes."""
 
 import flax
 import flax.linen as nn
@@ -10,7 +10,6 @@ import pytest
 
 from unet_ds import models
 from unet_ds.models import ds
-from unet_ds.models import linear_upsample
 
 
 def _features(seed=0):
@@ -79,30 +78,6 @@ def test_conv1x1_fusion_config():
   flat = flax.traverse_util.flatten_dict(variables['params'])
   assert ('ds', 'fusion_l2', 'kernel') not in flat  # depth 3: decoder levels 0 and 1
   assert model.apply(variables, x, train=False)[0].shape == (1, 8, 8, 2)
-
-
-@pytest.mark.parametrize('shape,size', [
-    ((2, 3, 4, 2, 3), (6, 16, 2)),  # factors 2, 4, 1 per axis
-    ((1, 1, 5, 2), (3, 10)),        # a size-1 axis (its edges repeat), an odd factor
-    ((2, 4, 6, 2), (8, 9)),         # 9 / 6 is no integer: layers.resize computes it
-])
-def test_linear_upsample_equals_jax_image_resize(shape, size):
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  out_shape = (shape[0], *size, shape[-1])
-  cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
-  got = linear_upsample.resize(x, size)
-  want = jax.image.resize(x, out_shape, 'linear')
-  assert got.shape == out_shape
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
-  grad = jax.grad(lambda x: jnp.sum(linear_upsample.resize(x, size) * cotangent))(x)
-  grad_want = jax.grad(lambda x: jnp.sum(jax.image.resize(x, out_shape, 'linear') * cotangent))(x)
-  np.testing.assert_allclose(grad, grad_want, rtol=0, atol=1e-5)
-
-
-def test_linear_upsample_names_a_wrong_rank():
-  with pytest.raises(ValueError, match=r'2 spatial sizes \(4, 4\) for an input of shape'):
-    linear_upsample.resize(jnp.zeros((1, 2, 2, 2, 1)), (4, 4))
 
 
 def test_additive_equals_its_definition_and_heads_have_their_levels_shapes():

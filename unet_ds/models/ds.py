@@ -16,9 +16,6 @@ ordered from the highest resolution to the lowest, each at its own resolution (`
   computed without building the column: a 1x1 conv of the column is the sum of each level's own
   1x1 projection, resized (linear resizing and channel mixing commute), so every projection
   runs at its level's resolution (3D bench_ref: ~1.0x the FLOPs of `none`, the 3x3 fusion ~1.9x).
-
-Every upsampling here is `linear_upsample.resize`: the values of `layers.resize` ('linear'), as a
-2-tap stencil per axis for the integer factors between levels instead of dense weight matrices.
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ import jax.numpy as jnp
 
 from unet_ds.models import blocks
 from unet_ds.models import layers
-from unet_ds.models import linear_upsample
 
 MODES = ('none', 'deep', 'additive', 'hypercolumn')
 FUSIONS = ('conv_norm_act', 'conv_act', 'conv1x1_norm_act')
@@ -83,11 +79,11 @@ class DSOutput(nn.Module):
             layers.Conv(self.fusion_features, 1, use_bias=self.norm == 'none', impl=self.impl,
                         dtype=self.dtype, name=f'fusion_l{l}')(f)
             for l, f in enumerate(features)]
-        column = sum(linear_upsample.resize(p, size) for p in projections)
+        column = sum(layers.resize(p, size) for p in projections)
         fused = blocks.norm_act(column, self.norm, self.act, self.impl, self.dtype, train,
                                 name='fusion_norm')
       else:
-        column = jnp.concatenate([linear_upsample.resize(f, size) for f in features], axis=-1)
+        column = jnp.concatenate([layers.resize(f, size) for f in features], axis=-1)
         if self.fusion_dropout > 0:
           column = nn.Dropout(self.fusion_dropout, deterministic=not train)(column)
         norm = self.norm if self.fusion == 'conv_norm_act' else 'none'  # 'none': conv with bias
@@ -100,7 +96,7 @@ class DSOutput(nn.Module):
     if self.mode == 'additive':
       acc = None
       for head in reversed(heads):  # lowest resolution first: acc = up(acc) + head
-        acc = head if acc is None else head + linear_upsample.resize(acc, head.shape[1:-1])
-      final = final + linear_upsample.resize(acc, final.shape[1:-1])
+        acc = head if acc is None else head + layers.resize(acc, head.shape[1:-1])
+      final = final + layers.resize(acc, final.shape[1:-1])
 
     return final, (() if self.mode == 'none' else heads)
