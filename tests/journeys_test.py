@@ -119,3 +119,36 @@ def test_eval_output_into_the_labels_folder_is_refused(tmp_path):
                           input_path=str(tmp_path), output=str(tmp_path / 'label'), cases='all',
                           write_predictions=True, log=lambda _: None)
   assert (tmp_path / 'label' / 'a.png').read_bytes() == before
+
+
+def test_changed_config_on_resume_is_refused_before_the_data_is_built(tmp_path, data_dir,
+                                                                       monkeypatch):
+  from tests import smoke  # pylint: disable=g-import-not-at-top
+  from unet_ds import checkpoint, config_lib, train, workdir  # pylint: disable=g-import-not-at-top
+  from unet_ds.data import datasets  # pylint: disable=g-import-not-at-top
+  config = smoke.config(data_dir, 2)
+  exp = train.Experiment.build(config, str(tmp_path))
+  ckpts = checkpoint.Checkpoints(str(tmp_path / 'checkpoints'), 2)
+  ckpts.save(1, exp.init_state(), None, config_lib.to_json(config))
+  ckpts.wait()
+  ckpts.close()
+
+  def no_data(*_):
+    raise AssertionError('data built before the resume check')
+  monkeypatch.setattr(datasets, 'get_sources', no_data)
+  changed = smoke.config(data_dir, 2)
+  changed.data.patch_size = (16, 16)  # would prepare or read other data
+  changed.model.base_filters = 8
+  with pytest.raises(workdir.ConfigChangedError, match=r'data.patch_size.*model.base_filters|'
+                     r'model.base_filters.*data.patch_size'):
+    train.train_and_evaluate(changed, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
+
+
+def test_plan_of_a_missing_folder_ends_in_one_error_line(tmp_path, env):
+  res = subprocess.run([sys.executable, '-m', 'unet_ds.plan', f'--input={tmp_path / "nope"}'],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 1 and lines[-1].startswith('error: DataError: '), lines[-3:]
+  assert f'{tmp_path / "nope"}: neither an MSD task folder' in lines[-1]
+  assert not any('Traceback' in l for l in lines)

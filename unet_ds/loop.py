@@ -177,6 +177,30 @@ class _StepLog:
     self.bar.set_postfix({'loss': ' '.join(f'{float(r["loss"]):.4f}' for r in per_run)})
 
 
+def _check_resume(ckpts: checkpoint.Checkpoints, config_json: str,
+                  allow_changes: Sequence[str]) -> list[str]:
+  """The changed keys `allow_changes` accepts; `workdir.ConfigChangedError` for any other
+  difference between the latest checkpoint's config and `config_json`."""
+  return workdir_lib.check_resume(config_lib.fill_defaults(ckpts.saved_config()),
+                                  json.loads(config_json), allow_changes,
+                                  ckpts.path(ckpts.steps()[-1]))
+
+
+def check_resume_early(config: ml_collections.ConfigDict, workdir: str,
+                       allow_changes: Sequence[str] = ()) -> None:
+  """Refuses a resume under a changed config before any data is built or compiled: the check
+  `fit` repeats under the workdir lock, done first so a refused launch costs nothing."""
+  directory = os.path.join(os.path.abspath(workdir), state_lib.CHECKPOINT_DIR)
+  if not os.path.isdir(directory) or not os.listdir(directory):
+    return
+  ckpts = checkpoint.Checkpoints(directory)
+  try:
+    if ckpts.latest_step() is not None:
+      _check_resume(ckpts, config_lib.to_json(config), allow_changes)
+  finally:
+    ckpts.close()
+
+
 def _restore(trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter: DataIterator,
              config_json: str, allow_changes: Sequence[str]) -> tuple[Any, int, bool]:
   """(state, step, fresh): the latest readable checkpoint, its config checked against this
@@ -184,10 +208,7 @@ def _restore(trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter: DataIte
   if ckpts.latest_step() is None:
     return trainer.init_state(), 0, True
   # The config first: a changed model is named by its keys, not by mismatching arrays.
-  saved_step = ckpts.steps()[-1]
-  accepted = workdir_lib.check_resume(config_lib.fill_defaults(ckpts.saved_config()),
-                                      json.loads(config_json), allow_changes,
-                                      ckpts.path(saved_step))
+  accepted = _check_resume(ckpts, config_json, allow_changes)
   if accepted:
     print(f'resume: accepted config changes since the checkpoint: {", ".join(accepted)}')
   state, data_state, start = ckpts.restore(trainer.abstract_state())

@@ -22,12 +22,13 @@ import json
 import os
 import re
 import sys
-import traceback
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from unet_ds import cli
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -46,11 +47,6 @@ _PROBS = flags.DEFINE_bool('probabilities', False, 'predict: also write class pr
 _ALLOW = flags.DEFINE_list('allow_config_change', [], 'train: config keys that may differ from '
                            'the checkpoint being resumed (e.g. train.steps,optim.lr).')
 _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Print the traceback above an error line.')
-
-# Errors whose message already names the file, key or shape at fault: one line is enough.
-_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, OSError,
-                KeyError, flags.Error)
-
 
 def main(argv):
   del argv
@@ -150,15 +146,7 @@ def _exit_with(error: BaseException, show_traceback: bool | None = None) -> None
   if loop is not None and isinstance(error, loop.Interrupted):
     print(f'interrupted: {error}', file=sys.stderr, flush=True)
     os._exit(128 + error.signum)  # pylint: disable=protected-access
-  if show_traceback is None:
-    show_traceback = _TRACEBACK.value
-  if show_traceback or not isinstance(error, _USER_ERRORS):
-    traceback.print_exception(error, file=sys.stderr)
-  message = ' '.join(str(error).split()) or repr(error)
-  print(f'error: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
-  sys.stdout.flush()
-  # Library threads (orbax, grain) can print at interpreter shutdown and bury this line.
-  os._exit(1)  # pylint: disable=protected-access
+  cli.exit_with_error(error, _TRACEBACK.value if show_traceback is None else show_traceback)
 
 
 def run_cli() -> None:

@@ -31,6 +31,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from unet_ds import cli
 from unet_ds.data import folder2d
 from unet_ds.data import io
 from unet_ds.data import msd
@@ -428,8 +429,11 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   if not f.input:
     raise app.UsageError('--input=DIR is required')
-  plan = plan_for(f.input, f.data_dir, label_map=f.label_map, patch_voxels=f.patch_voxels,
-                  memory_mb=f.memory_mb)
+  try:
+    plan = plan_for(f.input, f.data_dir, label_map=f.label_map, patch_voxels=f.patch_voxels,
+                    memory_mb=f.memory_mb)
+  except cli.USER_ERRORS as e:
+    cli.exit_with_error(e)
   print(json.dumps(prepare.jsonable(plan), indent=1))
 
 

@@ -264,6 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   t0 = time.time()
   config, plan = budget.fit(config, workdir, Experiment.build)  # train.minutes -> train.steps
+  loop.check_resume_early(config, workdir, allow_changes)
   exp = Experiment.build(config, workdir)
   out = loop.fit(exp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None)
   if out.get('stopped_early'):

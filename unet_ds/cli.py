@@ -1,0 +1,27 @@
+"""How the command-line entry points (`unet_ds.main`, `unet_ds.plan`) end on an error: one last
+line `error: <type>: <cause>` naming the file, key or shape at fault, exit status 1."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import NoReturn
+
+from absl import flags
+
+# Errors whose message already names the file, key or shape at fault: one line is enough.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, OSError,
+               KeyError, flags.Error)
+
+
+def exit_with_error(error: BaseException, show_traceback: bool = False) -> NoReturn:
+  """Prints the traceback (when asked, or for an unexpected error type), then the one error
+  line, and ends the process without shutdown noise after it."""
+  if show_traceback or not isinstance(error, USER_ERRORS):
+    traceback.print_exception(error, file=sys.stderr)
+  message = ' '.join(str(error).split()) or repr(error)
+  print(f'error: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  # Library threads (orbax, grain) can print at interpreter shutdown and bury this line.
+  os._exit(1)  # pylint: disable=protected-access
