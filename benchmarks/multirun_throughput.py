@@ -1,6 +1,6 @@
 """Throughput of K runs trained together (one vmapped step) vs the same K runs one by one.
 
-  python -m benchmarks.multirun_throughput [--config=configs/unet3d.py:smoke] [--k=4]
+  python -m benchmarks.multirun_throughput [--config=configs/unet3d.py] [--k=4]
       [--steps=5] [--warmup=1] [--repeats=3] [--config.multirun.ds_weights="('exp','same',...)"]
 
 Prints one JSON line. Batches are random (like `unet_ds.bench`), built once on the host, so no
@@ -11,7 +11,11 @@ runs in the program; `config.multirun.vectorize`); "one by one" times each run's
 `train.train_step` (the program `train.train_and_evaluate` runs). The two are interleaved `--repeats` times, so load from other
 processes hits both alike, and the best repeat is reported: `run_steps_per_s` counts one step of
 one run (a together step is K run-steps). Compilation is timed apart: once per together program, once per
-distinct run program one by one. Process CPU seconds are reported too (steadier on a shared CPU).
+distinct run program one by one. Process CPU seconds are reported too (steadier on a shared CPU),
+and `cpu_util`, CPU seconds per wall second (how many cores the way kept busy).
+
+The default config is the default 3D one (`configs/unet3d.py`: 32^3, 4 levels 8..64, batch 2),
+the size whose single run leaves most of a 2-core CPU idle.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/unet3d.py:smoke',
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/unet3d.py',
                                           'Experiment config file (path[:args]).',
                                           lock_config=True)
 _K = flags.DEFINE_integer('k', 4, 'Runs trained together (overrides config.multirun.k).')
@@ -141,7 +145,8 @@ def run(config: Any, k: int, steps: int = 5, warmup: int = 1, repeats: int = 3) 
   }
   for name, (seconds, cpu_seconds) in best.items():
     record[name] = {'seconds': seconds, 'cpu_seconds': cpu_seconds,
-                    'run_steps_per_s': run_steps / seconds}
+                    'cpu_util': cpu_seconds / seconds, 'run_steps_per_s': run_steps / seconds,
+                    'cpu_seconds_per_run_step': cpu_seconds / run_steps}
   for v in VECTORIZE:
     record[f'together_{v}']['compile_s'] = compile_s[v]
     record[f'speedup_{v}'] = (record[f'together_{v}']['run_steps_per_s']

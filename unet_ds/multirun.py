@@ -8,10 +8,14 @@ as its single run would be), and one jitted step vmaps `train.train_step` over t
 DS weights computed inside the step from its step count and its own arrays. So K small runs fill a
 device that one of them would leave idle, with one compilation instead of K.
 
+On CPU with `conv_impl` onednn (the single-device default), each vmapped convolution stays one
+custom call that runs the K runs' convolutions side by side, one per core (`models.ops.onednn`),
+and the norms, activations and optimiser update run as K-times larger XLA ops: K=4 runs of the
+default 3D config train ~2x faster than one by one on 2 cores (benchmarks/multirun_throughput.py).
 `config.multirun.vectorize='map'` runs the same step as a loop over the runs inside the program
 instead (`lax.map`): one compilation and the same results, at about the speed of the runs one by
-one. That is the better choice on XLA:CPU for 3D models, where vmapped convolutions (different
-kernels per run) become grouped convolutions that run several times slower than K plain ones.
+one (the fallback where vmapped convolutions are slow: XLA's own, `conv_impl` cpu_fast/native,
+turn them into grouped convolutions that run several times slower than K plain ones).
 
 Each run writes `WORKDIR/<run name>/{config.json,metrics.jsonl,eval.jsonl,summary.json}` exactly as
 `train.train_and_evaluate` would for that run alone (its config has its own seed and DS settings and
