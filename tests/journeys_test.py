@@ -152,3 +152,38 @@ def test_plan_of_a_missing_folder_ends_in_one_error_line(tmp_path, env):
   assert res.returncode == 1 and lines[-1].startswith('error: DataError: '), lines[-3:]
   assert f'{tmp_path / "nope"}: neither an MSD task folder' in lines[-1]
   assert not any('Traceback' in l for l in lines)
+
+
+def test_eval_on_a_moved_copy_of_the_runs_data_scores_its_held_out_cases(tmp_path):
+  """Data moved after training (cluster scratch, a new disk): `--input=NEW` holding the run's
+  cases scores the held-out cases, as on the old path, not every case (training ones too)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from configs import folder2d  # pylint: disable=g-import-not-at-top
+  moved = tmp_path / 'moved'
+  for sub in ('image', 'label'):
+    (moved / sub).mkdir(parents=True)
+    for name in ('a', 'b', 'c', 'd'):
+      Image.fromarray(np.zeros((16, 16), np.uint8)).save(moved / sub / f'{name}.png')
+  config = folder2d.get_config(f'path={tmp_path / "gone"},smoke')
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'split.json').write_text(json.dumps({'train': ['a', 'b', 'c'], 'validation': ['d']}))
+  logits = lambda x: np.zeros((*x.shape[:-1], 2), np.float32)  # noqa: E731
+  kw = dict(output=str(tmp_path / 'ev'), log=lambda _: None)
+  with pytest.raises(FileNotFoundError, match=r"data.path=.*gone is gone; pass --input=DIR"):
+    evaluate.evaluate_run(config, str(run), logits, 1, **kw)
+  s = evaluate.evaluate_run(config, str(run), logits, 1, input_path=str(moved), **kw)
+  assert s['cases_selected'] == 'validation' and [c['case_id'] for c in s['cases']] == ['d']
+  s = evaluate.evaluate_run(config, str(run), logits, 1, input_path=str(moved), cases='all', **kw)
+  assert s['num_cases'] == 4
+  (moved / 'image' / 'a.png').unlink()  # another folder: not the run's cases, all of them
+  (moved / 'label' / 'a.png').unlink()
+  s = evaluate.evaluate_run(config, str(run), logits, 1, input_path=str(moved), **kw)
+  assert s['cases_selected'] == 'all' and s['num_cases'] == 3
+
+
+def test_eval_or_predict_on_a_multirun_parent_names_its_members(tmp_path):
+  (tmp_path / 'multirun.json').write_text(json.dumps({'runs': ['seed=0', 'seed=1']}))
+  with pytest.raises(FileNotFoundError, match=r"a multi-run workdir \(multirun.json\); give one "
+                     r"run's folder: .*seed=0, .*seed=1"):
+    predict.run_config(None, str(tmp_path))

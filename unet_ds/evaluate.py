@@ -185,6 +185,25 @@ def evaluate_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, s
   return summary
 
 
+def held_out_source(config: Any, workdir: str, input_path: str | None) -> tuple[str, str]:
+  """(folder, default cases) of a file run's eval: its own `data.path` or `input_path`, whose
+  held-out ('validation') cases are scored when it is the run's data, at its path or moved
+  (every case of the run's `split.json` in it), else 'all' its cases."""
+  own_path = os.path.abspath(os.path.expanduser(config.data.path))
+  path = os.path.abspath(os.path.expanduser(input_path or own_path))
+  if path == own_path:
+    if not os.path.isdir(own_path):
+      raise FileNotFoundError(f"{workdir}: the run's data.path={own_path} is gone; pass "
+                              '--input=DIR where its cases are now')
+    return path, 'validation'
+  split = cases_lib.saved_split(workdir)
+  if split and os.path.isdir(path):
+    found = {c for c, _, _ in cases_lib.find_labelled(path, config.data, 'all')}
+    if found.issuperset(split.get('train', []) + split.get('validation', [])):
+      return path, 'validation'  # the run's data, moved since training
+  return path, 'all'
+
+
 def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, step: int, *,
                  input_path: str | None = None, output: str | None = None,
                  cases: str | None = None, write_predictions: bool = False,
@@ -200,7 +219,7 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
       synthetic validation volumes.
     output: where metrics (and predictions) go; default `WORKDIR/eval`.
     cases: 'all', 'validation', 'train' or 'id,id'; default: 'validation' on the run's own data
-      path, 'all' on another folder.
+      (at `data.path`, or moved: `held_out_source`), 'all' on another folder.
     write_predictions: also write each case's label map (files only).
   """
   settings = predict.settings_from_config(config)
@@ -221,9 +240,8 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     summary = {'step': step, 'cases_selected': 'validation', 'input': 'synthetic', **summary}
     write_metrics(output, summary)
   else:
-    own_path = os.path.abspath(os.path.expanduser(config.data.path))
-    input_path = os.path.abspath(input_path or own_path)
-    cases = cases or ('validation' if input_path == own_path else 'all')
+    input_path, default = held_out_source(config, workdir, input_path)
+    cases = cases or default
     selected = cases_lib.find_labelled(input_path, config.data, cases,
                                        split=cases_lib.saved_split(workdir))
     if write_predictions:  # a prediction must never replace one of the images or labels
@@ -249,10 +267,8 @@ def write_overlays(config: Any, workdir: str, apply_fn: Callable[[Any], Any], ou
     examples = ((c.case_id, c.example) for c in itertools.islice(synthetic_cases(config.data), num))
   else:
     predictor = predict.Predictor(lambda x: apply_fn(x)[0], config.data, settings)
-    own_path = os.path.abspath(os.path.expanduser(config.data.path))
-    path = os.path.abspath(input_path or own_path)
-    selected = cases_lib.find_labelled(path, config.data,
-                                       'validation' if path == own_path else 'all',
+    path, cases = held_out_source(config, workdir, input_path)
+    selected = cases_lib.find_labelled(path, config.data, cases,
                                        split=cases_lib.saved_split(workdir))[:num]
     examples = ((cid, predictor.read(image, label, label_on_input_grid=False))
                 for cid, image, label in selected)

@@ -196,6 +196,12 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], output_dir: str,
 def run_config(config: Any, workdir: str) -> ml_collections.ConfigDict:
   """The run's saved config, with `inference` from `config` when it has that group."""
   path = os.path.join(workdir, 'config.json')
+  members = os.path.join(workdir, state_lib.MULTIRUN_FILE)
+  if not os.path.exists(path) and os.path.exists(members):  # K runs: each has its own folder
+    with open(members) as f:
+      names = json.load(f).get('runs', [])
+    raise FileNotFoundError(f'{workdir}: a multi-run workdir ({state_lib.MULTIRUN_FILE}); give one '
+                            f'run\'s folder: {", ".join(os.path.join(workdir, n) for n in names)}')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: train a model in this workdir first '
                             '(--mode=train)')
