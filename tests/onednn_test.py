@@ -122,6 +122,31 @@ def test_batched_input_with_one_kernel_equals_native():
     _assert_close(b, a, name)
 
 
+def test_batched_members_with_more_threads_than_cores_in_a_fresh_process():
+  # OMP_NUM_THREADS=4: 3 members take 3 threads of 1, then 2 members 2 threads of 2 OpenMP
+  # threads each (one pool worker sits out), then 5 members 4 threads; all equal native.
+  code = """
+import functools, jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from unet_ds.models.ops import onednn
+rng = np.random.default_rng(0)
+fast = jax.jit(jax.vmap(functools.partial(onednn.conv, strides=(1, 1, 1))))
+native = functools.partial(lax.conv_general_dilated, window_strides=(1, 1, 1), padding='SAME',
+                           dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+for k in (3, 2, 5):
+  x = jnp.asarray(rng.standard_normal((k, 2, 6, 5, 4, 3)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((k, 3, 3, 3, 3, 4)), jnp.float32)
+  got = fast(x, w)
+  for i in range(k):
+    np.testing.assert_allclose(got[i], native(x[i], w[i]), rtol=1e-4, atol=1e-4)
+print('ok')
+"""
+  env = dict(os.environ, OMP_NUM_THREADS='4', XLA_FLAGS='')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert out.returncode == 0 and out.stdout.split()[-1:] == ['ok'], out.stderr[-2000:]
+
+
 @pytest.mark.parametrize('x_shape,k_shape,strides,dtype,match', [
     ((1, 4, 4, 4, 2), (3, 3, 3, 3, 4), (1, 1, 1), jnp.float32, r'kernel \(3, 3, 3, 3, 4\)'),
     ((1, 4, 4, 4, 2), (3, 3, 3, 2, 4), (1, 1), jnp.float32, 'one positive stride'),

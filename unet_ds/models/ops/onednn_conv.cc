@@ -186,10 +186,12 @@ class MemberPool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       while (static_cast<int>(workers_.size()) < threads - 1) {
-        workers_.emplace_back([this] { Loop(); });
+        int index = static_cast<int>(workers_.size());
+        workers_.emplace_back([this, index] { Loop(index); });
         workers_.back().detach();
       }
       fn_ = &fn;
+      helpers_ = threads - 1;
       n_ = n;
       inner_ = inner;
       next_ = 0;
@@ -220,19 +222,22 @@ class MemberPool {
     }
   }
 
-  void Loop() {
+  // Worker `index` joins the calls that ask for more than `index` helpers.
+  void Loop(int index) {
     uint64_t seen = 0;
     int inner = -1;
     for (;;) {
       const std::function<void(int64_t)>* fn;
+      bool join;
       {
         std::unique_lock<std::mutex> lock(mu_);
         wake_.wait(lock, [&] { return generation_ != seen; });
         seen = generation_;
         fn = fn_;
-        if (inner != inner_) omp_set_num_threads(inner = inner_);
+        join = index < helpers_;
+        if (join && inner != inner_) omp_set_num_threads(inner = inner_);
       }
-      Work(*fn);
+      if (join) Work(*fn);
       std::lock_guard<std::mutex> lock(mu_);
       if (--busy_ == 0) done_.notify_one();
     }
@@ -245,7 +250,8 @@ class MemberPool {
   int64_t n_ = 0;
   std::atomic<int64_t> next_{0};
   int inner_ = 1;
-  int busy_ = 0;
+  int helpers_ = 0;  // workers that take members in this call
+  int busy_ = 0;     // workers yet to finish this call (joined or not)
   uint64_t generation_ = 0;
   std::string error_;
 };
@@ -269,11 +275,11 @@ ffi::Error Conv(Kind kind, ffi::Span<const int64_t> src_dims, ffi::Span<const in
                 ffi::Span<const int64_t> hi) {
   // One member is [N, *spatial, C] / [*k, I, O]; any dims before those are members (vmap).
   size_t rank = strides.size() + 2;
-  size_t lead = src_dims.size() - rank;
-  if ((rank != 4 && rank != 5) || src_dims.size() < rank || wei_dims.size() != lead + rank ||
-      dst_dims.size() != lead + rank || lo.size() != rank - 2 || hi.size() != rank - 2) {
+  if ((rank != 4 && rank != 5) || src_dims.size() < rank || wei_dims.size() != src_dims.size() ||
+      dst_dims.size() != src_dims.size() || lo.size() != rank - 2 || hi.size() != rank - 2) {
     return ffi::Error::InvalidArgument("unet_ds onednn conv: inconsistent ranks");
   }
+  size_t lead = src_dims.size() - rank;
   for (size_t i = 0; i < lead; ++i) {
     if (wei_dims[i] != src_dims[i] || dst_dims[i] != src_dims[i]) {
       return ffi::Error::InvalidArgument("unet_ds onednn conv: operands' member dims differ");
