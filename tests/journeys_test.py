@@ -187,3 +187,25 @@ def test_eval_or_predict_on_a_multirun_parent_names_its_members(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"a multi-run workdir \(multirun.json\); give one "
                      r"run's folder: .*seed=0, .*seed=1"):
     predict.run_config(None, str(tmp_path))
+
+
+def test_ctrl_c_during_the_final_eval_stops_it_with_the_checkpoint_kept(tmp_path, data_dir,
+                                                                          monkeypatch):
+  """The last checkpoint is saved before the whole-image eval; Ctrl-C (or a SIGTERM) there must
+  stop the run at once, saying how to score it, not be swallowed until the eval ends."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  from tests import smoke  # pylint: disable=g-import-not-at-top
+  from unet_ds import loop, train  # pylint: disable=g-import-not-at-top
+
+  def slow_eval(self, state, step):
+    del self, state, step
+    os.kill(os.getpid(), signal.SIGINT)
+    for _ in range(100):
+      time.sleep(0.05)
+    return [{'reached': 'only when the signal was swallowed'}]
+  monkeypatch.setattr(train.Experiment, 'final_eval', slow_eval)
+  with pytest.raises(loop.Interrupted, match=r'SIGINT: .*step 2 .*saved.*--mode=eval'):
+    train.train_and_evaluate(smoke.config(data_dir, 2, steps=2), str(tmp_path))
+  assert '2' in os.listdir(tmp_path / 'checkpoints')
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

@@ -141,6 +141,26 @@ def _signals_to_flag() -> Iterator[dict[str, int]]:
       signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def _signals_stop_eval(step: int, directory: str) -> Iterator[None]:
+  """SIGTERM / SIGINT during the final whole-image eval (checkpoint `step` already saved) stop
+  it at once with `Interrupted`, instead of waiting for an eval that can take minutes."""
+  def handler(signum, frame):
+    del frame
+    raise Interrupted(signum, f'{signal.Signals(signum).name}: the checkpoint of step {step} was '
+                      f'saved in {directory} before its evaluation, which was stopped; score it '
+                      'with --mode=eval (or run the same command again)')
+  try:
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  except ValueError:  # not the main thread: leave signals alone
+    previous = {}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
 class _StepLog:
   """Host side of the steps: finite checks, `metrics.jsonl` every `log_every`, the progress bar."""
 
@@ -310,7 +330,13 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
   if last < c.train.steps and step == last:
     return {'step': last, 'stopped_early': True}
   step = int(np.ravel(state.step)[0])
-  if evals is None:  # resumed a finished run: score the restored state
-    evals = [eval_record(step, e) for e in trainer.evaluate(state)]
-  return {'step': step, 'in_training': evals, 'evals': trainer.final_eval(state, step),
+  if 'signum' in flag:  # arrived after the last step's checkpoint
+    raise Interrupted(flag['signum'], f'{signal.Signals(flag["signum"]).name}: checkpoint of step '
+                      f'{step} saved in {ckpts.directory}; score it with --mode=eval (or run '
+                      'the same command again)')
+  with _signals_stop_eval(step, ckpts.directory):
+    if evals is None:  # resumed a finished run: score the restored state
+      evals = [eval_record(step, e) for e in trainer.evaluate(state)]
+    final = trainer.final_eval(state, step)
+  return {'step': step, 'in_training': evals, 'evals': final,
           'seconds': seconds, 'num_params': trainer.num_params(state)}
