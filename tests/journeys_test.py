@@ -209,3 +209,29 @@ def test_ctrl_c_during_the_final_eval_stops_it_with_the_checkpoint_kept(tmp_path
     train.train_and_evaluate(smoke.config(data_dir, 2, steps=2), str(tmp_path))
   assert '2' in os.listdir(tmp_path / 'checkpoints')
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_eval_of_another_folder_keeps_the_runs_own_eval_files(tmp_path):
+  """`--mode=eval --input=OTHER` without `--output` must not replace WORKDIR/eval/metrics.json
+  (the run's held-out evaluation, which reports read) with another folder's numbers."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from configs import folder2d  # pylint: disable=g-import-not-at-top
+  for folder, names in (('data', 'abcd'), ('other', 'xy')):
+    for sub in ('image', 'label'):
+      (tmp_path / folder / sub).mkdir(parents=True)
+      for name in names:
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / folder / sub / f'{name}.png')
+  config = folder2d.get_config(f'path={tmp_path / "data"},smoke')
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'split.json').write_text(json.dumps({'train': ['a', 'b', 'c'], 'validation': ['d']}))
+  logits = lambda x: np.zeros((*x.shape[:-1], 2), np.float32)  # noqa: E731
+  own = evaluate.evaluate_run(config, str(run), logits, 1, log=lambda _: None)
+  assert own['output'] == str(run / 'eval') and own['num_cases'] == 1
+  other = evaluate.evaluate_run(config, str(run), logits, 1, input_path=str(tmp_path / 'other'),
+                                log=lambda _: None)
+  assert other['output'] == str(run / 'eval_other_all') and other['num_cases'] == 2
+  train = evaluate.evaluate_run(config, str(run), logits, 1, cases='train', log=lambda _: None)
+  assert train['output'] == str(run / 'eval_data_train') and train['num_cases'] == 3
+  saved = json.loads((run / 'eval' / 'metrics.json').read_text())
+  assert [c['case_id'] for c in saved['cases']] == ['d']

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from unet_ds import dirnames
 from unet_ds import inference
 from unet_ds import metrics
 from unet_ds import overlays
@@ -217,13 +218,13 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     step: the checkpoint step, recorded in the summary.
     input_path: a labelled folder; default: the run's own `data.path` (real data) or its
       synthetic validation volumes.
-    output: where metrics (and predictions) go; default `WORKDIR/eval`.
+    output: where metrics (and predictions) go; default `WORKDIR/eval` for the run's own
+      held-out cases, else `WORKDIR/eval_<input folder>_<all|train|validation|cases>`.
     cases: 'all', 'validation', 'train' or 'id,id'; default: 'validation' on the run's own data
       (at `data.path`, or moved: `held_out_source`), 'all' on another folder.
     write_predictions: also write each case's label map (files only).
   """
   settings = predict.settings_from_config(config)
-  output = predict.check_output_dir(output or os.path.join(workdir, EVAL_DIR))
   ignore = int(config.loss.get('ignore_index', -1)) if 'loss' in config else -1
   ignore = None if ignore < 0 else ignore
   tolerance = float(config.get('eval', {}).get('nsd_tolerance_mm', 1.0))
@@ -233,6 +234,7 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
   if config.data.name == 'synthetic':
     if input_path:
       raise ValueError('--input: a synthetic-data run is evaluated on its own validation volumes')
+    output = predict.check_output_dir(output or os.path.join(workdir, EVAL_DIR))
     windows = inference.Windows(predict_fn, settings)
     summary = score_cases(lambda ex: windows.probs(ex['image']), synthetic_cases(config.data),
                           max(int(config.data.num_classes), 2), ignore_index=ignore,
@@ -242,8 +244,14 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
   else:
     input_path, default = held_out_source(config, workdir, input_path)
     cases = cases or default
+    if not output:  # WORKDIR/eval holds the run's own held-out evaluation; others beside it
+      held_out = default == cases == 'validation'
+      which = cases if cases in ('all', 'train', 'validation') else 'cases'
+      output = os.path.join(workdir, EVAL_DIR if held_out else dirnames.safe_name(
+          f'{EVAL_DIR}_{os.path.basename(input_path)}_{which}'))
     selected = cases_lib.find_labelled(input_path, config.data, cases,
                                        split=cases_lib.saved_split(workdir))
+    output = predict.check_output_dir(output)
     if write_predictions:  # a prediction must never replace one of the images or labels
       predict.check_spares(config.data.name, output, [i for _, i, _ in selected],
                            [f for _, i, l in selected for f in (i, l)])

@@ -5,8 +5,9 @@ Modes:
   whole, as `eval` does; prints one JSON line.
 * `eval`: the latest checkpoint on whole held-out cases (sliding window, per-case means as
   nnU-Net): the run's validation cases, or every labelled case of `--input`. Writes
-  `metrics.json` / `metrics.csv` into `--output` (default `WORKDIR/eval`), with each case's
-  prediction when `--output` is given; prints one JSON line.
+  `metrics.json` / `metrics.csv` into `--output` (default `WORKDIR/eval` for the run's own
+  held-out cases, else `WORKDIR/eval_<folder>_<cases>`), with each case's prediction when
+  `--output` is given; prints one JSON line.
 * `predict`: label maps of `--input` (a file or folder) into `--output`.
 eval/predict use the run's own saved `config.json` (only `--config.inference.*` is taken from the
 command line). Any config field can be overridden: `--config.model.ds.mode=hypercolumn`.
