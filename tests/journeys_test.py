@@ -235,3 +235,17 @@ def test_eval_of_another_folder_keeps_the_runs_own_eval_files(tmp_path):
   assert train['output'] == str(run / 'eval_data_train') and train['num_cases'] == 3
   saved = json.loads((run / 'eval' / 'metrics.json').read_text())
   assert [c['case_id'] for c in saved['cases']] == ['d']
+
+
+def test_ctrl_c_outside_the_training_loop_ends_in_one_line(tmp_path, env):
+  """Ctrl-C while data is prepared, a model compiles, or predict / eval runs: status 130 and
+  one line, not a KeyboardInterrupt traceback."""
+  code = ('import sys\nfrom unet_ds import main\n'
+          'def stop(*_):\n  raise KeyboardInterrupt\n'
+          f'main._run = stop\nsys.argv = ["main", "--workdir={tmp_path}"]\nmain.run_cli()\n')
+  res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 130, res.stderr[-2000:]
+  assert lines[-1].startswith('interrupted: SIGINT') and 'run the same command again' in lines[-1]
+  assert not any('Traceback' in l for l in lines)

@@ -59,6 +59,10 @@ def main(argv):
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise NotADirectoryError(f'--workdir={_WORKDIR.value}: exists and is not a folder')
     result = _run(_MODE.value, _CONFIG.value, _WORKDIR.value)
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop (which checkpoints first)
+    print('interrupted: SIGINT; every file written so far is complete (written whole, then '
+          'renamed); run the same command again', file=sys.stderr, flush=True)
+    os._exit(130)  # pylint: disable=protected-access
   except Exception as e:  # pylint: disable=broad-except
     _exit_with(e)
   print(json.dumps(result))
