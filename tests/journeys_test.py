@@ -249,3 +249,26 @@ def test_ctrl_c_outside_the_training_loop_ends_in_one_line(tmp_path, env):
   assert res.returncode == 130, res.stderr[-2000:]
   assert lines[-1].startswith('interrupted: SIGINT') and 'run the same command again' in lines[-1]
   assert not any('Traceback' in l for l in lines)
+
+
+def test_eval_and_predict_keep_the_runs_inference_settings(tmp_path, env):
+  """A run's config.json holds its inference settings (auto plans and tgs_salt: flip TTA);
+  `--mode=eval|predict` without `--config` must use them, with only the `--config.inference.*`
+  flags given on the command line changed (the default --config's group used to replace them)."""
+  _saved_run(tmp_path, {'name': 'msd', 'patch_size': [8, 8, 8]})
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  saved['inference'] = {'overlap': 0.5, 'tta_axes': [0, 1, 2], 'batch_size': 2}
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  code = ('import json, sys\nfrom unet_ds import main, predict\n'
+          'main._parse_flags(sys.argv)\n'
+          'cfg = predict.run_config(main.cli_config(main._MODE.value, main._CONFIG.value), '
+          'main._WORKDIR.value)\nprint(json.dumps(cfg.inference.to_dict()))\n')
+  for flags_given, expected in (
+      ([], {'overlap': 0.5, 'tta_axes': [0, 1, 2], 'batch_size': 2}),
+      (['--config.inference.overlap=0.25'], {'overlap': 0.25, 'tta_axes': [0, 1, 2],
+                                             'batch_size': 2})):
+    res = subprocess.run([sys.executable, '-c', code, f'--workdir={tmp_path}', '--mode=eval',
+                          *flags_given], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == expected

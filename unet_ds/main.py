@@ -27,6 +27,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from unet_ds import cli
@@ -68,11 +69,25 @@ def main(argv):
   print(json.dumps(result))
 
 
+def cli_config(mode: str, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config `mode` runs with: `--config` for training; for eval / predict (which read the
+  run's own config.json), `--config` with `inference` holding only the `--config.inference.*`
+  flags given, so the run's saved settings (e.g. its TTA) stay unless a flag changes them."""
+  if mode == 'train':
+    return config
+  given = config_flags.get_override_values(flags.FLAGS['config'])
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.inference = ml_collections.ConfigDict(
+      {k.split('.', 1)[1]: v for k, v in given.items() if k.startswith('inference.')})
+  return out
+
+
 def _run(mode: str, config, workdir: str) -> dict:
   """The mode's work; returns the JSON line to print."""
   # pylint: disable=g-import-not-at-top  (fast --help)
   from unet_ds.models.ops import xla_flags
   xla_flags.configure_xla_flags()  # before the first jax computation
+  config = cli_config(mode, config)
   if mode == 'train':
     from unet_ds import multirun, train
     trainer = multirun if config.get('multirun', {}).get('k', 0) > 1 else train  # K runs, 1 program

@@ -194,7 +194,7 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], output_dir: str,
 # ----------------------------------------------------------------------------- the run's model
 
 def run_config(config: Any, workdir: str) -> ml_collections.ConfigDict:
-  """The run's saved config, with `inference` from `config` when it has that group."""
+  """The run's saved config, its `inference` settings updated by those `config` has."""
   path = os.path.join(workdir, 'config.json')
   members = os.path.join(workdir, state_lib.MULTIRUN_FILE)
   if not os.path.exists(path) and os.path.exists(members):  # K runs: each has its own folder
@@ -211,9 +211,10 @@ def run_config(config: Any, workdir: str) -> ml_collections.ConfigDict:
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}: not valid JSON ({e})') from None
   passed = config.get('inference') if config is not None else None
-  if passed is not None:
-    saved.inference = ml_collections.ConfigDict(passed.to_dict() if hasattr(passed, 'to_dict')
-                                                else dict(passed))
+  if passed:  # over the run's own settings (the command line gives only the flags it changes)
+    inf = dict(saved.get('inference') or {})
+    inf.update(passed.to_dict() if hasattr(passed, 'to_dict') else dict(passed))
+    saved.inference = ml_collections.ConfigDict(inf)
   same_data = config is not None and 'data' in config and config.data.get('name') == saved.data.name
   for group in ('model', 'data'):  # only worth a word when --config looks like the run's own
     if same_data and group in config and _differs(config[group], saved[group]):
