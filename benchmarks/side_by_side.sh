@@ -10,7 +10,7 @@ set -u
 rounds=${1:-2}; steps=${2:-5}; dims=${3:-3 2}
 py=${PYTHON:-python}; monai_py=${MONAI_PYTHON:-/work/monai_venv/bin/python}
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/unet_ds_jax_cache}
-keys='["step_s_median","step_s_min","step_s_max","step_cpu_s_median","peak_rss_mb","train_peak_rss_mb","baseline_rss_mb","threads","load_avg_1min","conv_impl"]'
+keys='["step_s_median","step_s_min","step_s_max","step_cpu_s_median","peak_rss_mb","train_peak_rss_mb","step_temp_mb","baseline_rss_mb","threads","load_avg_1min","conv_impl"]'
 summarize() { "$py" -c "import json,sys; d=json.loads(sys.stdin.readlines()[-1]); \
 print(json.dumps({'run': sys.argv[1], **{k: d[k] for k in json.loads(sys.argv[2]) if k in d}}))" "$1" "$keys"; }
 for d in $dims; do

@@ -304,14 +304,14 @@ def test_conv_of_parts_is_conv_of_concatenation(impl, kernel_size, strides):
     conv.apply(params, (a, b[:, :4]))
 
 
-def test_recomputed_in_backward_same_values_and_gradients():
+def test_backward_after_cotangent_same_values_and_gradients():
   from unet_ds.models import blocks  # pylint: disable=g-import-not-at-top
   from unet_ds.models.ops import fused  # pylint: disable=g-import-not-at-top
   x = jax.random.normal(jax.random.key(0), (2, 6, 6, 6, 4)) * 3 + 1
   scale = jnp.linspace(0.5, 1.5, 4)
   bias = jnp.linspace(-0.2, 0.3, 4)
   fn = functools.partial(fused.instance_norm_act, negative_slope=0.01)
-  late = blocks.recomputed_in_backward(fn)
+  late = blocks.backward_after_cotangent(fn)
   np.testing.assert_array_equal(late(x, scale, bias), fn(x, scale, bias))
   weights = jax.random.normal(jax.random.key(1), x.shape)
   grads = [jax.jit(jax.grad(lambda *args, f=f: jnp.sum(f(*args) * weights), argnums=(0, 1, 2)))(

@@ -58,29 +58,28 @@ class _InstanceNormParams(nn.Module):
             self.param('bias', nn.initializers.zeros, (channels,), jnp.float32))
 
 
-def recomputed_in_backward(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-  """`fn` with the same values and gradients, whose backward pass keeps only `fn`'s inputs and
-  recomputes the rest once the output's cotangent has arrived.
+def backward_after_cotangent(fn: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """`fn` with the same values and gradients, whose backward pass cannot start before the
+  cotangent of its output exists.
 
   For cheap ops on large tensors (a norm): otherwise XLA:CPU's scheduler computes the parts of
   their backward that need no cotangent (the normalised input) right in the forward pass and keeps
   them live, beside the input, until the backward reaches the op (3D bench_ref: 6 extra
-  full-resolution tensors at the step's peak). The recomputation reads the saved inputs through a
-  data dependency on the cotangent (plus 0 times one of its elements, fused into the readers), so
-  no step of the backward can be scheduled before the cotangent exists; XLA:CPU drops
-  optimization barriers before scheduling, so a barrier would not hold it back.
+  full-resolution tensors at the step's peak). Here the backward reads `fn`'s saved residuals
+  through a data dependency on the cotangent (plus 0 times one of its elements, fused into the
+  readers). XLA:CPU drops optimization barriers before scheduling, so a barrier would not hold.
   """
   @jax.custom_vjp
   def wrapped(*args):
     return fn(*args)
 
   def forward(*args):
-    return fn(*args), args
+    return jax.vjp(fn, *args)  # (output, residuals: fn's own, as a pytree)
 
-  def backward(args, cotangent):
+  def backward(vjp_fn, cotangent):
     zero = cotangent.reshape(-1)[0] * 0  # NaN/inf there would make the whole gradient NaN anyway
-    args = tuple(a + zero.astype(a.dtype) for a in args)
-    return jax.vjp(fn, *args)[1](cotangent)
+    late = lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a  # noqa
+    return jax.tree.map(late, vjp_fn)(cotangent)
 
   wrapped.defvjp(forward, backward)
   return wrapped
@@ -90,8 +89,8 @@ class InstanceNormAct(nn.Module):
   """`activation(Norm('instance')(x))` as one fused op (`fused.instance_norm_act`).
 
   Same values, gradients and parameter tree as `Norm('instance')` and then `activation(act)`
-  when used under the same name (checkpoints move between the two). Its backward keeps only `x`
-  (`recomputed_in_backward`: the statistics are recomputed, one pass over `x`).
+  when used under the same name (checkpoints move between the two). Its backward waits for the
+  output's cotangent (`backward_after_cotangent`), so it keeps `x` and not also `x` normalised.
   """
   act: str | None = 'leaky_relu'
   dtype: Any = None
@@ -103,7 +102,7 @@ class InstanceNormAct(nn.Module):
     scale, bias = _InstanceNormParams(name='InstanceNorm_0')(x.shape[-1])
     slope = None if self.act is None else _NEGATIVE_SLOPES[self.act]
     norm_act = functools.partial(fused.instance_norm_act, negative_slope=slope, dtype=self.dtype)
-    return recomputed_in_backward(norm_act)(x, scale, bias)
+    return backward_after_cotangent(norm_act)(x, scale, bias)
 
 
 class ConvNormAct(nn.Module):
