@@ -11,6 +11,7 @@ import pytest
 
 from unet_ds import evaluate
 from unet_ds import predict
+from unet_ds.data import cases
 from unet_ds.data import io
 from unet_ds.data import split
 
@@ -272,3 +273,10 @@ def test_eval_and_predict_keep_the_runs_inference_settings(tmp_path, env):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_eval_of_a_folder_of_images_alone_points_to_predict(tmp_path):
+  (tmp_path / 'case_1.nii.gz').write_bytes(b'')
+  with pytest.raises(io.DataError, match=r'holds images without labels; eval needs imagesTr/ \+ '
+                     r'labelsTr/ \(--mode=predict for images alone\)'):
+    cases.find_labelled(str(tmp_path), {'name': 'msd', 'path': str(tmp_path), 'num_classes': 2})

@@ -73,6 +73,15 @@ def find_labelled(path: str, data_cfg: Any, cases: str | Sequence[str] = 'all',
     split: the run's saved split (`case_split`); without it, 'validation' / 'train' recompute
       the split from the files now in `path`.
   """
+  kind = data_kind(data_cfg)
+  folders = (('imagesTr', 'labelsTr') if kind == 'msd' else
+             (prepare.cfg_get(data_cfg, 'image_dir', 'image'),
+              prepare.cfg_get(data_cfg, 'label_dir', 'label')))
+  suffixes = io.NIFTI_SUFFIXES if kind == 'msd' else io.IMAGE2D_SUFFIXES
+  if (os.path.isdir(path) and not os.path.isdir(os.path.join(path, folders[0])) and
+      any(f.lower().endswith(suffixes) for f in os.listdir(path))):
+    raise io.DataError(f'{path}: holds images without labels; eval needs {folders[0]}/ + '
+                       f'{folders[1]}/ (--mode=predict for images alone)')
   found, settings = _all_labelled(path, data_cfg)
   if cases == 'all':
     return found
