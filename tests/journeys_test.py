@@ -40,6 +40,8 @@ def _fail(args, env, timeout=300):
     (['--config=configs/default.py:smok'], ('--config=configs/default.py:smok', "'smok'")),
     (['--config=configs/nope.py:smoke'], ('--config=configs/nope.py:smoke', 'not found')),
     (['--config=configs/default.py', '--mode=evaluate'], ('--mode', 'evaluate')),
+    (['--config=configs/auto.py:path=/nonexistent/unet_ds'],
+     ('--config=configs/auto.py:path=/nonexistent/unet_ds: /nonexistent/unet_ds: neither',)),
 ])
 def test_command_line_mistakes_end_in_one_error_line(tmp_path, env, args, expected):
   lines = _fail([*args, f'--workdir={tmp_path / "run"}'], env)

@@ -155,7 +155,7 @@ def _flag_error(error: Exception, argv: list[str]) -> Exception:
   text = str(error).strip()
   if 'Traceback (most recent call last)' in text:  # a config file's get_config raised
     flag = re.match(r'flag (--\S+?): ', text)
-    cause = re.sub(r'^\w+: ', '', text.splitlines()[-1].strip())
+    cause = re.sub(r'^[\w.]+: ', '', text.splitlines()[-1].strip())
     return ValueError(f'{flag.group(1) if flag else "--config"}: {cause}')
   return error
 
