@@ -11,7 +11,8 @@ device that one of them would leave idle, with one compilation instead of K.
 On CPU with `conv_impl` onednn (the single-device default), each vmapped convolution stays one
 custom call that runs the K runs' convolutions side by side, one per core (`models.ops.onednn`),
 and the norms, activations and optimiser update run as K-times larger XLA ops: K=4 runs of the
-default 3D config train ~2x faster than one by one on 2 cores (benchmarks/multirun_throughput.py).
+default 3D config train 1.4-1.9x faster than one by one on 2 loaded cores, with 1.4x less CPU per
+run-step (benchmarks/multirun_throughput.py; docs/results.md).
 `config.multirun.vectorize='map'` runs the same step as a loop over the runs inside the program
 instead (`lax.map`): one compilation and the same results, at about the speed of the runs one by
 one (the fallback where vmapped convolutions are slow: XLA's own, `conv_impl` cpu_fast/native,
