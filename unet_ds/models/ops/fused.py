@@ -65,6 +65,17 @@ def _max_pool_fwd(x, window):
   return y, (x, y)
 
 
+def _exclusive_prefix_sum(count: jax.Array, axis: int) -> jax.Array:
+  """`cumsum(count, axis) - count` over a short window axis, as explicit slices: XLA:CPU lowers
+  `cumsum` to a reduce-window that, fused into a batched (multi-run) step, ran ~40x slower."""
+  run = jnp.zeros_like(lax.slice_in_dim(count, 0, 1, axis=axis))
+  parts = [run]
+  for i in range(count.shape[axis] - 1):
+    run = run + lax.slice_in_dim(count, i, i + 1, axis=axis)
+    parts.append(run)
+  return jnp.concatenate(parts, axis=axis)
+
+
 def _max_pool_bwd(window, res, dy):
   x, y = res
   rank = len(window)
@@ -76,7 +87,7 @@ def _max_pool_bwd(window, res, dy):
   before = jnp.zeros(xw.shape, jnp.int32)
   count = is_max.astype(jnp.int32)
   for axis in reversed(win_axes):
-    before = before + jnp.cumsum(count, axis=axis) - count  # broadcasts over later axes
+    before = before + _exclusive_prefix_sum(count, axis)  # broadcasts over later axes
     count = jnp.sum(count, axis=axis, keepdims=True)
   first = is_max & (before == 0)
   dx = jnp.where(first, jnp.expand_dims(dy, win_axes), jnp.zeros((), dy.dtype))
