@@ -175,6 +175,7 @@ def prepare_train(config: Any) -> TrainStep:
   t = time.perf_counter()
   compiled = train_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
+  del train_fn, init  # with their traces: garbage for the trim's collection
   hostmem.trim_host_heap()  # the compiler's freed heap, before the steps' peak comes on top
   return TrainStep(compiled=compiled, state=state, batch=batch,
                    impl=layers.resolve_impl(model_cfg.conv_impl), flops=flops,
