@@ -282,3 +282,9 @@ def test_eval_of_a_folder_of_images_alone_points_to_predict(tmp_path):
   with pytest.raises(io.DataError, match=r'holds images without labels; eval needs imagesTr/ \+ '
                      r'labelsTr/ \(--mode=predict for images alone\)'):
     cases.find_labelled(str(tmp_path), {'name': 'msd', 'path': str(tmp_path), 'num_classes': 2})
+
+
+def test_a_bad_config_argument_value_names_the_argument():
+  from configs import msd  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=r"config argument fold='abc': invalid literal for int"):
+    msd.get_config('path=/data,fold=abc')

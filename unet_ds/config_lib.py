@@ -176,7 +176,12 @@ def apply_args(c: ml_collections.ConfigDict, arg: str | None,
   for key, value in parse_arg(arg).items():
     if key not in handlers:
       raise ValueError(f'unknown config argument {key!r} in {arg!r}; known: {sorted(handlers)}')
-    handlers[key](c, value)
+    try:
+      handlers[key](c, value)
+    except (TypeError, ValueError) as e:  # e.g. int('abc'): say which argument
+      if str(e).startswith(('config argument', 'config.')):  # says it already
+        raise
+      raise ValueError(f'config argument {key}={value!r}: {e}') from e
   return c
 
 
