@@ -10,13 +10,12 @@ device that one of them would leave idle, with one compilation instead of K.
 
 On CPU with `conv_impl` onednn (the single-device default), each vmapped convolution stays one
 custom call that runs the K runs' convolutions side by side, one per core (`models.ops.onednn`),
-and the norms, activations and optimiser update run as K-times larger XLA ops: K=4 runs of the
-default 3D config train 1.4-1.9x faster than one by one on 2 loaded cores, with 1.4x less CPU per
-run-step (benchmarks/multirun_throughput.py; docs/results.md).
+and the norms, activations and optimiser update run as K-times larger XLA ops
+(`benchmarks/multirun_throughput.py` measures it against the runs one by one; docs/results.md).
 `config.multirun.vectorize='map'` runs the same step as a loop over the runs inside the program
-instead (`lax.map`): one compilation and the same results, at about the speed of the runs one by
-one (the fallback where vmapped convolutions are slow: XLA's own, `conv_impl` cpu_fast/native,
-turn them into grouped convolutions that run several times slower than K plain ones).
+instead (`lax.map`): one compilation and the same results (the fallback where vmapped
+convolutions are slow: XLA's own, `conv_impl` cpu_fast/native, turn them into grouped
+convolutions, which XLA:CPU runs slower than K plain ones).
 
 Each run writes `WORKDIR/<run name>/{config.json,metrics.jsonl,eval.jsonl,summary.json}` exactly as
 `train.train_and_evaluate` would for that run alone (its config has its own seed and DS settings and
