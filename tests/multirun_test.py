@@ -1,6 +1,7 @@
 """Multi-run training: K runs in one vmapped program equal the K runs trained one by one."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -245,3 +246,24 @@ def test_data_parallel_multirun_matches_single_device(data_dir):
       states, m = mexp.jit_train_step()(states, batches)
     results.append(np.asarray(m['loss']))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+
+
+def test_changed_multirun_resume_is_refused_before_the_data_is_built(tmp_path, data_dir,
+                                                                      monkeypatch):
+  from unet_ds import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from unet_ds.data import datasets  # pylint: disable=g-import-not-at-top
+  config = _multi(data_dir)
+  mexp = multirun.MultiExperiment.build(config, str(tmp_path))
+  ckpts = checkpoint.Checkpoints(str(tmp_path / 'checkpoints'), 2)
+  ckpts.save(1, mexp.init_state(), None, config_lib.to_json(config))
+  ckpts.wait()
+  ckpts.close()
+
+  def no_data(*_):
+    raise AssertionError('data built before the resume check')
+  monkeypatch.setattr(datasets, 'get_sources', no_data)
+  changed = _multi(data_dir)
+  changed.model.base_filters = 8
+  with pytest.raises(workdir_lib.ConfigChangedError, match='model.base_filters'):
+    multirun.train_and_evaluate(changed, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']

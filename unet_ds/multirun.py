@@ -339,6 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   t0 = time.time()
   config, plan = budget.fit(config, workdir, MultiExperiment.build)  # train.minutes -> steps
+  loop.check_resume_early(config, workdir, allow_changes)  # a refused resume builds nothing
   mexp = MultiExperiment.build(config, workdir)
   out = loop.fit(mexp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None)
   if out.get('stopped_early'):
