@@ -3,7 +3,7 @@
   python benchmarks/hypercolumn_resize_cost.py [--ndim=3] [--size=64] [--batch=2] [--channels=16]
       [--levels=4] [--rounds=5]
 
-Defaults are 3D bench_ref's fusion: the projections of 4 levels (64^3 ... 8^3, 16 channels, batch
+Defaults are 3D bench_ref's fusion: the projections of its 3 decoder levels (64^3, 32^3, 16^3; 16 channels, batch
 2) summed at full resolution. Two ways, timed in alternating rounds (process CPU seconds):
 
 - `per_level`: what `ds.DSOutput` computes, each level resized to full size, then summed.
@@ -27,7 +27,7 @@ _NDIM = flags.DEFINE_integer('ndim', 3, 'Spatial dimensions.')
 _SIZE = flags.DEFINE_integer('size', 64, 'Full-resolution size per axis.')
 _BATCH = flags.DEFINE_integer('batch', 2, 'Batch size.')
 _CHANNELS = flags.DEFINE_integer('channels', 16, 'Fusion features (model.ds fusion width).')
-_LEVELS = flags.DEFINE_integer('levels', 4, 'Decoder levels (resolution 1/2^l).')
+_LEVELS = flags.DEFINE_integer('levels', 3, 'Decoder levels in the column (resolution 1/2^l).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating timed rounds.')
 
 
