@@ -3,8 +3,9 @@
   python benchmarks/hypercolumn_resize_cost.py [--ndim=3] [--size=64] [--batch=2] [--channels=16]
       [--levels=4] [--rounds=5]
 
-Defaults are 3D bench_ref's fusion: the projections of its 3 decoder levels (64^3, 32^3, 16^3; 16 channels, batch
-2) summed at full resolution. Two ways, timed in alternating rounds (process CPU seconds):
+Defaults are 3D bench_ref's fusion: the projections of its 3 decoder levels (64^3, 32^3, 16^3;
+16 channels, batch 2) summed at full resolution. Two ways, timed in alternating rounds (process CPU
+seconds):
 
 - `per_level`: what `ds.DSOutput` computes, each level resized to full size, then summed.
 - `coarse_to_fine`: an FPN top-down path, `acc = p_l + up2(acc)` from the coarsest level. Not the
