@@ -1,7 +1,7 @@
 """What the `conv1x1_norm_act` hypercolumn fusion's resizes cost, forward + backward, in isolation.
 
   python benchmarks/hypercolumn_resize_cost.py [--ndim=3] [--size=64] [--batch=2] [--channels=16]
-      [--levels=4] [--rounds=5]
+      [--levels=3] [--rounds=5]
 
 Defaults are 3D bench_ref's fusion: the projections of its 3 decoder levels (64^3, 32^3, 16^3;
 16 channels, batch 2) summed at full resolution. Two ways, timed in alternating rounds (process CPU
@@ -10,7 +10,7 @@ seconds):
 - `per_level`: what `ds.DSOutput` computes, each level resized to full size, then summed.
 - `coarse_to_fine`: an FPN top-down path, `acc = p_l + up2(acc)` from the coarsest level. Not the
   same function: linear upsampling with half-pixel centres does not compose (two x2 steps differ
-  from one x4 near the input samples), so the JSON gives its largest difference too.
+  from one x4), so the JSON gives its largest difference too.
 
 Prints one JSON line: per way the median CPU s, compile s and GFLOP (XLA cost analysis).
 """

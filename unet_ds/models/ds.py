@@ -15,7 +15,8 @@ ordered from the highest resolution to the lowest, each at its own resolution (`
   heads for optional side losses. `'conv1x1_norm_act'` fuses by a 1x1 conv-norm-act instead,
   computed without building the column: a 1x1 conv of the column is the sum of each level's own
   1x1 projection, resized (linear resizing and channel mixing commute), so every projection
-  runs at its level's resolution (3D bench_ref: ~1.0x the FLOPs of `none`, the 3x3 fusion ~1.9x).
+  runs at its level's resolution (3D bench_ref: 1.02x the FLOPs of `none`, the 3x3 fusion 1.94x;
+  ~1.1x its CPU time, most of it the dense linear resizes, benchmarks/hypercolumn_resize_cost.py).
 """
 
 from __future__ import annotations
