@@ -8,7 +8,8 @@ batch size, for an MSD-style 3D folder (imagesTr/ + labelsTr/) or a 2D folder (i
   python -m unet_ds.plan --input=/data/Task04_Hippocampus   # the plan alone, as JSON
 
 Anisotropic data gets per-axis pooling (`model.strides`: the coarse axis is pooled only once the
-others have caught up in spacing) and a patch that is not padded along that axis.
+others have caught up in spacing), conv kernels of size 1 along that axis at the levels where it is
+still over 2x coarser (`model.kernel_sizes`), and a patch that is not padded along that axis.
 
 The plan is computed when the config is built (the fingerprint once per dataset, cached beside the
 prepared data) and recorded in the run's config.json: the planned fields of `data`, `model` and
@@ -50,6 +51,10 @@ def config_from_plan(plan: dict[str, Any]) -> ml_collections.ConfigDict:
   strides = tuple(tuple(int(v) for v in level) for level in plan['strides'])
   if any(f != 2 for level in strides for f in level):  # anisotropic: the coarse axis waits
     c.model.strides = strides
+  # Plans from before kernel sizes were planned have none: 3 everywhere, as they trained.
+  kernels = tuple(tuple(int(v) for v in level) for level in plan.get('kernel_sizes', ()))
+  if any(k != 3 for level in kernels for k in level):  # 1 across still-thick slices
+    c.model.kernel_sizes = kernels
   c.data.patch_size = c.data.shape = c.data.eval_shape = patch
   c.model.depth = depth
   c.model.base_filters = int(plan['base_filters'])
@@ -94,7 +99,7 @@ def get_config(arg=None):
     c.model.depth, c.model.base_filters = 4, 8
   def smoke(c, value):  # tiny model: every axis pooled
     config_lib.REAL_DATA_ARGS['smoke'](c, value)
-    c.model.strides = ()
+    c.model.strides = c.model.kernel_sizes = ()
 
   extra = {
       **config_lib.REAL_DATA_ARGS,

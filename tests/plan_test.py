@@ -13,6 +13,7 @@ from PIL import Image
 import pytest
 
 from unet_ds import config_lib
+from unet_ds import models
 from unet_ds import plan as plan_lib
 from unet_ds.data import msd
 
@@ -82,6 +83,18 @@ def test_pooling_waits_for_the_coarse_axis():
   assert plan_lib.pooling([40, 56, 40], [1.0, 1.0, 1.0]) == [[2, 2, 2]] * 3  # 5 < 2 * 4 stops
 
 
+def test_conv_kernels_are_thin_until_the_coarse_axis_catches_up():
+  # 1 x 1 x 3: z is 3x the finest at level 0 (kernel 1), 1.5x after one in-plane pool (3).
+  assert plan_lib.conv_kernels([1.0, 1.0, 3.0], [[2, 2, 1], [2, 2, 2], [2, 2, 1]]) == [
+      [3, 3, 1], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+  # 0.8 x 0.8 x 5: z 6.25x, then 3.1x (still 1), then 1.6x: 3 from level 2 on.
+  assert plan_lib.conv_kernels([0.8, 0.8, 5.0], [[2, 2, 1], [2, 2, 1], [2, 2, 2]]) == [
+      [3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]]
+  # exactly 2x is coarse (nnU-Net's `< 2`), isotropic is 3 everywhere, the bottleneck always 3
+  assert plan_lib.conv_kernels([1.0, 2.0], [[2, 1]]) == [[3, 1], [3, 3]]
+  assert plan_lib.conv_kernels([1.0] * 3, [[2, 2, 2]] * 3) == [[3, 3, 3]] * 4
+
+
 def test_patch_size_fits_the_budget():
   # Task04 hippocampus: median 36 x 51 x 36.5 at 1 mm -> nnU-Net's (40, 56, 40), 3 pools.
   patch, strides = plan_lib.patch_and_pooling([36, 51, 36.5], [1.0, 1.0, 1.0], 100_000)
@@ -112,6 +125,7 @@ def test_anisotropic_plan_and_prepared_data(tmp_path):
   assert plan['normalization'] == ['zscore'] and plan['ct_stats'] == []
   assert plan['num_classes'] == 2 and plan['in_channels'] == 1
   assert plan['strides'][0] == [2, 2, 1]  # in-plane first: z spacing is 3.7x the finest
+  assert plan['kernel_sizes'][0] == [3, 3, 1] and len(plan['kernel_sizes']) == plan['depth']
   mult = plan_lib.multiples(plan['strides'], 3)
   assert all(p % m == 0 for p, m in zip(plan['patch_size'], mult))
   assert os.path.exists(os.path.join(plan['plan_dir'], 'plan.json'))
@@ -214,9 +228,13 @@ def test_auto_config_records_the_plan(tmp_path):
   # in-plane first, then z: the model pools as planned and the patch is the planned one
   assert c.model.strides == tuple(tuple(s) for s in c.plan.strides)
   assert c.model.strides[0] == (2, 2, 1) and c.data.patch_size == c.plan.patch_size
+  assert c.model.kernel_sizes == tuple(tuple(k) for k in c.plan.kernel_sizes)
+  assert c.model.kernel_sizes[0] == (3, 3, 1)  # z is still 3.7x the finest at full resolution
+  models.model_config(c.model)  # the model takes what the plan gives
   smoke = _auto_config(f'path={root},data_dir={tmp_path / "tfds"},smoke')
   config_lib.validate(smoke)
   assert smoke.model.strides == () and smoke.data.patch_size == (16, 16, 16)
+  assert smoke.model.kernel_sizes == ()
   recorded = json.loads(config_lib.to_json(c))
   assert recorded['plan']['target_spacing'] == pytest.approx([1.0, 1.0, 3.7])
   assert recorded['plan']['anisotropic_axis'] == 2

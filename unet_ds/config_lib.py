@@ -57,6 +57,7 @@ def base_config(ndim: int = 3) -> ml_collections.ConfigDict:
   c.model.down = 'maxpool'
   c.model.up = 'transpose'
   c.model.strides = ()                # per level, per-axis pooling ((2, 2, 1), ...); (): all 2
+  c.model.kernel_sizes = ()           # per level, per-axis conv kernels ((3, 3, 1), ...); (): all 3
   c.model.conv_impl = 'auto'
   c.model.dtype = 'float32'
   c.model.remat = False

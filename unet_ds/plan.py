@@ -14,6 +14,8 @@ follows from it by fixed rules:
 - patch size: the median shape at the target spacing, shrunk (largest patch/median ratio first)
   until it fits a voxel budget sized for a CPU; per-axis pooling halves only axes whose current
   spacing is within 2x of the finest, and keeps feature maps >= 4 voxels; depth follows;
+- conv kernels: 3 per axis, but 1 along an axis at the levels where its spacing is still 2x or
+  more the finest (thick slices), until pooling has caught it up;
 - batch size: two patches at the voxel budget, more for smaller patches, capped by an activation
   memory estimate and by 5% of the dataset's voxels per batch.
 
@@ -255,6 +257,26 @@ def pooling(patch: Sequence[float], spacing: Sequence[float], max_pools: int = M
   return strides
 
 
+def conv_kernels(spacing: Sequence[float], strides: Sequence[Sequence[int]]) -> list[list[int]]:
+  """Per-level, per-axis conv kernel sizes (1 or 3), finest level first, one per level
+  (`len(strides) + 1`).
+
+  An axis gets 3 from the first level where its spacing is within 2x of the finest, and keeps it;
+  before that 1 (nnU-Net's rule: a 3-wide kernel across thick slices mixes structures that do
+  not touch). The bottleneck is 3 everywhere.
+  """
+  current = [float(s) for s in spacing]
+  kernel = [1] * len(current)
+  kernels = []
+  for factors in strides:
+    finest = min(current)
+    kernel = [3 if k == 3 or c < 2 * finest else 1 for k, c in zip(kernel, current)]
+    kernels.append(list(kernel))
+    current = [c * f for c, f in zip(current, factors)]
+  kernels.append([3] * len(current))
+  return kernels
+
+
 def multiples(strides: Sequence[Sequence[int]], ndim: int) -> list[int]:
   """What each patch axis must be divisible by: the product of its pooling factors."""
   return [int(np.prod([s[a] for s in strides])) if strides else 1 for a in range(ndim)]
@@ -380,6 +402,7 @@ def make_plan(fp: Mapping[str, Any], *, patch_voxels: int | None = None,
       'ct_stats': ct_stats,
       'patch_size': patch,
       'strides': strides,
+      'kernel_sizes': conv_kernels(target, strides),
       'depth': len(strides) + 1,
       'base_filters': base,
       'batch_size': batch_size(patch, strides, base, budget=budget, memory_mb=memory_mb,

@@ -30,12 +30,12 @@ def model_config(cfg: Mapping[str, Any]) -> unet.UNetConfig:
                        f'{sorted(k for k in known if not k.startswith("ds_"))} and ds.{ds_keys}')
     if key in _RATE_TUPLES:  # one rate for every level, or one per level
       value = tuple(float(v) for v in (value if isinstance(value, (tuple, list)) else (value,)))
-    if key == 'strides':  # per level, per axis; JSON lists or ConfigDict tuples
+    if key in ('strides', 'kernel_sizes'):  # per level, per axis; JSON lists or tuples
       try:
         value = tuple(tuple(int(f) for f in level) for level in (value or ()))
       except (TypeError, ValueError):
-        raise ValueError(f'config.model.strides: {value!r} is not per-level tuples of per-axis '
-                         'factors, e.g. ((2, 2, 1), (2, 2, 2))') from None
+        raise ValueError(f'config.model.{key}: {value!r} is not per-level tuples of per-axis '
+                         'values, e.g. ((2, 2, 1), (2, 2, 2))') from None
     kwargs[key] = value
   for key, value in ds.items():
     if key not in ds_keys:

@@ -108,8 +108,8 @@ class InstanceNormAct(nn.Module):
 class ConvNormAct(nn.Module):
   """conv -> norm -> activation (activation optional for residual branches)."""
   features: int
-  kernel_size: int = 3
-  strides: int = 1
+  kernel_size: int | tuple[int, ...] = 3  # one for every axis, or per axis
+  strides: int | tuple[int, ...] = 1
   norm: str = 'instance'
   act: str | None = 'leaky_relu'
   impl: str = 'native'
@@ -149,6 +149,7 @@ class ConvBlock(nn.Module):
   dropout: float = 0.0
   impl: str = 'native'
   dtype: Any = None
+  kernel_size: int | tuple[int, ...] = 3  # one for every axis, or per axis (1 on a coarse axis)
 
   @nn.compact
   def __call__(self, x: jax.Array | Sequence[jax.Array], train: bool) -> jax.Array:
@@ -156,7 +157,7 @@ class ConvBlock(nn.Module):
     shortcut = x
     for i in range(self.num_convs):
       last = i == self.num_convs - 1
-      x = ConvNormAct(self.features, 3, self.strides if i == 0 else 1, self.norm,
+      x = ConvNormAct(self.features, self.kernel_size, self.strides if i == 0 else 1, self.norm,
                       None if (self.residual and last) else self.act,
                       self.impl, self.dtype)(x, train)
       if i == 0 and self.dropout > 0:

@@ -59,8 +59,8 @@ class Conv(nn.Module):
   `[upsampled, skip]` input: its parts are kept anyway).
   """
   features: int
-  kernel_size: int = 3
-  strides: int | tuple[int, ...] = 1  # one for every axis, or per axis
+  kernel_size: int | tuple[int, ...] = 3  # one for every axis, or per axis
+  strides: int | tuple[int, ...] = 1
   use_bias: bool = True
   impl: str = 'native'
   dtype: Any = None  # compute dtype (e.g. bfloat16); params stay float32.
@@ -73,7 +73,7 @@ class Conv(nn.Module):
                        f'shapes {[p.shape for p in parts]}')
     ndim = parts[0].ndim - 2
     kernel = self.param('kernel', _KERNEL_INIT,
-                        (self.kernel_size,) * ndim + (channels(parts), self.features), jnp.float32)
+                        per_axis(self.kernel_size, ndim) + (channels(parts), self.features), jnp.float32)
     dtype = self.dtype or parts[0].dtype
     strides = per_axis(self.strides, ndim)
     y, start = None, 0

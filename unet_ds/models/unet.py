@@ -45,6 +45,10 @@ class UNetConfig:
   # Per-axis pooling factors (1 or 2) of levels 1..depth-1, e.g. ((2, 2, 1), (2, 2, 2), ...) for
   # anisotropic data whose coarse axis waits (unet_ds.plan); () halves every axis at every level.
   strides: tuple[tuple[int, ...], ...] = ()
+  # Per-axis conv kernel sizes (1 or 3) of levels 0..depth-1, e.g. ((3, 3, 1), (3, 3, 3), ...):
+  # 1 along an axis still much coarser than the others at that level (nnU-Net's rule, planned by
+  # unet_ds.plan); () is 3 everywhere. Used by `block='conv'` levels, encoder and decoder alike.
+  kernel_sizes: tuple[tuple[int, ...], ...] = ()
   ds_mode: str = 'deep'
   ds_levels: tuple[int, ...] | None = None  # None: every decoder level below full resolution
   ds_fusion: str = 'conv_norm_act'  # hypercolumn: conv_norm_act | conv_act (3x3) | conv1x1_norm_act
@@ -85,6 +89,14 @@ class UNetConfig:
             f'strides {self.strides}: one factor (1 or 2) per spatial axis at every level')
       check(self.up_kernel == 2, f'strides needs up_kernel=2 (kernel == stride), got '
             f'{self.up_kernel}')
+    if self.kernel_sizes:
+      check(len(self.kernel_sizes) == self.depth,
+            f'kernel_sizes has {len(self.kernel_sizes)} levels {self.kernel_sizes} but '
+            f'depth={self.depth} needs one per level (or kernel_sizes=() for 3 everywhere)')
+      check(len({len(k) for k in self.kernel_sizes}) == 1 and all(
+          k in (1, 3) for level in self.kernel_sizes for k in level),
+            f'kernel_sizes {self.kernel_sizes}: one size (1 or 3) per spatial axis at every level')
+      check(self.block == 'conv', f'kernel_sizes needs block=conv, got block={self.block!r}')
     check(not (self.ds_fusion == 'conv1x1_norm_act' and self.ds_fusion_dropout > 0),
           'ds.fusion_dropout needs a 3x3 fusion (conv_norm_act or conv_act)')
     check(self.up_kernel in (2, 3), f'up_kernel must be 2 or 3, got {self.up_kernel}')
@@ -143,6 +155,15 @@ class UNetConfig:
       return tuple(tuple(s) for s in self.strides)
     return ((2,) * rank,) * (self.depth - 1)
 
+  def level_kernels(self, rank: int) -> tuple[tuple[int, ...], ...]:
+    """Per-axis conv kernel sizes of levels 0..depth-1 (`kernel_sizes`, default 3 everywhere)."""
+    if self.kernel_sizes:
+      if len(self.kernel_sizes[0]) != rank:
+        raise ValueError(f'config.model.kernel_sizes {self.kernel_sizes} has '
+                         f'{len(self.kernel_sizes[0])} axes per level; the data has {rank}')
+      return tuple(tuple(k) for k in self.kernel_sizes)
+    return ((3,) * rank,) * self.depth
+
   def size_multiples(self, rank: int) -> tuple[int, ...]:
     """What each spatial size must be divisible by: the product of its pooling factors."""
     out = [1] * rank
@@ -177,13 +198,16 @@ class UNet(nn.Module):
     dtype = jnp.bfloat16 if cfg.dtype == 'bfloat16' else None
     remat = (lambda cls: nn.remat(cls, static_argnums=(2,))) if cfg.remat else (lambda cls: cls)
 
-    def block(features: int, strides: int, name: str):
+    kernels = cfg.level_kernels(x.ndim - 2)
+
+    def block(level: int, strides: int, name: str):
+      features = cfg.filters(level)
       if cfg.block == 'preact_residual':
         return remat(blocks.PreActResidualStage)(features, cfg.convs_per_block, strides, cfg.norm,
                                                  cfg.activation, impl, dtype, name=name)
       return remat(blocks.ConvBlock)(features, cfg.convs_per_block, strides, cfg.residual,
                                      cfg.norm, cfg.activation, cfg.dropout, impl, dtype,
-                                     name=name)
+                                     kernel_size=kernels[level], name=name)
 
     def dropout(x: jax.Array, rate: float) -> jax.Array:
       return nn.Dropout(rate, deterministic=not train)(x) if rate > 0 else x
@@ -199,7 +223,7 @@ class UNet(nn.Module):
         else:
           strides = factors[level - 1]
         x = dropout(x, cfg.level_rate('down_dropout', level - 1))
-      x = block(cfg.filters(level), strides, f'enc_l{level}')(x, train)
+      x = block(level, strides, f'enc_l{level}')(x, train)
       skips.append(x)
 
     # Decoder: features[l] is the decoder output at level l (0 = full resolution).
@@ -220,7 +244,7 @@ class UNet(nn.Module):
         x = dropout(jnp.concatenate([x.astype(skip.dtype), skip], axis=-1), rate)
       else:  # the block's convs take [x, skip] as parts: no concatenated copy (layers.Conv)
         x = (x.astype(skip.dtype), skip)
-      x = block(f, 1, f'dec_l{level}')(x, train)
+      x = block(level, 1, f'dec_l{level}')(x, train)
       features[level] = x
 
     return ds.DSOutput(cfg.ds_mode, cfg.head_levels, cfg.num_classes, cfg.filters(0),
