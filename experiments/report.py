@@ -5,7 +5,9 @@
 
 Reads every finished workdir `ROOT/*/` (see `experiments.runs` for what counts as finished and
 what is skipped) and writes into `--out` (default ROOT):
-  * `report.md`: a line saying which variant won, the per-variant table, the plots, the runs;
+  * `report.md`: a line naming the winner (only when its paired 95% interval against the
+    baseline excludes 0; else the highest mean, marked unsettled), the per-variant table, the
+    plots, the runs;
   * `report.csv`: one row per variant, full precision; `runs.csv`: one row per run;
   * `dice_vs_step.png` (validation Dice per variant, mean and spread over seeds) and
     `level_losses.png` (training loss of each output level per variant);
@@ -307,7 +309,8 @@ def fold_label(fold: tuple) -> str:
 
 
 def headline(report: Report) -> str:
-  """One line: which variant won on mean final Dice, and whether that beats the baseline."""
+  """One line: which variant won, named only when its paired 95% interval against the baseline
+  excludes 0; otherwise the highest mean, marked as not settled."""
   winners = report.winners
   if not winners:
     return 'No variant has a final Dice (all are NaN).'
@@ -315,28 +318,45 @@ def headline(report: Report) -> str:
     v = winners[0]
     return f'Only one variant ({v.label}): mean foreground Dice {_pm(v.dice, v.n)}.'
   if len(winners) > 1:
-    return ('Tie: ' + ', '.join(f'`{w.label}`' for w in winners)
+    return ('No winner: ' + ', '.join(f'`{w.label}`' for w in winners)
             + f' share the highest mean foreground Dice, {winners[0].dice[0]:.4f}.')
   w = winners[0]
-  line = f'**Winner: `{w.label}`**, mean foreground Dice {_pm(w.dice, w.n)}.'
+  top = f'`{w.label}`, mean foreground Dice {_pm(w.dice, w.n)}'
   if w.is_baseline:
-    return line + ' It is the no-DS baseline: no DS variant beat it on mean Dice.'
+    return (f'**No DS variant beat the baseline**: the highest mean is the baseline {top}'
+            + _settled_elsewhere(report) + '.')
   if w.vs_baseline is None:
     if not any(v.is_baseline for v in report.variants):
-      return line + f' No `{BASELINE_KEY}={BASELINE_VALUE}` baseline among the runs to compare with.'
-    return line + ' Not compared with a baseline (several are equally close).'
+      return (f'No winner named: highest mean {top}; no `{BASELINE_KEY}={BASELINE_VALUE}` '
+              'baseline among the runs to compare with.')
+    return f'No winner named: highest mean {top}; several baselines are equally close.'
   d = w.vs_baseline
   pairs = '(fold, seed) runs' if report.folds else 'seeds'
-  line += f' vs baseline `{w.baseline}`: {d.mean:+.4f}'
+  versus = f' vs baseline `{w.baseline}`: {d.mean:+.4f}'
   if d.n == 0:
-    return line + f' (no {pairs} in common, no paired comparison).'
+    return f'No winner named: highest mean {top}{versus} (no {pairs} in common to pair).'
   if d.excludes_zero is None:
-    return line + f' over 1 paired {pairs[:-1]}; 95% CI n/a (needs at least 2 pairs).'
-  verdict = ('excludes 0: better than the baseline at 95% confidence' if d.ci_low > 0 else
-             'excludes 0: worse than the baseline at 95% confidence' if d.ci_high < 0 else
-             'includes 0: no significant difference at 95% confidence')
-  return (line + f', 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {d.n} paired {pairs}, '
-          f'which {verdict}.')
+    return (f'No winner named: highest mean {top}{versus} over 1 paired {pairs[:-1]}, no '
+            'interval (needs at least 2 pairs).')
+  ci = f', 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {d.n} paired {pairs}'
+  if d.ci_low > 0:
+    return f'**Winner: {top}**{versus}{ci}, which excludes 0: better than the baseline.'
+  return (f'No winner: the highest mean is {top}{versus}{ci}, which includes 0: not '
+          f'distinguishable from the baseline' + _settled_elsewhere(report) + '.')
+
+
+def _settled_elsewhere(report: Report) -> str:
+  """Other variants whose interval against the baseline excludes 0, either way."""
+  better = [v for v in report.variants if v.vs_baseline is not None
+            and v.vs_baseline.excludes_zero and v.vs_baseline.ci_low > 0]
+  worse = [v for v in report.variants if v.vs_baseline is not None
+           and v.vs_baseline.excludes_zero and v.vs_baseline.ci_high < 0]
+  out = ''
+  if better:
+    out += '; better than the baseline at 95%: ' + ', '.join(f'`{v.label}`' for v in better)
+  if worse:
+    out += '; worse than the baseline at 95%: ' + ', '.join(f'`{v.label}`' for v in worse)
+  return out
 
 
 def markdown(report: Report, figures: Sequence[str] = (),

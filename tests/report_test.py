@@ -140,9 +140,9 @@ def test_numbers_are_exact(root):
 
   assert [w.label for w in rep.winners] == ['model.ds.mode=deep']
   assert report.headline(rep) == (
-      '**Winner: `model.ds.mode=deep`**, mean foreground Dice 0.7767 ± 0.0252. vs baseline '
+      '**Winner: `model.ds.mode=deep`, mean foreground Dice 0.7767 ± 0.0252** vs baseline '
       '`model.ds.mode=none`: +0.0567, 95% CI [+0.0050, +0.1084] over 3 paired seeds, which '
-      'excludes 0: better than the baseline at 95% confidence.')
+      'excludes 0: better than the baseline.')
   assert [s.path.name for s in rep.skipped] == ['mode=hypercolumn,seed=2']
 
 
@@ -189,7 +189,7 @@ def test_cli_and_unfinished_warning(root, capsys, caplog):
   with caplog.at_level(logging.WARNING):
     assert report.main([str(root), '--target-dice', '0.75']) == 0
   assert 'mode=hypercolumn,seed=2' in caplog.text and 'unfinished' in caplog.text
-  assert capsys.readouterr().out.startswith('**Winner: `model.ds.mode=deep`**')
+  assert capsys.readouterr().out.startswith('**Winner: `model.ds.mode=deep`, mean')
   assert (root / 'report.md').is_file() and (root / 'report.csv').is_file()
 
 
@@ -499,3 +499,22 @@ def test_keys_added_since_a_run_count_at_their_defaults(tmp_path):
   assert 'train.minutes' not in report.with_missing_defaults([{'seed': 0}, {'seed': 1}])[0]
   assert report.with_missing_defaults([{'seed': 0}, {'seed': 1, 'train.minutes': 2.0}]) == [
       {'seed': 0, 'train.minutes': 0.0}, {'seed': 1, 'train.minutes': 2.0}]
+
+
+def test_no_winner_without_a_settling_interval(tmp_path):
+  """The highest mean is named a winner only when its paired interval excludes 0."""
+  one = tmp_path / 'one_seed'  # one pair: a difference, no interval
+  _make_run(one, 'none0', 'none', 0, 0.70, [0.99, 0.7, 0.7])
+  _make_run(one, 'deep0', 'deep', 0, 0.75, [0.99, 0.75, 0.75], heads=(0.5,))
+  line = report.headline(report.build(one))
+  assert line.startswith('No winner named: highest mean `model.ds.mode=deep`') and '**' not in line
+  assert 'over 1 paired seed, no interval' in line
+  mixed = tmp_path / 'mixed'  # deep: diffs +0.05, -0.03 (CI includes 0); additive: -0.02, -0.021
+  for seed, (none, deep, add) in enumerate([(0.70, 0.75, 0.68), (0.72, 0.69, 0.699)]):
+    _make_run(mixed, f'none{seed}', 'none', seed, none, [0.99, none, none])
+    _make_run(mixed, f'deep{seed}', 'deep', seed, deep, [0.99, deep, deep], heads=(0.5,))
+    _make_run(mixed, f'add{seed}', 'additive', seed, add, [0.99, add, add], heads=(0.5,))
+  line = report.headline(report.build(mixed))
+  assert line.startswith('No winner: the highest mean is `model.ds.mode=deep`')
+  assert 'which includes 0: not distinguishable from the baseline; worse than the baseline at ' \
+         '95%: `model.ds.mode=additive`.' in line
