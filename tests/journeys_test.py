@@ -51,6 +51,12 @@ def test_command_line_mistakes_end_in_one_error_line(tmp_path, env, args, expect
   assert not (tmp_path / 'run').exists()
 
 
+def test_a_missing_workdir_ends_in_one_error_line(env):
+  lines = _fail(['--config=configs/default.py'], env)
+  assert lines[-1].startswith('error: ValueError: --workdir is required'), lines[-5:]
+  assert len(lines) < 5, lines  # not absl's whole flag listing
+
+
 def test_workdir_that_is_a_file_fails_before_the_data_is_built(tmp_path, env):
   afile = tmp_path / 'afile'
   afile.write_text('mine')

@@ -286,3 +286,26 @@ def test_inputs_unlike_the_training_data_get_a_warning(tmp_path):
   (warning,) = predict.warn_on_geometry([same, str(odd)], str(workdir))
   assert warning.startswith(f'{odd}: spacing (0.8, 1.2, 5.0) mm is outside the training range')
   assert 'orientation LAS differs' in warning
+
+
+def test_a_bad_file_stops_predict_and_eval_before_any_prediction(tmp_path):
+  """The last of the inputs is corrupt: the error names it and nothing was predicted or written
+  (not the cases before it, one by one)."""
+  root = _em_folder(tmp_path / 'em', seed=0)
+  config = folder2d_config.get_config(f'path={root},isbi,smoke')
+  config.data.val_cases = '2,3'
+  workdir = str(tmp_path / 'run')
+  _fake_run(config, workdir)
+  (root / 'image' / '3.png').write_bytes(b'not a png')
+  with pytest.raises(io.DataError, match=r'image/3.png'):
+    predict.run(None, workdir, input_path=str(root / 'image'), output=str(tmp_path / 'pred'))
+  assert not os.listdir(tmp_path / 'pred')
+  with pytest.raises(io.DataError, match=r'image/3.png'):
+    evaluate.run(None, workdir, output=str(tmp_path / 'ev'))
+  assert not (tmp_path / 'ev').exists() or not os.listdir(tmp_path / 'ev')
+  # A label whose shape differs from its image's is named too.
+  (root / 'image' / '3.png').unlink()
+  Image.fromarray(np.zeros((20, 18), np.uint8)).save(root / 'image' / '3.png')
+  Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / 'label' / '3.png')
+  with pytest.raises(io.DataError, match=r'label/3.png'):
+    evaluate.run(None, workdir, output=str(tmp_path / 'ev2'))

@@ -53,9 +53,10 @@ _TRACEBACK = flags.DEFINE_bool('traceback', False, 'Print the traceback above an
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  if not _WORKDIR.value:
-    raise app.UsageError('--workdir is required')
   try:
+    if not _WORKDIR.value:
+      raise ValueError('--workdir is required: the run folder to train into (created), or the '
+                       'trained run to eval / predict from')
     workdir = os.path.expanduser(_WORKDIR.value)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise NotADirectoryError(f'--workdir={_WORKDIR.value}: exists and is not a folder')

@@ -159,6 +159,18 @@ class Predictor:
     return out
 
 
+def check_cases(data_cfg: Any, pairs: Sequence[tuple[str, str | None]]) -> None:
+  """Reads and checks every (image, label or None) pair as prediction will, without resampling,
+  so that a bad file stops the command before any prediction, naming the file, and not after
+  the cases before it were predicted and written."""
+  kind = cases_lib.data_kind(data_cfg)
+  kwargs = prepare.read_kwargs(cases_lib.data_settings(data_cfg))
+  kwargs.pop('target_spacing', None)  # resampling checks nothing the read has not
+  read = msd.read_case if kind == 'msd' else folder2d.read_case
+  for image, label in pairs:
+    read(image, label, **kwargs)
+
+
 def warn_on_geometry(inputs: Sequence[str], workdir: str) -> list[str]:
   """Warns for each NIfTI input whose spacing or orientation differs from the training data's
   (`WORKDIR/data_geometry.json`); returns the warnings."""
@@ -278,6 +290,7 @@ def run(config: Any, workdir: str, *, input_path: str, output: str,
   inputs = find_inputs(input_path, cfg.data)  # every input error before any compute
   output = check_output_dir(output)
   check_spares(cases_lib.data_kind(cfg.data), output, inputs, inputs)
+  check_cases(cfg.data, [(image, None) for image in inputs])
   warn_on_geometry(inputs, workdir)
   apply_fn, step = restore_apply_fn(cfg, workdir)
   predictor = Predictor(lambda x: apply_fn(x)[0], cfg.data, settings)
