@@ -206,13 +206,14 @@ def held_out_source(config: Any, workdir: str, input_path: str | None) -> tuple[
 
 
 def select_cases(config: Any, workdir: str, input_path: str | None, cases: str | None
-                 ) -> tuple[str, str, list[tuple[str, str, str]]]:
-  """(folder, cases, [(case_id, image, label)]) a file run's eval scores (`evaluate_run`)."""
+                 ) -> tuple[str, str, str, list[tuple[str, str, str]]]:
+  """(folder, default cases, cases, [(case_id, image, label)]) a file run's eval scores
+  (`evaluate_run`)."""
   input_path, default = held_out_source(config, workdir, input_path)
   cases = cases or default
   selected = cases_lib.find_labelled(input_path, config.data, cases,
                                      split=cases_lib.saved_split(workdir))
-  return input_path, cases, selected
+  return input_path, default, cases, selected
 
 
 def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, step: int, *,
@@ -252,7 +253,7 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     summary = {'step': step, 'cases_selected': 'validation', 'input': 'synthetic', **summary}
     write_metrics(output, summary)
   else:
-    input_path, cases, selected = select_cases(config, workdir, input_path, cases)
+    input_path, default, cases, selected = select_cases(config, workdir, input_path, cases)
     if not output:  # WORKDIR/eval holds the run's own held-out evaluation; others beside it
       held_out = default == cases == 'validation'
       which = cases if cases in ('all', 'train', 'validation') else 'cases'
@@ -301,7 +302,7 @@ def run(config: Any, workdir: str, *, input_path: str | None = None, output: str
   """
   cfg = predict.run_config(config, workdir)
   if cfg.data.name != 'synthetic':  # every file error before the model is restored
-    _, _, selected = select_cases(cfg, workdir, input_path, cases)
+    *_, selected = select_cases(cfg, workdir, input_path, cases)
     predict.check_cases(cfg.data, [(image, label) for _, image, label in selected])
   apply_fn, step = predict.restore_apply_fn(cfg, workdir)
   summary = evaluate_run(cfg, workdir, lambda x: apply_fn(x)[0], step, input_path=input_path,

@@ -148,21 +148,21 @@ class UNetConfig:
 
   def level_factors(self, rank: int) -> tuple[tuple[int, ...], ...]:
     """Per-axis pooling factors of levels 1..depth-1 (`strides`, default 2 everywhere)."""
-    if self.strides:
-      if len(self.strides[0]) != rank:
-        raise ValueError(f'config.model.strides {self.strides} has {len(self.strides[0])} axes '
-                         f'per level; the data has {rank}')
-      return tuple(tuple(s) for s in self.strides)
-    return ((2,) * rank,) * (self.depth - 1)
+    return self._per_level('strides', rank, 2, self.depth - 1)
 
   def level_kernels(self, rank: int) -> tuple[tuple[int, ...], ...]:
     """Per-axis conv kernel sizes of levels 0..depth-1 (`kernel_sizes`, default 3 everywhere)."""
-    if self.kernel_sizes:
-      if len(self.kernel_sizes[0]) != rank:
-        raise ValueError(f'config.model.kernel_sizes {self.kernel_sizes} has '
-                         f'{len(self.kernel_sizes[0])} axes per level; the data has {rank}')
-      return tuple(tuple(k) for k in self.kernel_sizes)
-    return ((3,) * rank,) * self.depth
+    return self._per_level('kernel_sizes', rank, 3, self.depth)
+
+  def _per_level(self, key: str, rank: int, default: int, levels: int
+                 ) -> tuple[tuple[int, ...], ...]:
+    value = getattr(self, key)
+    if not value:
+      return ((default,) * rank,) * levels
+    if len(value[0]) != rank:
+      raise ValueError(f'config.model.{key} {value} has {len(value[0])} axes per level; the '
+                       f'data has {rank}')
+    return tuple(tuple(v) for v in value)
 
   def size_multiples(self, rank: int) -> tuple[int, ...]:
     """What each spatial size must be divisible by: the product of its pooling factors."""
