@@ -1,7 +1,7 @@
 """What the `conv1x1_norm_act` hypercolumn fusion's resizes cost, forward + backward, in isolation.
 
   python benchmarks/hypercolumn_resize_cost.py [--ndim=3] [--size=64] [--batch=2] [--channels=16]
-      [--levels=3] [--rounds=5]
+      [--levels=3] [--rounds=5] [--impl=native]
 
 Defaults are 3D bench_ref's fusion: the projections of its 3 decoder levels (64^3, 32^3, 16^3;
 16 channels, batch 2) summed at full resolution. Two ways, timed in alternating rounds (process CPU
@@ -30,6 +30,8 @@ _BATCH = flags.DEFINE_integer('batch', 2, 'Batch size.')
 _CHANNELS = flags.DEFINE_integer('channels', 16, 'Fusion features (model.ds fusion width).')
 _LEVELS = flags.DEFINE_integer('levels', 3, 'Decoder levels in the column (resolution 1/2^l).')
 _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Alternating timed rounds.')
+_IMPL = flags.DEFINE_string('impl', 'native',
+                            'conv_impl of the resizes (onednn: oneDNN resampling).')
 
 
 def main(argv):
@@ -47,16 +49,16 @@ def main(argv):
   full = shapes[0][1:-1]
 
   def per_level(ps):
-    return sum(layers.resize(p, full) for p in ps)
+    return sum(layers.resize(p, full, impl=_IMPL.value) for p in ps)
 
   def coarse_to_fine(ps):
     acc = ps[-1]
     for p in reversed(ps[:-1]):
-      acc = p + layers.resize(acc, p.shape[1:-1])
+      acc = p + layers.resize(acc, p.shape[1:-1], impl=_IMPL.value)
     return acc
 
   ways = {'per_level': per_level, 'coarse_to_fine': coarse_to_fine}
-  compiled, record = {}, {'shapes': shapes, 'ways': {}}
+  compiled, record = {}, {'shapes': shapes, 'impl': _IMPL.value, 'ways': {}}
   for name, fn in ways.items():
     step = jax.jit(jax.value_and_grad(lambda ps, g, fn=fn: jnp.sum(fn(ps) * g)))
     t = time.perf_counter()

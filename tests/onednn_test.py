@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import flax
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from unet_ds import config_lib
+from unet_ds import models
 from unet_ds import sharding
 from unet_ds import train
 from unet_ds.models import layers
@@ -253,3 +255,108 @@ def test_conv_transpose_equals_native(x_shape, k_shape):
   assert 'unet_ds_onednn_conv_bwd_data' in hlo
   with pytest.raises(ValueError, match='k == strides'):
     onednn.conv_transpose(x, k, strides=(3,) * len(strides))
+
+
+# Linear resizes: oneDNN resampling (half-pixel centres, clamped source indices) against
+# jax.image.resize (renormalised edge weights): the same function when upsampling.
+_needs_onednn = pytest.mark.skipif(not onednn.available(), reason='oneDNN shim not available')
+
+
+def _jax_resize(spatial):
+  return lambda x: jax.image.resize(x, (x.shape[0], *spatial, x.shape[-1]), 'linear')
+
+
+@_needs_onednn
+@pytest.mark.parametrize('x_shape,spatial', [
+    ((2, 8, 8, 8, 3), (16, 16, 16)),      # x2
+    ((1, 4, 5, 3, 2), (16, 20, 12)),      # x4, non-cubic
+    ((2, 2, 3, 2, 4), (16, 24, 16)),      # x8
+    ((1, 8, 8, 4, 3), (16, 16, 4)),       # anisotropic: factor 1 along the last axis
+    ((1, 3, 5, 4, 2), (7, 11, 9)),        # non-integer factors
+    ((3, 8, 6, 5), (16, 12)),             # 2D x2, non-square
+    ((2, 4, 3, 2), (16, 12)),             # 2D x4
+    ((1, 2, 4, 3), (16, 32)),             # 2D x8
+    ((2, 8, 5, 3), (8, 20)),              # 2D anisotropic
+])
+def test_resize_linear_equals_jax_values_and_gradients(x_shape, spatial):
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+  dy = jnp.asarray(rng.standard_normal((x_shape[0], *spatial, x_shape[-1])), jnp.float32)
+
+  def values_and_grad(op):
+    y, vjp = jax.vjp(op, x)
+    return y, vjp(dy)[0]
+
+  want_y, want_dx = jax.jit(lambda: values_and_grad(_jax_resize(spatial)))()
+  got_y, got_dx = jax.jit(lambda: values_and_grad(
+      functools.partial(onednn.resize_linear, spatial_shape=spatial)))()
+  assert got_y.shape == want_y.shape and got_dx.shape == x.shape
+  # Relative to the largest element: a x8 gradient sums 512 cotangents per input in float32.
+  for name, got, want, tol in (('y', got_y, want_y, 1e-6), ('dx', got_dx, want_dx, 1e-5)):
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=tol,
+                               err_msg=name)
+
+
+@_needs_onednn
+def test_resize_linear_under_vmap_is_one_call_equal_per_member():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.standard_normal((3, 2, 4, 4, 2, 3)), jnp.float32)
+  resize = functools.partial(onednn.resize_linear, spatial_shape=(8, 16, 2))
+  loss = lambda x: jnp.sum(jnp.sin(jax.vmap(resize)(x)))
+  hlo = jax.jit(jax.grad(loss)).lower(x).as_text()
+  assert hlo.count('@unet_ds_onednn_resample') == 2 and 'while' not in hlo
+  want = jax.grad(lambda x: sum(jnp.sum(jnp.sin(_jax_resize((8, 16, 2))(m))) for m in x))(x)
+  np.testing.assert_allclose(jax.jit(jax.grad(loss))(x), want, atol=1e-5)
+
+
+@_needs_onednn
+def test_resize_routes_float32_linear_upsampling_to_onednn_only():
+  def routed(x, spatial, method='linear', impl='onednn'):
+    hlo = jax.jit(lambda x: layers.resize(x, spatial, method, impl)).lower(x).as_text()
+    return 'unet_ds_onednn_resample_fwd' in hlo
+
+  x = jnp.ones((1, 4, 4, 4, 2))
+  assert routed(x, (8, 8, 4))
+  assert not routed(x, (8, 8, 4), impl='native')
+  assert not routed(x, (8, 8, 2))                     # downsampling an axis: jax antialiases
+  assert not routed(x, (8, 8, 8), method='nearest')
+  assert not routed(x.astype(jnp.bfloat16), (8, 8, 8))
+  assert layers.resize(x, (4, 4, 4), impl='onednn') is x
+
+
+@_needs_onednn
+@pytest.mark.parametrize('x_shape,spatial,dtype,match', [
+    ((1, 4, 4, 2), (2, 8), jnp.float32, 'upsampling only'),
+    ((1, 4, 4, 2), (8, 8, 8), jnp.float32, 'one output size per spatial dim'),
+    ((1, 4, 4, 2), (8, 8), jnp.bfloat16, 'float32 only'),
+])
+def test_resize_linear_bad_input_is_an_error(x_shape, spatial, dtype, match):
+  with pytest.raises(ValueError, match=match):
+    onednn.resize_linear(jnp.zeros(x_shape, dtype), spatial)
+
+
+@_needs_onednn
+def test_hypercolumn_1x1_fusion_same_loss_and_gradients_as_native():
+  cfg = {'num_classes': 3, 'depth': 4, 'base_filters': 4,
+         'ds': {'mode': 'hypercolumn', 'fusion': 'conv1x1_norm_act'}}
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.standard_normal((2, 16, 16, 8, 1)), jnp.float32)
+  target = jnp.asarray(rng.standard_normal((2, 16, 16, 8, 3)), jnp.float32)
+  models_by_impl = {impl: models.get_model({**cfg, 'conv_impl': impl})
+                    for impl in ('native', 'onednn')}
+  params = models_by_impl['native'].init(jax.random.key(0), x, train=False)
+
+  def loss(model):
+    return lambda p: jnp.mean((model.apply(p, x, train=False)[0] - target) ** 2)
+
+  results = {impl: jax.jit(jax.value_and_grad(loss(m)))(params)
+             for impl, m in models_by_impl.items()}
+  hlo = jax.jit(jax.grad(loss(models_by_impl['onednn']))).lower(params).as_text()
+  assert 'unet_ds_onednn_resample_bwd' in hlo
+  (want_loss, want_grads), (got_loss, got_grads) = results['native'], results['onednn']
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  for path, want in flax.traverse_util.flatten_dict(want_grads).items():
+    got = flax.traverse_util.flatten_dict(got_grads)[path]
+    scale = float(jnp.abs(want).max()) or 1.0
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-4, err_msg=str(path))

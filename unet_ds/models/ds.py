@@ -15,8 +15,10 @@ ordered from the highest resolution to the lowest, each at its own resolution (`
   heads for optional side losses. `'conv1x1_norm_act'` fuses by a 1x1 conv-norm-act instead,
   computed without building the column: a 1x1 conv of the column is the sum of each level's own
   1x1 projection, resized (linear resizing and channel mixing commute), so every projection
-  runs at its level's resolution (3D bench_ref: 1.02x the FLOPs of `none`, the 3x3 fusion 1.94x;
-  ~1.1x its CPU time, most of it the dense linear resizes, benchmarks/hypercolumn_resize_cost.py).
+  runs at its level's resolution (about the FLOPs of `none`, the 3x3 fusion about twice). Its
+  remaining CPU cost over `none` is largely the full-size linear resizes (oneDNN resampling
+  under `conv_impl=onednn`, `layers.resize`), the rest the full-resolution projection and norm;
+  docs/results.md, "DS cost per form", has the measurements.
 """
 
 from __future__ import annotations
@@ -80,11 +82,12 @@ class DSOutput(nn.Module):
             layers.Conv(self.fusion_features, 1, use_bias=self.norm == 'none', impl=self.impl,
                         dtype=self.dtype, name=f'fusion_l{l}')(f)
             for l, f in enumerate(features)]
-        column = sum(layers.resize(p, size) for p in projections)
+        column = sum(layers.resize(p, size, impl=self.impl) for p in projections)
         fused = blocks.norm_act(column, self.norm, self.act, self.impl, self.dtype, train,
                                 name='fusion_norm')
       else:
-        column = jnp.concatenate([layers.resize(f, size) for f in features], axis=-1)
+        column = jnp.concatenate([layers.resize(f, size, impl=self.impl) for f in features],
+                                 axis=-1)
         if self.fusion_dropout > 0:
           column = nn.Dropout(self.fusion_dropout, deterministic=not train)(column)
         norm = self.norm if self.fusion == 'conv_norm_act' else 'none'  # 'none': conv with bias
@@ -97,7 +100,7 @@ class DSOutput(nn.Module):
     if self.mode == 'additive':
       acc = None
       for head in reversed(heads):  # lowest resolution first: acc = up(acc) + head
-        acc = head if acc is None else head + layers.resize(acc, head.shape[1:-1])
-      final = final + layers.resize(acc, final.shape[1:-1])
+        acc = head if acc is None else head + layers.resize(acc, head.shape[1:-1], impl=self.impl)
+      final = final + layers.resize(acc, final.shape[1:-1], impl=self.impl)
 
     return final, (() if self.mode == 'none' else heads)

@@ -237,7 +237,7 @@ class UNet(nn.Module):
         x = layers.ConvTranspose(f, factors[level], factors[level], impl, dtype,
                                  name=f'up_l{level}')(x)
       else:
-        x = layers.resize(x, skip.shape[1:-1], 'linear')
+        x = layers.resize(x, skip.shape[1:-1], 'linear', impl)
         x = layers.Conv(f, 1, impl=impl, dtype=dtype, name=f'up_l{level}')(x)
       rate = cfg.level_rate('up_dropout', step)
       if rate > 0:

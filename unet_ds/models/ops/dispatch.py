@@ -36,7 +36,8 @@ def resolve_impl(impl: str) -> str:
     are slow), norm + activation and pools through `fused`.
   - 'onednn': as 'cpu_fast', but float32 convolutions and kernel == stride transposed
     convolutions (forward and both gradients) run as oneDNN primitives through XLA custom
-    calls (`onednn`): ~2x faster kernel gradients than `xla_cpu`.
+    calls (`onednn`): ~2x faster kernel gradients than `xla_cpu`; so do float32 linear
+    upsampling resizes.
 
   'auto' is 'onednn' on the CPU backend when it can be built here and one device runs the
   model (the custom call has no sharding rule), else 'cpu_fast'; 'native_einsum_up' on GPU/TPU.
@@ -97,9 +98,26 @@ def max_pool(x: jax.Array, window: Sequence[int], impl: str) -> jax.Array:
   return nn.max_pool(x, window, strides=window)
 
 
-def resize(x: jax.Array, spatial_shape: Sequence[int], method: str = 'linear') -> jax.Array:
-  """Resizes the spatial dims of a channels-last batch `x` to `spatial_shape`."""
+def _onednn_resizes(impl: str, x: jax.Array, spatial_shape: tuple[int, ...],
+                    method: str) -> bool:
+  # Upsampling only: jax antialiases when downsampling, oneDNN does not.
+  upsampling = len(spatial_shape) == x.ndim - 2 and all(
+      o >= i for o, i in zip(spatial_shape, x.shape[1:-1]))
+  return (method == 'linear' and x.dtype == jnp.float32 and x.ndim in (4, 5) and upsampling
+          and resolve_impl(impl) == 'onednn')
+
+
+def resize(x: jax.Array, spatial_shape: Sequence[int], method: str = 'linear',
+           impl: str = 'native') -> jax.Array:
+  """Resizes the spatial dims of a channels-last batch `x` to `spatial_shape`.
+
+  `jax.image.resize` contracts each axis with a dense (in, out) weight matrix; with impl
+  'onednn', float32 linear upsampling runs oneDNN's resampling instead (2 taps per axis, the
+  same function).
+  """
   spatial_shape = tuple(int(s) for s in spatial_shape)
   if x.shape[1:-1] == spatial_shape:
     return x
+  if _onednn_resizes(impl, x, spatial_shape, method):
+    return onednn.resize_linear(x, spatial_shape)
   return jax.image.resize(x, (x.shape[0], *spatial_shape, x.shape[-1]), method=method)

@@ -5,7 +5,9 @@ kernel gradients run at ~150 GFLOP/s where oneDNN's direct convolutions (what Py
 MONAI, use on CPU) reach ~300-400 on the same cores. This module compiles a small C++ shim
 (`onednn_conv.cc`: forward, backward-data and backward-weights primitives on the model's
 channels-last buffers, no copies of the volume) against the oneDNN of the `onednn-cpu-gomp`
-wheel, registers it with XLA, and exposes `conv` with a custom VJP.
+wheel, registers it with XLA, and exposes `conv` with a custom VJP. The same shim runs linear
+upsampling (`resize_linear`, oneDNN's resampling forward and backward): `jax.image.resize`
+contracts each axis with a dense (in, out) matrix, where resampling takes 2 taps per axis.
 
 The shim is built once per source / jaxlib / oneDNN version with the system C++ compiler
 (`$CXX` or `g++`, a few seconds) into `$UNET_DS_CACHE_DIR/onednn` (default
@@ -45,6 +47,8 @@ _TARGETS = {  # FFI target name -> exported handler symbol
     'unet_ds_onednn_conv_fwd': 'UnetDsConvForward',
     'unet_ds_onednn_conv_bwd_data': 'UnetDsConvBackwardData',
     'unet_ds_onednn_conv_bwd_weights': 'UnetDsConvBackwardWeights',
+    'unet_ds_onednn_resample_fwd': 'UnetDsResampleForward',
+    'unet_ds_onednn_resample_bwd': 'UnetDsResampleBackward',
 }
 
 # -fopenmp: the shim sets the OpenMP thread count oneDNN (GNU OpenMP build) plans and runs with.
@@ -262,3 +266,57 @@ def _upsample_bwd(strides, res, dy):
 
 
 _upsample.defvjp(_upsample_fwd, _upsample_bwd)
+
+
+def resize_linear(x: jax.Array, spatial_shape: Sequence[int]) -> jax.Array:
+  """Linear upsampling, equal to `jax.image.resize(x, ..., 'linear')` up to rounding.
+
+  oneDNN's linear resampling takes half-pixel centres and clamps source indices at the edges;
+  jax renormalises the edge weights instead. When every output size is >= its input size both
+  give an output beyond the outermost input centre all its weight on that input, so the
+  functions agree; downsampling differs (jax antialiases), hence upsampling only.
+
+  Args:
+    x: [N, *spatial, C], 2 or 3 spatial dims, float32.
+    spatial_shape: the output's spatial sizes, each >= the input's.
+
+  Returns:
+    [N, *spatial_shape, C] float32.
+  """
+  if not available():
+    raise RuntimeError(f'conv_impl=onednn is not available here: {unavailable_reason()}')
+  spatial_shape = tuple(int(s) for s in spatial_shape)
+  if x.dtype != jnp.float32:
+    raise ValueError(f'onednn.resize_linear: float32 only, got {x.dtype}')
+  if x.ndim not in (4, 5) or len(spatial_shape) != x.ndim - 2:
+    raise ValueError(f'onednn.resize_linear: need x [N, *spatial, C] with 2 or 3 spatial dims '
+                     f'and one output size per spatial dim; got x {x.shape}, {spatial_shape}')
+  if any(o < i for o, i in zip(spatial_shape, x.shape[1:-1])):
+    raise ValueError(f'onednn.resize_linear: upsampling only, got {x.shape[1:-1]} -> '
+                     f'{spatial_shape}')
+  y_shape = (x.shape[0], *spatial_shape, x.shape[-1])
+  return _resize_linear(x, (tuple(x.shape), y_shape))
+
+
+def _resample_call(target: str, shape: tuple[int, ...], a: jax.Array) -> jax.Array:
+  # Under vmap the shim folds the mapped dims into the batch (members are independent images).
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method='broadcast_all')(a, spatial_dims=np.int64(len(shape) - 2))
+
+
+# `shapes` = (x's shape, y's shape), static: the resize is linear, so the backward needs no
+# residual but x's shape.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _resize_linear(x, shapes):
+  return _resample_call('unet_ds_onednn_resample_fwd', shapes[1], x)
+
+
+def _resize_linear_fwd(x, shapes):
+  return _resize_linear(x, shapes), None
+
+
+def _resize_linear_bwd(shapes, _, dy):
+  return (_resample_call('unet_ds_onednn_resample_bwd', shapes[0], dy),)
+
+
+_resize_linear.defvjp(_resize_linear_fwd, _resize_linear_bwd)

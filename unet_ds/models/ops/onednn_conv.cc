@@ -1,4 +1,5 @@
-// oneDNN convolutions (forward, backward data, backward weights) as XLA FFI custom calls.
+// oneDNN convolutions (forward, backward data, backward weights) and linear resampling (forward,
+// backward) as XLA FFI custom calls.
 //
 // Built on first use by unet_ds/models/ops/onednn.py (g++, oneDNN from the onednn-cpu-gomp wheel).
 // Layouts are the model's: activations channels-last (NHWC / NDHWC), kernels in flax layout
@@ -343,7 +344,112 @@ ffi::Error BackwardWeights(F32 x, F32 dy, ffi::ResultBuffer<ffi::F32> dw, Ints s
               x.untyped_data(), dy.untyped_data(), dw->untyped_data(), strides, lo, hi);
 }
 
+// Linear resampling (half-pixel centres, clamped source indices): `jax.image.resize(x, ...,
+// 'linear')` when every output size is >= its input size. Activations stay channels-last; the
+// primitive reads and writes the XLA buffers in place.
+
+struct Resampling {
+  dnnl::primitive prim;
+  memory::desc src, dst, scratchpad;
+};
+
+Resampling BuildResampling(bool backward, const memory::dims& src_dims,
+                           const memory::dims& dst_dims, size_t rank) {
+  auto& eng = Engine();
+  auto f32 = memory::data_type::f32;
+  memory::desc src(src_dims, f32, ActivationTag(rank)), dst(dst_dims, f32, ActivationTag(rank));
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto alg = dnnl::algorithm::resampling_linear;
+  auto fwd = dnnl::resampling_forward::primitive_desc(eng, dnnl::prop_kind::forward_training, alg,
+                                                      src, dst, attr);
+  if (!backward) return {dnnl::resampling_forward(fwd), src, dst, fwd.scratchpad_desc()};
+  auto bwd = dnnl::resampling_backward::primitive_desc(eng, alg, src, dst, fwd, attr);
+  return {dnnl::resampling_backward(bwd), src, dst, bwd.scratchpad_desc()};
+}
+
+const Resampling& CachedResampling(bool backward, const memory::dims& src, const memory::dims& dst,
+                                   size_t rank, int threads) {
+  static std::map<std::string, std::unique_ptr<Resampling>> cache;
+  std::string key = std::to_string(backward) + '/' + std::to_string(threads);
+  for (const memory::dims* v : {&src, &dst}) {
+    key += '|';
+    for (auto x : *v) key += std::to_string(x) + ',';
+  }
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    it = cache.emplace(key, std::make_unique<Resampling>(BuildResampling(backward, src, dst, rank)))
+             .first;
+  }
+  return *it->second;
+}
+
+// x [*lead, N, *spatial, C] -> y [*lead, N, *out_spatial, C]. Leading dims (vmap members) are
+// folded into N: each member's batch is contiguous, and resampling treats images independently.
+// `in` is x (forward) or dy (backward); `out` is y or dx.
+ffi::Error Resample(bool backward, ffi::Span<const int64_t> x_dims,
+                    ffi::Span<const int64_t> y_dims, int64_t spatial, void* in, void* out) {
+  size_t rank = static_cast<size_t>(spatial) + 2;
+  if ((rank != 4 && rank != 5) || x_dims.size() < rank || y_dims.size() != x_dims.size()) {
+    return ffi::Error::InvalidArgument("unet_ds onednn resampling: inconsistent ranks");
+  }
+  size_t lead = x_dims.size() - rank;
+  for (size_t i = 0; i <= lead; ++i) {
+    if (y_dims[i] != x_dims[i]) {
+      return ffi::Error::InvalidArgument("unet_ds onednn resampling: batch dims differ");
+    }
+  }
+  if (y_dims[x_dims.size() - 1] != x_dims[x_dims.size() - 1]) {
+    return ffi::Error::InvalidArgument("unet_ds onednn resampling: channel counts differ");
+  }
+  auto dims = [&](ffi::Span<const int64_t> d) {
+    memory::dims out = {Product(d, 0, lead + 1), d[d.size() - 1]};
+    for (size_t i = lead + 1; i + 1 < d.size(); ++i) out.push_back(d[i]);
+    return out;
+  };
+  int threads = std::max(1, omp_get_max_threads());  // planned and run on all of them
+  try {
+    std::lock_guard<std::mutex> lock(Mutex());
+    const Resampling& r = CachedResampling(backward, dims(x_dims), dims(y_dims), rank, threads);
+    auto& eng = Engine();
+    dnnl::stream stream(eng);
+    memory src(r.src, eng, backward ? out : in), dst(r.dst, eng, backward ? in : out);
+    memory scratch(r.scratchpad, eng);
+    if (backward) {
+      r.prim.execute(stream, {{DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_DIFF_SRC, src},
+                              {DNNL_ARG_SCRATCHPAD, scratch}});
+    } else {
+      r.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst},
+                              {DNNL_ARG_SCRATCHPAD, scratch}});
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("unet_ds onednn resampling: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ResampleForward(F32 x, ffi::ResultBuffer<ffi::F32> y, int64_t spatial) {
+  return Resample(false, x.dimensions(), y->dimensions(), spatial, x.untyped_data(),
+                  y->untyped_data());
+}
+
+ffi::Error ResampleBackward(F32 dy, ffi::ResultBuffer<ffi::F32> dx, int64_t spatial) {
+  return Resample(true, dx->dimensions(), dy.dimensions(), spatial, dy.untyped_data(),
+                  dx->untyped_data());
+}
+
 }  // namespace
+
+#define UNET_DS_RESAMPLE_HANDLER(symbol, impl)                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                               \
+                                ffi::Ffi::Bind()                            \
+                                    .Arg<F32>()                             \
+                                    .Ret<F32>()                             \
+                                    .Attr<int64_t>("spatial_dims"));
+
+UNET_DS_RESAMPLE_HANDLER(UnetDsResampleForward, ResampleForward)
+UNET_DS_RESAMPLE_HANDLER(UnetDsResampleBackward, ResampleBackward)
 
 #define UNET_DS_CONV_HANDLER(symbol, impl)                                  \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                               \
