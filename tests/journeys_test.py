@@ -133,18 +133,11 @@ def test_eval_output_into_the_labels_folder_is_refused(tmp_path):
 def test_changed_config_on_resume_is_refused_before_the_data_is_built(tmp_path, data_dir,
                                                                        monkeypatch):
   from tests import smoke  # pylint: disable=g-import-not-at-top
-  from unet_ds import checkpoint, config_lib, train, workdir  # pylint: disable=g-import-not-at-top
-  from unet_ds.data import datasets  # pylint: disable=g-import-not-at-top
+  from unet_ds import train, workdir  # pylint: disable=g-import-not-at-top
   config = smoke.config(data_dir, 2)
   exp = train.Experiment.build(config, str(tmp_path))
-  ckpts = checkpoint.Checkpoints(str(tmp_path / 'checkpoints'), 2)
-  ckpts.save(1, exp.init_state(), None, config_lib.to_json(config))
-  ckpts.wait()
-  ckpts.close()
-
-  def no_data(*_):
-    raise AssertionError('data built before the resume check')
-  monkeypatch.setattr(datasets, 'get_sources', no_data)
+  smoke.save_checkpoint(str(tmp_path), 1, exp.init_state(), config, max_to_keep=2)
+  smoke.forbid_data(monkeypatch)
   changed = smoke.config(data_dir, 2)
   changed.data.patch_size = (16, 16)  # would prepare or read other data
   changed.model.base_filters = 8

@@ -251,17 +251,10 @@ def test_data_parallel_multirun_matches_single_device(data_dir):
 def test_changed_multirun_resume_is_refused_before_the_data_is_built(tmp_path, data_dir,
                                                                       monkeypatch):
   from unet_ds import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  from unet_ds.data import datasets  # pylint: disable=g-import-not-at-top
   config = _multi(data_dir)
   mexp = multirun.MultiExperiment.build(config, str(tmp_path))
-  ckpts = checkpoint.Checkpoints(str(tmp_path / 'checkpoints'), 2)
-  ckpts.save(1, mexp.init_state(), None, config_lib.to_json(config))
-  ckpts.wait()
-  ckpts.close()
-
-  def no_data(*_):
-    raise AssertionError('data built before the resume check')
-  monkeypatch.setattr(datasets, 'get_sources', no_data)
+  smoke.save_checkpoint(str(tmp_path), 1, mexp.init_state(), config, max_to_keep=2)
+  smoke.forbid_data(monkeypatch)
   changed = _multi(data_dir)
   changed.model.base_filters = 8
   with pytest.raises(workdir_lib.ConfigChangedError, match='model.base_filters'):

@@ -13,7 +13,7 @@ from PIL import Image
 import pytest
 
 from configs import folder2d as folder2d_config
-from unet_ds import checkpoint
+from tests import smoke
 from unet_ds import config_lib
 from unet_ds import inference
 from unet_ds import models
@@ -177,10 +177,7 @@ def _fake_run(config, workdir, step=7):
   os.makedirs(workdir)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config_lib.to_json(config))
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'))
-  ckpts.save(step, state, None, config_lib.to_json(config))
-  ckpts.wait()
-  ckpts.close()
+  smoke.save_checkpoint(workdir, step, state, config)
   return state, model
 
 
