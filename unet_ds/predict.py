@@ -99,6 +99,9 @@ def check_spares(kind: str, output_dir: str, images: Sequence[str], keep: Sequen
                               'file; write into another folder')
 
 
+_READERS = {'msd': msd.read_case, 'folder2d': folder2d.read_case}  # by cases_lib.data_kind
+
+
 class Predictor:
   """Holds a jitted window function; predicts whole images and writes results."""
 
@@ -120,10 +123,10 @@ class Predictor:
            label_on_input_grid: bool = True) -> dict[str, Any]:
     """The image as the model saw its training data (resampled, normalised); the label, if
     any, on the input's own grid, where predictions are scored (or on the image's grid)."""
+    kwargs = prepare.read_kwargs(self.data_settings)
     if self.kind == 'msd':
-      return msd.read_case(image_path, label_path, resample_label=not label_on_input_grid,
-                           **prepare.read_kwargs(self.data_settings))
-    return folder2d.read_case(image_path, label_path, **prepare.read_kwargs(self.data_settings))
+      kwargs['resample_label'] = not label_on_input_grid
+    return _READERS[self.kind](image_path, label_path, **kwargs)
 
   def probs(self, example: dict[str, Any]) -> np.ndarray:
     """Class probabilities `[*spatial, K]` on the input's own grid."""
@@ -163,10 +166,9 @@ def check_cases(data_cfg: Any, pairs: Sequence[tuple[str, str | None]]) -> None:
   """Reads and checks every (image, label or None) pair as prediction will, without resampling,
   so that a bad file stops the command before any prediction, naming the file, and not after
   the cases before it were predicted and written."""
-  kind = cases_lib.data_kind(data_cfg)
+  read = _READERS[cases_lib.data_kind(data_cfg)]
   kwargs = prepare.read_kwargs(cases_lib.data_settings(data_cfg))
   kwargs.pop('target_spacing', None)  # resampling checks nothing the read has not
-  read = msd.read_case if kind == 'msd' else folder2d.read_case
   for image, label in pairs:
     read(image, label, **kwargs)
 
