@@ -73,7 +73,8 @@ class Conv(nn.Module):
                        f'shapes {[p.shape for p in parts]}')
     ndim = parts[0].ndim - 2
     kernel = self.param('kernel', _KERNEL_INIT,
-                        per_axis(self.kernel_size, ndim) + (channels(parts), self.features), jnp.float32)
+                        per_axis(self.kernel_size, ndim) + (channels(parts), self.features),
+                        jnp.float32)
     dtype = self.dtype or parts[0].dtype
     strides = per_axis(self.strides, ndim)
     y, start = None, 0
