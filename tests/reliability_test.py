@@ -188,6 +188,12 @@ def test_a_checkpoint_from_before_a_new_config_key_resumes(tmp_path, data_dir):
   saved = json.loads(ckpt.read_text())
   del saved['model']['ds']['fusion']
   ckpt.write_text(json.dumps(saved))
+  data = tmp_path / 'checkpoints' / '2' / 'data' / 'metadata'  # nor the training seconds
+  data.write_text(json.dumps({k: v for k, v in json.loads(data.read_text()).items()
+                              if k != 'train_seconds'}))
   summary = train.train_and_evaluate(_smoke(data_dir, steps=4, eval_every=2, checkpoint_every=2),
                                      str(tmp_path))
   assert summary['step'] == 4
+  # The time before the resume is unknown: this launch's alone, marked as such.
+  assert summary['train_seconds_partial'] is True
+  assert summary['train_seconds'] == summary['train_seconds_this_launch'] > 0

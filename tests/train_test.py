@@ -93,6 +93,12 @@ def test_resume_equals_uninterrupted(tmp_path, data_dir):
   for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
     np.testing.assert_array_equal(a, b)
   assert straight['final'] == resumed['final']
+  # train_seconds sums both launches: the first's up to its checkpoint, then the resumed one's.
+  before = checkpoint.Checkpoints(str(tmp_path / 'b' / 'checkpoints')).train_seconds(2)
+  assert before > 0 and 'train_seconds_partial' not in resumed
+  assert resumed['train_seconds'] == pytest.approx(
+      before + resumed['train_seconds_this_launch'], abs=0.05)
+  assert straight['train_seconds'] == pytest.approx(straight['train_seconds_this_launch'], abs=0.05)
   # The log of the resumed run is the same sequence of steps and losses.
   la, lb = _lines(tmp_path / 'a' / 'metrics.jsonl'), _lines(tmp_path / 'b' / 'metrics.jsonl')
   assert [r['step'] for r in lb] == [1, 2, 3, 4]

@@ -143,9 +143,15 @@ class Checkpoints:
   def path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def save(self, step: int, state: Any, data_state: bytes | None, config_json: str) -> None:
-    """Saves asynchronously (see `wait`); the checksum is taken now, from `state` itself."""
-    data = {'iterator': data_state.decode() if data_state is not None else None}
+  def save(self, step: int, state: Any, data_state: bytes | None, config_json: str,
+           train_seconds: float | None = None) -> None:
+    """Saves asynchronously (see `wait`); the checksum is taken now, from `state` itself.
+
+    `train_seconds`: the run's training time up to `step`, summed over every launch that
+    trained it (read back by `train_seconds`).
+    """
+    data = {'iterator': data_state.decode() if data_state is not None else None,
+            'train_seconds': train_seconds}
     self._manager.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data),
@@ -231,6 +237,12 @@ class Checkpoints:
       except Exception as e:  # pylint: disable=broad-except
         reasons.append(f'step {s}: {_reason(e)}')
     raise CheckpointError(f'no readable config in {self.directory}: {"; ".join(reasons)}')
+
+  def train_seconds(self, step: int) -> float | None:
+    """The training seconds saved with `step`; None for checkpoints written before they were."""
+    out = self._manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+    value = (out.data or {}).get('train_seconds')
+    return None if value is None else float(value)
 
   def set_aside(self, step: int) -> str:
     """Moves checkpoint `step` to `<directory>-unreadable/<step>` (kept for a look, out of the

@@ -110,17 +110,26 @@ def eval_record(step: int, scores: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_record(final_eval: dict[str, Any], in_training: dict[str, Any] | None,
-                   config: ml_collections.ConfigDict, *, step: int, train_seconds: float,
-                   num_params: int, conv_impl: str) -> dict[str, Any]:
+                   config: ml_collections.ConfigDict, *, step: int, seconds: float,
+                   seconds_total: float | None, num_params: int, conv_impl: str
+                   ) -> dict[str, Any]:
   """`summary.json`: the whole-image eval of the held-out cases (top level, as `--mode=eval`
-  reports it), the last in-training scores per output, and the run's facts."""
+  reports it), the last in-training scores per output, and the run's facts.
+
+  `train_seconds` sums every launch that trained the run (`fit`'s `seconds_total`); when the
+  checkpoint it resumed from predates that record, it is this launch's alone and
+  `train_seconds_partial` says so.
+  """
   eval_summary = {k: v for k, v in final_eval.items() if k != 'cases'}
   out = {'step': step, 'mean_foreground_dice': final_eval['mean_foreground_dice'],
          'dice_per_class': final_eval['per_class']['dice'], 'eval': eval_summary}
   if in_training is not None:
     out.update(pooled_foreground_dice=in_training['pooled_foreground_dice'],
                final=in_training['final'], heads=in_training['heads'])
-  return {**out, 'train_seconds': train_seconds, 'num_params': num_params,
+  if seconds_total is None:
+    out['train_seconds_partial'] = True
+  return {**out, 'train_seconds': seconds if seconds_total is None else seconds_total,
+          'train_seconds_this_launch': seconds, 'num_params': num_params,
           'ds_mode': config.model.ds.mode, 'backend': jax.default_backend(),
           'devices': jax.device_count(), 'conv_impl': conv_impl}
 
@@ -222,11 +231,13 @@ def check_resume_early(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _restore(trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter: DataIterator,
-             config_json: str, allow_changes: Sequence[str]) -> tuple[Any, int, bool]:
-  """(state, step, fresh): the latest readable checkpoint, its config checked against this
-  launch's, or a new state; `fresh` when the run's data files are to be written anew."""
+             config_json: str, allow_changes: Sequence[str]
+             ) -> tuple[Any, int, bool, float | None]:
+  """(state, step, fresh, seconds): the latest readable checkpoint, its config checked against
+  this launch's, or a new state; `fresh` when the run's data files are to be written anew;
+  `seconds` the training time of the launches before (None: an older checkpoint lacks it)."""
   if ckpts.latest_step() is None:
-    return trainer.init_state(), 0, True
+    return trainer.init_state(), 0, True, 0.0
   # The config first: a changed model is named by its keys, not by mismatching arrays.
   accepted = _check_resume(ckpts, config_json, allow_changes)
   if accepted:
@@ -237,7 +248,8 @@ def _restore(trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter: DataIte
   if data_state is not None:
     data_iter.set_state(data_state)
   # The split is written anew only when the data itself was allowed to change.
-  return state, start, any(k.startswith('data.') and k != 'data.data_dir' for k in accepted)
+  fresh = any(k.startswith('data.') and k != 'data.data_dir' for k in accepted)
+  return state, start, fresh, ckpts.train_seconds(start)
 
 
 def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> list[str]:
@@ -253,7 +265,8 @@ def fit(trainer: Trainer, allow_changes: Sequence[str] = (),
   `deadline` (a `time.time()`): training stops at the first step past it, checkpointed and
   evaluated, as if it were the last (a wall-clock budget's safety net).
   Returns the last in-training records and whole-image evals, per run:
-  `{'step', 'stopped_early'?: True, 'evals': [...], 'in_training': [...], 'seconds'}`.
+  `{'step', 'stopped_early'?: True, 'evals': [...], 'in_training': [...], 'seconds' (this
+  launch's training), 'seconds_total' (every launch's; None if an older checkpoint lacks it)}`.
   """
   c = trainer.config
   writers = trainer.writers()
@@ -264,13 +277,14 @@ def fit(trainer: Trainer, allow_changes: Sequence[str] = (),
                                    c.train.max_to_keep)
     try:
       data_iter = trainer.data_iterator()
-      state, start, fresh = _restore(trainer, ckpts, data_iter, config_json, allow_changes)
+      state, start, fresh, before = _restore(trainer, ckpts, data_iter, config_json,
+                                             allow_changes)
       trainer.write_run_files(fresh)  # only after the resume was accepted
       for writer in writers:
         writer.truncate_after(start)
       with _signals_to_flag() as flag:
         return _run(trainer, state, start, data_iter, ckpts, writers, config_json, flag,
-                    deadline)
+                    deadline, before)
     finally:  # on any error too: finish the async saves, so the last good checkpoint is complete
       ckpts.wait()
       ckpts.close()
@@ -280,12 +294,16 @@ def fit(trainer: Trainer, allow_changes: Sequence[str] = (),
 
 def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
          ckpts: checkpoint.Checkpoints, writers: Sequence[logs.Writer], config_json: str,
-         flag: dict[str, int], deadline: float | None = None) -> dict[str, Any]:
+         flag: dict[str, int], deadline: float | None = None,
+         seconds_before: float | None = 0.0) -> dict[str, Any]:
   c = trainer.config
   step_fn = trainer.jit_train_step()
   log = _StepLog(trainer, writers, start)
-  save = lambda step, state: ckpts.save(step, state, data_iter.get_state(), config_json)  # noqa
   t0, last, evals = time.time(), last_step(c), None
+  # Training time summed over launches (None once an older checkpoint in the chain lacked it).
+  total = lambda: None if seconds_before is None else seconds_before + time.time() - t0  # noqa
+  save = lambda step, state: ckpts.save(step, state, data_iter.get_state(), config_json,  # noqa
+                                        total())
   pending = None  # (step, device metrics): fetched one step late so dispatch stays async
   step = start
   try:
@@ -326,7 +344,7 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
                          f'{"step " + str(kept) if kept is not None else "none"}{aside}') from None
   finally:
     log.bar.close()
-  seconds = time.time() - t0
+  seconds, seconds_total = time.time() - t0, total()
   if last < c.train.steps and step == last:
     return {'step': last, 'stopped_early': True}
   step = int(np.ravel(state.step)[0])
@@ -339,4 +357,5 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
       evals = [eval_record(step, e) for e in trainer.evaluate(state)]
     final = trainer.final_eval(state, step)
   return {'step': step, 'in_training': evals, 'evals': final,
-          'seconds': seconds, 'num_params': trainer.num_params(state)}
+          'seconds': seconds, 'seconds_total': seconds_total,
+          'num_params': trainer.num_params(state)}

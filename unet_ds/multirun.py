@@ -349,7 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   for i, run in enumerate(mexp.runs):
     summaries[run.name] = {
         **loop.summary_record(out['evals'][i], out['in_training'][i], run.config,
-                              step=out['step'], train_seconds=out['seconds'],
+                              step=out['step'], seconds=out['seconds'],
+                              seconds_total=out['seconds_total'],
                               num_params=out['num_params'], conv_impl=conv_impl),
         'multirun': {'k': mexp.k, 'index': i, 'name': run.name}}
     logs.Writer(os.path.join(mexp.workdir, run.name), tensorboard=False).write_json(

@@ -270,7 +270,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if out.get('stopped_early'):
     return out
   summary = loop.summary_record(out['evals'][0], out['in_training'][0], config, step=out['step'],
-                                train_seconds=out['seconds'], num_params=out['num_params'],
+                                seconds=out['seconds'], seconds_total=out['seconds_total'],
+                                num_params=out['num_params'],
                                 conv_impl=layers.resolve_impl(config.model.conv_impl))
   summary['wall_seconds'] = time.time() - t0
   if plan is not None:
