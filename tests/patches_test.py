@@ -130,3 +130,70 @@ def test_loader_forces_foreground_in_every_batch_and_resumes():
   resumed = make()
   resumed.set_state(state)
   np.testing.assert_array_equal(next(resumed)['image'], expected)
+
+
+def test_spatial_augment_without_a_turn_is_the_plain_crop():
+  rng = np.random.default_rng(0)
+  label = rng.integers(0, 3, (20, 17, 9))
+  image = rng.standard_normal((20, 17, 9, 2)).astype(np.float32)
+  none = patches.SpatialAugment(p_rotate=1.0, max_degrees=0.0, p_scale=0.0)
+  for fg in (False, True):
+    plain = patches.sample_patch(image, label, (8, 8, 8), np.random.default_rng(fg),
+                                 foreground=fg)
+    turned = patches.sample_patch(image, label, (8, 8, 8), np.random.default_rng(fg),
+                                  foreground=fg, spatial=none)
+    np.testing.assert_allclose(turned[0], plain[0], atol=1e-6)
+    np.testing.assert_array_equal(turned[1], plain[1])
+
+
+def test_a_quarter_turn_is_rot90_and_keeps_image_and_label_paired():
+  rng = np.random.default_rng(1)
+  label = rng.integers(0, 3, (12, 12, 5))
+  image = np.stack([label, 2 * label], -1).astype(np.float32)
+  quarter = np.array([[0., -1., 0.], [1., 0., 0.], [0., 0., 1.]])
+  img, lab = patches._resample_patch(image, label, (2, 2, 0), (8, 8, 5), quarter)
+  crop = label[2:10, 2:10, :]
+  # out[i, j] = case at centre + (-(j - 3.5), i - 3.5): crop[7 - j, i], a clockwise rot90.
+  np.testing.assert_array_equal(lab, np.rot90(crop, -1, (0, 1)))
+  np.testing.assert_allclose(img[..., 0], lab, atol=1e-5)  # grid points: no blending
+  np.testing.assert_allclose(img[..., 1], 2 * lab, atol=1e-5)
+
+
+def test_in_plane_turns_and_scalings_never_mix_thick_slices():
+  depth = np.broadcast_to(np.arange(10, dtype=np.float32), (30, 30, 10))
+  label = np.ones((30, 30, 10), np.int32)
+  aug = patches.SpatialAugment(p_rotate=1.0, max_degrees=180.0, plane=(0, 1), p_scale=1.0,
+                               scale=(0.7, 1.4), scale_axes=(0, 1))
+  rng = np.random.default_rng(2)
+  for _ in range(5):
+    img, lab = patches.sample_patch(depth[..., None], label, (16, 16, 6), rng, foreground=False,
+                                    spatial=aug)
+    inside = lab == 1  # outside the case is 0
+    z = np.broadcast_to(np.arange(6), lab.shape)
+    offsets = (img[..., 0] - z)[inside]
+    assert inside.mean() > 0.3 and np.allclose(offsets, offsets[0], atol=1e-4)  # one z offset
+
+
+def test_zooming_out_shrinks_an_object():
+  label = np.zeros((64, 64), np.int32)
+  label[24:40, 24:40] = 1  # a 16 x 16 square at the centre
+  image = label[..., None].astype(np.float32)
+  matrix = np.eye(2) * 2.0  # each patch step covers two voxels of the case
+  _, lab = patches._resample_patch(image, label, (16, 16), (32, 32), matrix)
+  assert lab.sum() == 64  # 16 x 16 voxels seen at half size: 8 x 8
+
+
+def test_spatial_augment_from_config_and_its_errors():
+  from unet_ds import config_lib
+  from unet_ds.data import datasets
+  c = config_lib.real_data_config(3, 'msd')
+  assert datasets.spatial_augment(c.data) is None  # off by default: old runs draw as before
+  c.data.aug_rotate_p, c.data.aug_plane, c.data.aug_scale_axes = 0.2, (0, 1), (0, 1)
+  aug = datasets.spatial_augment(c.data)
+  assert aug.p_rotate == 0.2 and aug.p_scale == 0 and aug.scale_axes == (0, 1)
+  c.data.aug_plane = (0, 3)
+  with pytest.raises(ValueError, match=r'data.aug_plane=\(0, 3\)'):
+    datasets.spatial_augment(c.data)
+  c.data.aug_plane, c.data.aug_scale = (0, 1), (1.4, 0.7)
+  with pytest.raises(ValueError, match='scale'):
+    datasets.spatial_augment(c.data)

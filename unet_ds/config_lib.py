@@ -206,6 +206,15 @@ def real_data_config(ndim: int, name: str) -> ml_collections.ConfigDict:
   c.data.fold = 0
   c.data.fg_fraction = 1 / 3            # patches forced onto foreground (nnU-Net)
   c.data.augment = True
+  # nnU-Net's spatial augmentation (off by default): per patch, a rotation in `aug_plane` of up
+  # to +-aug_rotate_degrees with probability aug_rotate_p, a scaling by a factor in aug_scale
+  # along aug_scale_axes (() = all) with probability aug_scale_p.
+  c.data.aug_rotate_p = 0.0
+  c.data.aug_rotate_degrees = 30.0
+  c.data.aug_plane = (0, 1)
+  c.data.aug_scale_p = 0.0
+  c.data.aug_scale = (0.7, 1.4)
+  c.data.aug_scale_axes = ()
 
   c.model.ds.mode = 'deep'
   c.loss.name = 'dice_ce'
@@ -321,6 +330,12 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
   if c.mesh.space > 1 and (shape[0] // m[0]) % c.mesh.space:
     raise ValueError(f'config.mesh.space={c.mesh.space} must divide the lowest-resolution size '
                      f'{shape[0] // m[0]} of the first spatial axis')
+  if float(c.data.get('aug_rotate_p', 0) or 0) or float(c.data.get('aug_scale_p', 0) or 0):
+    from unet_ds.data import datasets  # pylint: disable=g-import-not-at-top
+    try:
+      datasets.spatial_augment(c.data)
+    except ValueError as e:
+      raise ValueError(f'config.data.aug_*: {e}') from None
   _validate_multirun(c, model_cfg)
   return model_cfg
 

@@ -65,7 +65,30 @@ def train_batch_fn(data_cfg: Any) -> Callable[[Sequence[Any]], Any] | None:
   augmentations = augment.make_augmentations(data_cfg.ndim) if data_cfg.get('augment', True) else ()
   return patches.PatchBatch(training_shape(data_cfg),
                             fg_fraction=float(data_cfg.get('fg_fraction', 1 / 3)),
-                            transforms=tuple(augmentations))
+                            transforms=tuple(augmentations), spatial=spatial_augment(data_cfg))
+
+
+def spatial_augment(data_cfg: Any) -> Any:
+  """`patches.SpatialAugment` from `data.aug_*`, or None when both probabilities are 0 (so runs
+  without it draw the same random numbers as before it existed)."""
+  from unet_ds.data import patches  # pylint: disable=g-import-not-at-top
+  p_rotate = float(data_cfg.get('aug_rotate_p', 0.0))
+  p_scale = float(data_cfg.get('aug_scale_p', 0.0))
+  if not data_cfg.get('augment', True) or (p_rotate == 0 and p_scale == 0):
+    return None
+  plane = tuple(int(a) for a in data_cfg.get('aug_plane', (0, 1)))
+  if len(plane) != 2 or plane[0] == plane[1] or not all(0 <= a < data_cfg.ndim for a in plane):
+    raise ValueError(f'data.aug_plane={plane}: need two different axes of the {data_cfg.ndim} '
+                     'spatial axes')
+  scale_axes = tuple(int(a) for a in data_cfg.get('aug_scale_axes', ()))
+  if not all(0 <= a < data_cfg.ndim for a in scale_axes):
+    raise ValueError(f'data.aug_scale_axes={scale_axes}: axes of the {data_cfg.ndim} spatial '
+                     'axes, or () for all')
+  return patches.SpatialAugment(
+      p_rotate=p_rotate, max_degrees=float(data_cfg.get('aug_rotate_degrees', 30.0)),
+      plane=plane, p_scale=p_scale,
+      scale=tuple(float(v) for v in data_cfg.get('aug_scale', (0.7, 1.4))),
+      scale_axes=scale_axes or None)
 
 
 class _EvalSource:

@@ -52,7 +52,8 @@ def center_pad_crop(example: dict[str, Any], shape: Sequence[int]) -> dict[str, 
 
 def sample_patch(image: np.ndarray, label: np.ndarray, patch_size: Sequence[int],
                  rng: np.random.Generator, *, foreground: bool,
-                 fg_classes: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 fg_classes: Sequence[int] | None = None,
+                 spatial: SpatialAugment | None = None) -> tuple[np.ndarray, np.ndarray]:
   """One `patch_size` crop of (image `[*spatial, C]`, label `[*spatial]`).
 
   Args:
@@ -63,6 +64,8 @@ def sample_patch(image: np.ndarray, label: np.ndarray, patch_size: Sequence[int]
     foreground: contain a voxel of a random foreground class present in the case (uniform crop
       when the case has none).
     fg_classes: classes counting as foreground (default: every class > 0).
+    spatial: a random rotation / scaling about the patch centre, drawn with `rng` (see
+      `SpatialAugment`); the patch is then resampled from the whole case, not cut.
 
   Returns:
     (image patch `[*patch_size, C]`, label patch `[*patch_size]`).
@@ -78,7 +81,71 @@ def sample_patch(image: np.ndarray, label: np.ndarray, patch_size: Sequence[int]
     start = [int(rng.integers(0, h + 1)) for h in high]
   else:  # the voxel at the patch centre, shifted inward at the borders
     start = [int(np.clip(c - n // 2, 0, h)) for c, n, h in zip(centre, patch_size, high)]
-  return crop(image, start, patch_size), crop(label, start, patch_size)
+  matrix = spatial.draw(label.ndim, rng) if spatial is not None else None
+  if matrix is None:
+    return crop(image, start, patch_size), crop(label, start, patch_size)
+  return _resample_patch(image, label, start, patch_size, matrix)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpatialAugment:
+  """nnU-Net's spatial augmentation, per patch: a rotation in one plane and a uniform scaling
+  about the patch centre, each with its own probability.
+
+  The rotation stays in `plane` (two axes of equal spacing: for thick-slice data the in-plane
+  axes, so no slab is tilted into its neighbours); the scaling acts on `scale_axes` (default
+  every axis; thick-slice data: the in-plane ones, as nnU-Net's 2D augmentation of such data),
+  and `scale` > 1 samples a larger region (zooms out). Images are resampled linearly, labels by
+  nearest neighbour; outside the case is 0.
+  """
+  p_rotate: float = 0.2
+  max_degrees: float = 30.0
+  plane: tuple[int, int] = (0, 1)
+  p_scale: float = 0.2
+  scale: tuple[float, float] = (0.7, 1.4)
+  scale_axes: tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    if not (0 <= self.p_rotate <= 1 and 0 <= self.p_scale <= 1):
+      raise ValueError(f'SpatialAugment: p_rotate={self.p_rotate}, p_scale={self.p_scale}, '
+                       'need probabilities in 0..1')
+    if not 0 < self.scale[0] <= self.scale[1]:
+      raise ValueError(f'SpatialAugment: scale={self.scale}, need 0 < low <= high')
+
+  def draw(self, ndim: int, rng: np.random.Generator) -> np.ndarray | None:
+    """The `[ndim, ndim]` map from patch to case offsets, or None (no transform drawn)."""
+    rotate, scale = rng.random() < self.p_rotate, rng.random() < self.p_scale
+    if not (rotate or scale):
+      return None
+    if max(self.plane) >= ndim or self.plane[0] == self.plane[1]:
+      raise ValueError(f'SpatialAugment: plane {self.plane} is not two of the {ndim} axes')
+    matrix = np.eye(ndim)
+    if rotate:
+      angle = np.deg2rad(rng.uniform(-self.max_degrees, self.max_degrees))
+      a, b = self.plane
+      matrix[[a, a, b, b], [a, b, a, b]] = (np.cos(angle), -np.sin(angle), np.sin(angle),
+                                            np.cos(angle))
+    if scale:
+      factors = np.ones(ndim)
+      factors[list(range(ndim) if self.scale_axes is None else self.scale_axes)] = rng.uniform(
+          *self.scale)
+      matrix = matrix * factors[None, :]
+    return matrix
+
+
+def _resample_patch(image: np.ndarray, label: np.ndarray, start: Sequence[int],
+                    patch_size: Sequence[int], matrix: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """The patch at `start`, its grid mapped by `matrix` about the patch centre (`sample_patch`)."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  offsets = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in patch_size],
+                                 indexing='ij')).reshape(len(patch_size), -1)
+  centre = np.asarray([s + (n - 1) / 2 for s, n in zip(start, patch_size)])[:, None]
+  coords = (centre + matrix @ offsets).reshape(len(patch_size), *patch_size)
+  channels = [ndimage.map_coordinates(image[..., c], coords, order=1, mode='constant', cval=0.0)
+              for c in range(image.shape[-1])]
+  labels = ndimage.map_coordinates(label, coords, order=0, mode='constant', cval=0)
+  return np.stack(channels, axis=-1).astype(np.float32), labels.astype(label.dtype)
 
 
 def _foreground_voxel(label: np.ndarray, rng: np.random.Generator,
@@ -123,11 +190,13 @@ class PatchBatch:
     fg_fraction: fraction of each batch forced onto foreground (nnU-Net: 1/3).
     fg_classes: classes counting as foreground (None: all > 0).
     transforms: grain Map/RandomMap transforms applied to each patch.
+    spatial: rotation / scaling drawn per patch as it is cut (None: plain crops).
   """
   patch_size: tuple[int, ...]
   fg_fraction: float = 1 / 3
   fg_classes: tuple[int, ...] | None = None
   transforms: tuple[grain.Transformation, ...] = ()
+  spatial: SpatialAugment | None = None
 
   def __post_init__(self):
     forced_foreground(1, self.fg_fraction)  # validates
@@ -139,7 +208,8 @@ class PatchBatch:
     for element, foreground in zip(elements, forced_foreground(len(elements), self.fg_fraction)):
       rng = np.random.default_rng(element['seed'])
       image, label = sample_patch(element['image'], element['label'], self.patch_size, rng,
-                                  foreground=foreground, fg_classes=self.fg_classes)
+                                  foreground=foreground, fg_classes=self.fg_classes,
+                                  spatial=self.spatial)
       example = {'image': np.asarray(image, np.float32), 'label': np.asarray(label, np.int32)}
       for t in self.transforms:
         example = (t.random_map(example, rng) if isinstance(t, grain.RandomMapTransform)
