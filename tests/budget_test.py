@@ -40,3 +40,16 @@ def test_minutes_must_not_be_negative():
   c.train.minutes = -1.0
   with pytest.raises(ValueError, match='config.train.minutes'):
     config_lib.validate(c)
+
+
+def test_a_budget_too_short_for_one_step_names_the_least_that_fits():
+  # 30 s: calibration 15 s + setup 15 s + final eval 0.1 s + its compilation 9 s leave no step.
+  times = dict(step_s=0.1, eval_s=0.01, final_eval_s=0.1, compile_s=9.0, setup_s=15.0,
+               eval_every=10)
+  assert budget.steps_within(30, spent_s=15, **times) == 0
+  message = budget.too_short(0.5, spent_s=15, **times)
+  assert 'calibration took 15.0 s' in message and '24.1 s besides its steps' in message
+  least = float(message.split('--config.train.minutes=')[1].split()[0])
+  assert least == 0.7  # 39.21 s rounded up to 0.1 minute
+  assert budget.steps_within(least * 60, spent_s=15, **times) >= 1
+  assert budget.steps_within(least * 60 - 6, spent_s=15, **times) == 0

@@ -80,6 +80,20 @@ def steps_within(budget_s: float, *, spent_s: float, step_s: float, eval_s: floa
   return n
 
 
+def too_short(minutes: float, *, spent_s: float, **times: float) -> str:
+  """Why `minutes` fits no step, with the least that fits one: the fixed costs (calibration,
+  the real run's setup, the final eval and its compilation) dwarf a step, so naming only the
+  step and compile times left users puzzled that e.g. 30 s did not fit a 9 s compilation."""
+  one_step = spent_s + run_seconds(1, **times)
+  least = math.ceil(one_step / 6) / 10  # minutes, rounded up to 0.1
+  return (f'config.train.minutes={minutes}: not even one step fits: calibration took '
+          f'{spent_s:.1f} s, and the run itself needs {run_seconds(0, **times):.1f} s besides its '
+          f'steps (data, init and compilation {times["setup_s"]:.1f} s, the final eval '
+          f'{times["final_eval_s"]:.1f} s and its compilation {times["compile_s"]:.1f} s), '
+          f'{one_step:.1f} s with one {times["step_s"]:.2f} s step > {minutes * 60:.0f} s; set '
+          f'--config.train.minutes={least:g} or more, or a smaller model or patch')
+
+
 def _block(tree: Any) -> None:
   jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, 'block_until_ready') else x, tree)
 
@@ -142,9 +156,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
                        final_eval_s=final_eval_s, compile_s=compile_s, setup_s=setup_s,
                        eval_every=int(config.train.eval_every))
   if steps < 1:
-    raise ValueError(f'config.train.minutes={minutes}: not even one step fits (a step takes '
-                     f'{step_s:.1f} s, an eval {eval_s:.1f} s, compilation {compile_s:.1f} s); '
-                     'give more minutes or a smaller model or patch')
+    raise ValueError(too_short(minutes, spent_s=spent, step_s=step_s, eval_s=eval_s,
+                               final_eval_s=final_eval_s, compile_s=compile_s, setup_s=setup_s,
+                               eval_every=int(config.train.eval_every)))
   config.train.steps = steps
   config.optim.warmup_steps = min(int(config.optim.warmup_steps), max(steps // 10, 0))
   return config, Plan(minutes=minutes, steps=steps, step_s=step_s, eval_s=eval_s,
