@@ -287,3 +287,23 @@ def test_a_bad_config_argument_value_names_the_argument():
   from configs import msd  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"config argument fold='abc': invalid literal for int"):
     msd.get_config('path=/data,fold=abc')
+
+
+def test_eval_without_config_warns_of_no_config_difference(tmp_path, env):
+  """`--mode=eval|predict` with no `--config` used to warn "--config.model differs from the
+  run's" about configs/default.py, a file the user never named; a `--config` they give still
+  gets the warning when it differs."""
+  _saved_run(tmp_path, {'name': 'synthetic', 'patch_size': [8, 8, 8]})
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  saved['model'] = {'base_filters': 3}
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  code = ('import sys\nfrom unet_ds import main, predict\nmain._parse_flags(sys.argv)\n'
+          'predict.run_config(main.cli_config(main._MODE.value, main._CONFIG.value), '
+          'main._WORKDIR.value)\n')
+  for flags_given, warned in (([], False), (['--config.inference.overlap=0.25'], False),
+                              (['--config=configs/default.py'], True)):
+    res = subprocess.run([sys.executable, '-c', code, f'--workdir={tmp_path}', '--mode=eval',
+                          *flags_given], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ('--config.model differs' in res.stderr) == warned, (flags_given, res.stderr)

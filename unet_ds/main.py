@@ -77,7 +77,10 @@ def cli_config(mode: str, config: ml_collections.ConfigDict) -> ml_collections.C
   if mode == 'train':
     return config
   given = config_flags.get_override_values(flags.FLAGS['config'])
-  out = ml_collections.ConfigDict(config.to_dict())
+  # Without --config (or a non-inference --config.* flag) the default configs/default.py is no
+  # choice of the user's: keep it out, so no "--config.model differs" warning names it.
+  chosen = flags.FLAGS['config'].present or any(not k.startswith('inference.') for k in given)
+  out = ml_collections.ConfigDict(config.to_dict() if chosen else {})
   out.inference = ml_collections.ConfigDict(
       {k.split('.', 1)[1]: v for k, v in given.items() if k.startswith('inference.')})
   return out
