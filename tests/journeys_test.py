@@ -114,6 +114,37 @@ def test_output_folder_of_the_inputs_is_refused(tmp_path, kind, name):
   predict.check_spares(kind, str(tmp_path / 'out'), [str(images / name)], labels)  # no clash
 
 
+@pytest.mark.parametrize('kind, images, labels, name', [
+    ('msd', 'imagesTr', 'labelsTr', 'case_1.nii.gz'), ('msd', 'imagesTs', 'labelsTs', 'c.nii.gz'),
+    ('folder2d', 'image', 'label', '10.png')])
+def test_predict_into_the_datasets_labels_folder_is_refused(tmp_path, kind, images, labels, name):
+  """`--input=TASK/imagesTr --output=TASK/labelsTr` used to replace the ground truth with
+  predictions (same names); and `--output` = a task folder `--input` wrote into the dataset."""
+  for sub in (images, labels):
+    (tmp_path / 'task' / sub).mkdir(parents=True)
+    (tmp_path / 'task' / sub / name).write_bytes(sub.encode())
+  _saved_run(tmp_path / 'run', {'name': kind, 'patch_size': [8] * (3 if kind == 'msd' else 2)})
+  run = lambda i, o: predict.run(None, str(tmp_path / 'run'), input_path=str(i), output=str(o))
+  with pytest.raises(FileExistsError, match=rf'--output=.*{labels}: the result .*{labels}/{name} '
+                     'would replace an input file'):
+    run(tmp_path / 'task' / images, tmp_path / 'task' / labels)
+  assert (tmp_path / 'task' / labels / name).read_bytes() == labels.encode()
+  with pytest.raises(FileExistsError, match=r'--output=.*task: is the --input folder'):
+    run(tmp_path / 'task', tmp_path / 'task')
+  assert sorted(os.listdir(tmp_path / 'task')) == sorted([images, labels])
+
+
+def test_predict_creates_no_output_folder_when_an_input_is_bad(tmp_path):
+  (tmp_path / 'images').mkdir()
+  (tmp_path / 'images' / 'a.nii.gz').write_bytes(b'not a nifti')
+  _saved_run(tmp_path / 'run', {'name': 'msd', 'patch_size': [8, 8, 8], 'path': str(tmp_path),
+                                'num_classes': 2})
+  with pytest.raises(io.DataError, match=r'images/a.nii.gz: cannot read NIfTI'):
+    predict.run(None, str(tmp_path / 'run'), input_path=str(tmp_path / 'images'),
+                output=str(tmp_path / 'out'))
+  assert not (tmp_path / 'out').exists()
+
+
 def test_eval_output_into_the_labels_folder_is_refused(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from configs import folder2d  # pylint: disable=g-import-not-at-top

@@ -296,7 +296,7 @@ def test_a_bad_file_stops_predict_and_eval_before_any_prediction(tmp_path):
   (root / 'image' / '3.png').write_bytes(b'not a png')
   with pytest.raises(io.DataError, match=r'image/3.png'):
     predict.run(None, workdir, input_path=str(root / 'image'), output=str(tmp_path / 'pred'))
-  assert not os.listdir(tmp_path / 'pred')
+  assert not (tmp_path / 'pred').exists()  # not even the folder
   with pytest.raises(io.DataError, match=r'image/3.png'):
     evaluate.run(None, workdir, output=str(tmp_path / 'ev'))
   assert not (tmp_path / 'ev').exists() or not os.listdir(tmp_path / 'ev')

@@ -71,12 +71,13 @@ def find_inputs(path: str, data_cfg: Any) -> list[str]:
                      f'{", ".join(subdirs)})')
 
 
-def check_output_dir(output: str) -> str:
-  """`output` as an absolute folder, created; an existing non-folder is an error up front."""
+def check_output_dir(output: str, create: bool = True) -> str:
+  """`output` as an absolute folder, created if `create`; an existing non-folder is an error."""
   output = os.path.abspath(os.path.expanduser(output))
   if os.path.exists(output) and not os.path.isdir(output):
     raise NotADirectoryError(f'--output={output}: exists and is not a folder')
-  os.makedirs(output, exist_ok=True)
+  if create:
+    os.makedirs(output, exist_ok=True)
   return output
 
 
@@ -97,6 +98,31 @@ def check_spares(kind: str, output_dir: str, images: Sequence[str], keep: Sequen
       if os.path.realpath(out) in kept:
         raise FileExistsError(f'--output={output_dir}: the result {out} would replace an input '
                               'file; write into another folder')
+
+
+def dataset_labels(data_cfg: Any, images: Sequence[str]) -> list[str]:
+  """The label files paired with `images` in their dataset's layout (MSD `imagesTr`/`imagesTs`
+  -> `labelsTr`/`labelsTs`, 2D `image_dir` -> `label_dir`): ground truth that a prediction
+  written into that labels folder under the same name would silently replace."""
+  kind = cases_lib.data_kind(data_cfg)
+  pairs = ({'imagesTr': 'labelsTr', 'imagesTs': 'labelsTs'} if kind == 'msd' else
+           {prepare.cfg_get(data_cfg, 'image_dir', 'image'):
+            prepare.cfg_get(data_cfg, 'label_dir', 'label')})
+  labels = []
+  for folder in sorted({os.path.dirname(os.path.abspath(i)) for i in images}):
+    label_dir = pairs.get(os.path.basename(folder))
+    label_dir = label_dir and os.path.join(os.path.dirname(folder), label_dir)
+    if label_dir and os.path.isdir(label_dir):
+      ids = {io.case_id(i) for i in images if os.path.dirname(os.path.abspath(i)) == folder}
+      labels += [os.path.join(label_dir, f) for f in sorted(os.listdir(label_dir))
+                 if io.case_id(f) in ids]
+  return labels
+
+
+def check_not_input_folder(output: str, input_path: str) -> None:
+  """Predictions never go into the `--input` folder itself (a task folder's root included)."""
+  if os.path.isdir(input_path) and os.path.realpath(output) == os.path.realpath(input_path):
+    raise FileExistsError(f'--output={output}: is the --input folder; write into another folder')
 
 
 _READERS = {'msd': msd.read_case, 'folder2d': folder2d.read_case}  # by cases_lib.data_kind
@@ -290,9 +316,12 @@ def run(config: Any, workdir: str, *, input_path: str, output: str,
   if probabilities:
     settings = dataclasses.replace(settings, save_probs=True)
   inputs = find_inputs(input_path, cfg.data)  # every input error before any compute
-  output = check_output_dir(output)
-  check_spares(cases_lib.data_kind(cfg.data), output, inputs, inputs)
+  output = check_output_dir(output, create=False)
+  check_spares(cases_lib.data_kind(cfg.data), output, inputs,
+               [*inputs, *dataset_labels(cfg.data, inputs)])
+  check_not_input_folder(output, input_path)
   check_cases(cfg.data, [(image, None) for image in inputs])
+  output = check_output_dir(output)  # created only once every input has been checked
   warn_on_geometry(inputs, workdir)
   apply_fn, step = restore_apply_fn(cfg, workdir)
   predictor = Predictor(lambda x: apply_fn(x)[0], cfg.data, settings)
