@@ -50,9 +50,10 @@ def test_arg_parsing_and_unknown_arg():
 
 
 @pytest.mark.parametrize('key,value,match', [
-    ('model.ds.mode', 'deeper', 'ds.mode must be one of'),
-    ('loss.ds_weights', '1,0.5,0.25,0.1', r'config.loss.ds_weights: .*4 values'),
-    ('loss.ds_weights', 'linear', 'neither one of'),
+    ('model.ds.mode', 'deeper', r'^config\.model\.ds\.mode must be one of'),
+    ('model.depth', 1, r'^config\.model\.depth must be >= 2, got 1'),
+    ('loss.ds_weights', '1,0.5,0.25,0.1', r'^config\.loss\.ds_weights: has 4 values'),
+    ('loss.ds_weights', 'linear', r"^config\.loss\.ds_weights: 'linear' is neither one of"),
     ('loss.name', 'focal', 'config.loss.name'),
     ('optim.name', 'lamb', 'config.optim.name'),
     ('loss.ds_schedule', 'step', 'config.loss.ds_schedule'),
@@ -143,3 +144,14 @@ def test_imports_have_no_cycle():
           'import unet_ds.train, unet_ds.multirun, unet_ds.main, unet_ds.bench, unet_ds.plan')
   res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_a_multirun_ds_weights_error_names_its_index_once():
+  c = config_lib.base_config(3)
+  c.multirun.k = 2
+  c.multirun.ds_weights = ('exp', 'a,b')
+  with pytest.raises(ValueError, match=r"^config\.multirun\.ds_weights\[1\]: 'a,b' is neither"):
+    config_lib.validate(c)
+  c.multirun.ds_weights = ('exp', '1,2,3,4,5')
+  with pytest.raises(ValueError, match=r'^config\.multirun\.ds_weights\[1\]: has 5 values'):
+    config_lib.validate(c)

@@ -58,9 +58,9 @@ class UNetConfig:
   remat: bool = False           # rematerialise each conv block in the backward pass
 
   def __post_init__(self):
-    def check(cond: bool, msg: str):
+    def check(cond: bool, msg: str):  # msg starts with the key: 'config.model.depth must ...'
       if not cond:
-        raise ValueError(f'config.model: {msg}')
+        raise ValueError(f'config.model.{msg}')
     check(self.num_classes >= 1, f'num_classes must be >= 1, got {self.num_classes}')
     check(self.depth >= 2, f'depth must be >= 2, got {self.depth}')
     check(self.base_filters >= 1, f'base_filters must be >= 1, got {self.base_filters}')
