@@ -314,6 +314,16 @@ def test_eval_of_a_folder_of_images_alone_points_to_predict(tmp_path):
     cases.find_labelled(str(tmp_path), {'name': 'msd', 'path': str(tmp_path), 'num_classes': 2})
 
 
+def test_eval_of_another_tasks_folder_names_the_layout_it_needs(tmp_path):
+  """A 2D image/ + label/ folder given to an MSD run's eval used to end in 'DIR/imagesTr: folder
+  not found', which did not say that the folder is of another kind."""
+  for sub in ('image', 'label'):
+    (tmp_path / sub).mkdir()
+  with pytest.raises(io.DataError, match=r"no imagesTr/ folder \(it holds \['image', 'label'\]\); "
+                     'this run was trained on msd data, and eval needs imagesTr/ \\+ labelsTr/'):
+    cases.find_labelled(str(tmp_path), {'name': 'msd', 'path': str(tmp_path), 'num_classes': 2})
+
+
 def test_a_bad_config_argument_value_names_the_argument():
   from configs import msd  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=r"config argument fold='abc': invalid literal for int"):

@@ -82,6 +82,11 @@ def find_labelled(path: str, data_cfg: Any, cases: str | Sequence[str] = 'all',
       any(f.lower().endswith(suffixes) for f in os.listdir(path))):
     raise io.DataError(f'{path}: holds images without labels; eval needs {folders[0]}/ + '
                        f'{folders[1]}/ (--mode=predict for images alone)')
+  if os.path.isdir(path) and not os.path.isdir(os.path.join(path, folders[0])):
+    others = [f for f in sorted(os.listdir(path)) if os.path.isdir(os.path.join(path, f))]
+    raise io.DataError(f'{path}: no {folders[0]}/ folder (it holds {others or "no folders"}); this '
+                       f'run was trained on {kind} data, and eval needs {folders[0]}/ + '
+                       f'{folders[1]}/')
   found, settings = _all_labelled(path, data_cfg)
   if cases == 'all':
     return found
