@@ -33,6 +33,9 @@ def test_a_budgeted_run_fits_its_minutes_and_resumes_with_its_steps(tmp_path, da
   c.train.stop_at_step = summary['step']
   again = train.train_and_evaluate(c, str(tmp_path))
   assert again['step'] == summary['step']
+  # A resume's summary still says what the budget planned (saved when it was planned).
+  assert json.loads((tmp_path / budget.PLAN_FILE).read_text()) == plan
+  assert budget.summary_budget(None, c, str(tmp_path)) == {**plan, 'resumed': True}
 
 
 def test_minutes_must_not_be_negative():

@@ -178,6 +178,20 @@ def test_changed_config_on_resume_is_refused_before_the_data_is_built(tmp_path, 
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
 
 
+def test_a_bad_value_on_resume_is_named_before_the_resume_check(tmp_path, data_dir,
+                                                                monkeypatch):
+  """Not 'resume refused ... allow loss.name', after which the value would fail anyway."""
+  from tests import smoke  # pylint: disable=g-import-not-at-top
+  from unet_ds import train  # pylint: disable=g-import-not-at-top
+  config = smoke.config(data_dir, 2)
+  exp = train.Experiment.build(config, str(tmp_path))
+  smoke.save_checkpoint(str(tmp_path), 1, exp.init_state(), config)
+  smoke.forbid_data(monkeypatch)
+  config.loss.name = 'bogus'
+  with pytest.raises(ValueError, match=r"^config.loss.name.*bogus"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
 def test_plan_of_a_missing_folder_ends_in_one_error_line(tmp_path, env):
   res = subprocess.run([sys.executable, '-m', 'unet_ds.plan', f'--input={tmp_path / "nope"}'],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -209,6 +223,14 @@ def test_eval_on_a_moved_copy_of_the_runs_data_scores_its_held_out_cases(tmp_pat
   assert s['cases_selected'] == 'validation' and [c['case_id'] for c in s['cases']] == ['d']
   s = evaluate.evaluate_run(config, str(run), logits, 1, input_path=str(moved), cases='all', **kw)
   assert s['num_cases'] == 4
+  # Without --output: the moved data's held-out scores are the run's own (WORKDIR/eval), but a
+  # copy scored while the original is still in place goes beside them, not over them.
+  s = evaluate.evaluate_run(config, str(run), logits, 1, input_path=str(moved), log=print)
+  assert s['output'] == str(run / 'eval')
+  (tmp_path / 'gone').mkdir()
+  s = evaluate.evaluate_run(config, str(run), logits, 1, input_path=str(moved), log=print)
+  assert s['output'] == str(run / 'eval_moved_validation') and s['num_cases'] == 1
+  (tmp_path / 'gone').rmdir()
   (moved / 'image' / 'a.png').unlink()  # another folder: not the run's cases, all of them
   (moved / 'label' / 'a.png').unlink()
   s = evaluate.evaluate_run(config, str(run), logits, 1, input_path=str(moved), **kw)

@@ -20,6 +20,7 @@ A resumed budgeted run keeps the step count its checkpoint was trained with.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -31,6 +32,7 @@ import ml_collections
 
 from unet_ds import checkpoint
 from unet_ds import state as state_lib
+from unet_ds import workdir as workdir_lib
 
 FINAL_EVAL_FACTOR = 3.0  # whole-image sliding-window eval vs one in-training eval (estimate)
 STEP_MARGIN = 1.06       # planned step time / measured (module doc)
@@ -59,6 +61,31 @@ class Plan:
     return self.calibration_s + run_seconds(self.steps, step_s=self.step_s, eval_s=self.eval_s,
                                             final_eval_s=self.final_eval_s, compile_s=self.compile_s, setup_s=self.setup_s,
                                             eval_every=eval_every)
+
+
+PLAN_FILE = 'budget.json'  # the plan, in the workdir, for the summary of a resumed run
+
+
+def record(plan: Plan, eval_every: int) -> dict[str, Any]:
+  """The plan as `summary.json`'s `budget` (and `budget.json`): its fields and predicted seconds."""
+  return {**dataclasses.asdict(plan), 'predicted_seconds': plan.predicted_seconds(eval_every)}
+
+
+def summary_budget(plan: Plan | None, config: ml_collections.ConfigDict,
+                   workdir: str) -> dict[str, Any] | None:
+  """`summary.json`'s `budget`: this launch's plan; for a resumed budgeted run (no new plan) the
+  one saved in `WORKDIR/budget.json` when the run was planned, marked `resumed`; None without a
+  budget."""
+  if plan is not None:
+    return record(plan, int(config.train.eval_every))
+  minutes = float(config.train.get('minutes', 0) or 0)
+  if minutes <= 0:
+    return None
+  path = os.path.join(workdir, PLAN_FILE)
+  if not os.path.exists(path):  # planned before budget.json was written
+    return {'minutes': minutes, 'steps': int(config.train.steps), 'resumed': True}
+  with open(path) as f:
+    return {**json.load(f), 'resumed': True}
 
 
 def run_seconds(steps: int, *, step_s: float, eval_s: float, final_eval_s: float,
@@ -161,6 +188,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
                                eval_every=int(config.train.eval_every)))
   config.train.steps = steps
   config.optim.warmup_steps = min(int(config.optim.warmup_steps), max(steps // 10, 0))
-  return config, Plan(minutes=minutes, steps=steps, step_s=step_s, eval_s=eval_s,
-                      final_eval_s=final_eval_s,
-                      compile_s=compile_s, setup_s=setup_s, calibration_s=spent)
+  plan = Plan(minutes=minutes, steps=steps, step_s=step_s, eval_s=eval_s,
+              final_eval_s=final_eval_s, compile_s=compile_s, setup_s=setup_s,
+              calibration_s=spent)
+  if jax.process_index() == 0:  # for the summary of a later resume, which plans nothing
+    workdir_lib.write_json(os.path.join(workdir, PLAN_FILE),
+                           record(plan, int(config.train.eval_every)))
+  return config, plan

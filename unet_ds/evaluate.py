@@ -255,7 +255,10 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
   else:
     input_path, default, cases, selected = select_cases(config, workdir, input_path, cases)
     if not output:  # WORKDIR/eval holds the run's own held-out evaluation; others beside it
-      held_out = default == cases == 'validation'
+      own_path = os.path.abspath(os.path.expanduser(config.data.path))
+      # A copy scored while the run's data is still in place is another evaluation.
+      held_out = default == cases == 'validation' and (
+          input_path == own_path or not os.path.isdir(own_path))
       which = cases if cases in ('all', 'train', 'validation') else 'cases'
       output = os.path.join(workdir, EVAL_DIR if held_out else dirnames.safe_name(
           f'{EVAL_DIR}_{os.path.basename(input_path)}_{which}'))

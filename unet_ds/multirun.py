@@ -338,6 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `train.stop_at_step` stopped it), each summary as `train.train_and_evaluate` returns it.
   """
   t0 = time.time()
+  config_lib.validate(config)  # a bad value is named before a resume check asks to allow it
   config, plan = budget.fit(config, workdir, MultiExperiment.build)  # train.minutes -> steps
   loop.check_resume_early(config, workdir, allow_changes)  # a refused resume builds nothing
   mexp = MultiExperiment.build(config, workdir)
@@ -352,7 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               step=out['step'], seconds=out['seconds'],
                               seconds_total=out['seconds_total'],
                               num_params=out['num_params'], conv_impl=conv_impl),
-        'multirun': {'k': mexp.k, 'index': i, 'name': run.name}}
+        'multirun': {'k': mexp.k, 'index': i, 'name': run.name},
+        'wall_seconds': time.time() - t0,
+        'budget': budget.summary_budget(plan, config, mexp.workdir)}
     logs.Writer(os.path.join(mexp.workdir, run.name), tensorboard=False).write_json(
         'summary.json', summaries[run.name])
   return {'step': out['step'], 'runs': summaries}

@@ -263,6 +263,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `allow_changes`: config keys that may differ from the checkpoint's (see `unet_ds.loop`).
   """
   t0 = time.time()
+  config_lib.validate(config)  # a bad value is named before a resume check asks to allow it
   config, plan = budget.fit(config, workdir, Experiment.build)  # train.minutes -> train.steps
   loop.check_resume_early(config, workdir, allow_changes)
   exp = Experiment.build(config, workdir)
@@ -274,8 +275,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 num_params=out['num_params'],
                                 conv_impl=layers.resolve_impl(config.model.conv_impl))
   summary['wall_seconds'] = time.time() - t0
-  if plan is not None:
-    summary['budget'] = {**dataclasses.asdict(plan),
-                         'predicted_seconds': plan.predicted_seconds(config.train.eval_every)}
+  summary['budget'] = budget.summary_budget(plan, config, exp.workdir)
   logs.Writer(exp.workdir, tensorboard=False).write_json('summary.json', summary)
   return summary
