@@ -10,6 +10,8 @@ batch size, for an MSD-style 3D folder (imagesTr/ + labelsTr/) or a 2D folder (i
 Anisotropic data gets per-axis pooling (`model.strides`: the coarse axis is pooled only once the
 others have caught up in spacing), conv kernels of size 1 along that axis at the levels where it is
 still over 2x coarser (`model.kernel_sizes`), and a patch that is not padded along that axis.
+Training adds nnU-Net's spatial augmentation as planned (`data.aug_*`: rotations and scalings,
+in-plane only for patches thin along a coarse axis).
 
 The plan is computed when the config is built (the fingerprint once per dataset, cached beside the
 prepared data) and recorded in the run's config.json: the planned fields of `data`, `model` and
@@ -55,6 +57,13 @@ def config_from_plan(plan: dict[str, Any]) -> ml_collections.ConfigDict:
   kernels = tuple(tuple(int(v) for v in level) for level in plan.get('kernel_sizes', ()))
   if any(k != 3 for level in kernels for k in level):  # 1 across still-thick slices
     c.model.kernel_sizes = kernels
+  aug = plan.get('augmentation')  # plans from before augmentation was planned have none
+  if aug:
+    c.data.aug_rotate_p, c.data.aug_scale_p = float(aug['p_rotate']), float(aug['p_scale'])
+    c.data.aug_rotate_degrees = float(aug['degrees'])
+    c.data.aug_plane = tuple(int(a) for a in aug['plane'])
+    c.data.aug_scale = tuple(float(v) for v in aug['scale'])
+    c.data.aug_scale_axes = tuple(int(a) for a in aug['scale_axes'])
   c.data.patch_size = c.data.shape = c.data.eval_shape = patch
   c.model.depth = depth
   c.model.base_filters = int(plan['base_filters'])

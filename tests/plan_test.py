@@ -15,6 +15,7 @@ import pytest
 from unet_ds import config_lib
 from unet_ds import models
 from unet_ds import plan as plan_lib
+from unet_ds.data import datasets
 from unet_ds.data import msd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +94,20 @@ def test_conv_kernels_are_thin_until_the_coarse_axis_catches_up():
   # exactly 2x is coarse (nnU-Net's `< 2`), isotropic is 3 everywhere, the bottleneck always 3
   assert plan_lib.conv_kernels([1.0, 2.0], [[2, 1]]) == [[3, 1], [3, 3]]
   assert plan_lib.conv_kernels([1.0] * 3, [[2, 2, 2]] * 3) == [[3, 3, 3]] * 4
+
+
+def test_augmentation_is_in_plane_for_thin_patches_of_thick_slices():
+  # 1 x 1 x 3 copy of hippocampus: patch 40 x 56 x 14, 56 / 14 > 3 -> 2D-style, in-plane
+  thin = plan_lib.augmentation([1.0, 1.0, 3.0], [40, 56, 14])
+  assert thin['plane'] == thin['scale_axes'] == [0, 1] and thin['degrees'] == 180.0
+  # coarse axis first (5 mm slices): the plane is the other two
+  assert plan_lib.augmentation([5.0, 0.8, 0.8], [8, 96, 96])['plane'] == [1, 2]
+  # isotropic, or anisotropic with a patch not thin along z (3x at most): 3D, every axis scaled
+  for spacing, patch in (([1.0] * 3, [40, 56, 40]), ([1.0, 1.0, 2.0], [64, 64, 32])):
+    iso = plan_lib.augmentation(spacing, patch)
+    assert iso['plane'] == [0, 1] and iso['degrees'] == 30.0 and iso['scale_axes'] == []
+  flat = plan_lib.augmentation([1.0, 1.0], [256, 256])
+  assert flat['degrees'] == 180.0 and (flat['p_rotate'], flat['p_scale']) == (0.2, 0.2)
 
 
 def test_patch_size_fits_the_budget():
@@ -230,6 +245,10 @@ def test_auto_config_records_the_plan(tmp_path):
   assert c.model.strides[0] == (2, 2, 1) and c.data.patch_size == c.plan.patch_size
   assert c.model.kernel_sizes == tuple(tuple(k) for k in c.plan.kernel_sizes)
   assert c.model.kernel_sizes[0] == (3, 3, 1)  # z is still 3.7x the finest at full resolution
+  aug = c.plan.augmentation  # the planned spatial augmentation is what the data pipeline gets
+  assert (c.data.aug_rotate_p, c.data.aug_scale_p) == (aug.p_rotate, aug.p_scale) == (0.2, 0.2)
+  assert c.data.aug_plane == tuple(aug.plane) and c.data.aug_scale_axes == tuple(aug.scale_axes)
+  assert datasets.spatial_augment(c.data).max_degrees == aug.degrees
   models.model_config(c.model)  # the model takes what the plan gives
   smoke = _auto_config(f'path={root},data_dir={tmp_path / "tfds"},smoke')
   config_lib.validate(smoke)

@@ -16,6 +16,8 @@ follows from it by fixed rules:
   spacing is within 2x of the finest, and keeps feature maps >= 4 voxels; depth follows;
 - conv kernels: 3 per axis, but 1 along an axis at the levels where its spacing is still 2x or
   more the finest (thick slices), until pooling has caught it up;
+- spatial augmentation: rotations and scalings as nnU-Net's, in-plane only for patches thin
+  along a coarse axis (`augmentation`);
 - batch size: two patches at the voxel budget, more for smaller patches, capped by an activation
   memory estimate and by 5% of the dataset's voxels per batch.
 
@@ -277,6 +279,25 @@ def conv_kernels(spacing: Sequence[float], strides: Sequence[Sequence[int]]) -> 
   return kernels
 
 
+def augmentation(spacing: Sequence[float], patch: Sequence[int]) -> dict[str, Any]:
+  """nnU-Net's spatial augmentation for a plan: rotation (p 0.2) and scaling (p 0.2, 0.7-1.4).
+
+  A 3D patch that is thin along its coarsest axis (longest patch side over that side > 3,
+  nnU-Net's rule for augmenting in 2D) is rotated up to 180 degrees in the plane of the other
+  two axes and scaled along them only, so no thick slice is tilted or stretched into its
+  neighbours; any other 3D patch up to 30 degrees in the first two axes' plane (nnU-Net turns
+  about all three) and scaled along every axis; 2D up to 180 degrees.
+  """
+  out = {'p_rotate': 0.2, 'p_scale': 0.2, 'scale': [0.7, 1.4]}
+  if len(patch) == 2:
+    return {**out, 'plane': [0, 1], 'degrees': 180.0, 'scale_axes': []}
+  coarse = int(np.argmax(spacing))
+  if spacing[coarse] > min(spacing) and max(patch) / patch[coarse] > ANISOTROPY_THRESHOLD:
+    plane = [a for a in range(len(patch)) if a != coarse]
+    return {**out, 'plane': plane, 'degrees': 180.0, 'scale_axes': plane}
+  return {**out, 'plane': [0, 1], 'degrees': 30.0, 'scale_axes': []}
+
+
 def multiples(strides: Sequence[Sequence[int]], ndim: int) -> list[int]:
   """What each patch axis must be divisible by: the product of its pooling factors."""
   return [int(np.prod([s[a] for s in strides])) if strides else 1 for a in range(ndim)]
@@ -403,6 +424,7 @@ def make_plan(fp: Mapping[str, Any], *, patch_voxels: int | None = None,
       'patch_size': patch,
       'strides': strides,
       'kernel_sizes': conv_kernels(target, strides),
+      'augmentation': augmentation(target, patch),
       'depth': len(strides) + 1,
       'base_filters': base,
       'batch_size': batch_size(patch, strides, base, budget=budget, memory_mb=memory_mb,
