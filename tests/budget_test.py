@@ -20,22 +20,23 @@ def test_steps_within_is_the_largest_count_that_fits():
 
 
 def test_a_budgeted_run_fits_its_minutes_and_resumes_with_its_steps(tmp_path, data_dir):
+  workdir = tmp_path / 'a' / 'new'  # not there yet: the run makes it
   c = config_lib.apply_args(config_lib.base_config(2), 'ds=deep,smoke')
   c.data.data_dir, c.mesh.data = data_dir, 1
   c.train.update(minutes=1.0, steps=100000, eval_every=20, checkpoint_every=20)
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = train.train_and_evaluate(c, str(workdir))
   plan = summary['budget']
   assert 1 <= summary['step'] <= plan['steps']  # fewer only if the machine slowed down
   assert summary['wall_seconds'] <= 1.3 * 60 + 15, summary['wall_seconds']
-  saved = json.loads((tmp_path / 'config.json').read_text())
+  saved = json.loads((workdir / 'config.json').read_text())
   assert saved['train']['steps'] == plan['steps'] and saved['train']['minutes'] == 1.0
   # The same command again (up to the step reached) resumes with the planned steps: not refused.
   c.train.stop_at_step = summary['step']
-  again = train.train_and_evaluate(c, str(tmp_path))
+  again = train.train_and_evaluate(c, str(workdir))
   assert again['step'] == summary['step']
   # A resume's summary still says what the budget planned (saved when it was planned).
-  assert json.loads((tmp_path / budget.PLAN_FILE).read_text()) == plan
-  assert budget.summary_budget(None, c, str(tmp_path)) == {**plan, 'resumed': True}
+  assert json.loads((workdir / budget.PLAN_FILE).read_text()) == plan
+  assert budget.summary_budget(None, c, str(workdir)) == {**plan, 'resumed': True}
 
 
 def test_minutes_must_not_be_negative():

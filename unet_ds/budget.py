@@ -192,6 +192,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
               final_eval_s=final_eval_s, compile_s=compile_s, setup_s=setup_s,
               calibration_s=spent)
   if jax.process_index() == 0:  # for the summary of a later resume, which plans nothing
+    os.makedirs(workdir, exist_ok=True)
     workdir_lib.write_json(os.path.join(workdir, PLAN_FILE),
                            record(plan, int(config.train.eval_every)))
   return config, plan
