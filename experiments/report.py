@@ -165,8 +165,8 @@ def with_missing_defaults(configs: Sequence[dict[str, Any]]) -> list[dict[str, A
   for config in configs:
     missing = present - config.keys()
     if missing:
-      ndim = config.get('data.ndim', 3)
-      defaults = sweep.flatten(config_lib.fill_defaults({'data': {'ndim': ndim}}))
+      data = {'ndim': config.get('data.ndim', 3), 'name': config.get('data.name')}
+      defaults = sweep.flatten(config_lib.fill_defaults({'data': data}))
       config = {**{k: defaults[k] for k in missing if k in defaults}, **config}
     out.append(config)
   return out

@@ -155,3 +155,14 @@ def test_a_multirun_ds_weights_error_names_its_index_once():
   c.multirun.ds_weights = ('exp', '1,2,3,4,5')
   with pytest.raises(ValueError, match=r'^config\.multirun\.ds_weights\[1\]: has 5 values'):
     config_lib.validate(c)
+
+
+def test_fill_defaults_gives_a_run_on_files_the_real_data_keys_added_since():
+  # A hippocampus run written before data.aug_* existed resumes and groups with today's runs.
+  c = config_lib.real_data_config(3, 'msd')
+  saved = json.loads(config_lib.to_json(c))
+  for key in ('aug_rotate_p', 'aug_plane', 'fg_fraction'):
+    del saved['data'][key]
+  assert config_lib.fill_defaults(saved) == json.loads(config_lib.to_json(c))
+  synthetic = json.loads(config_lib.to_json(config_lib.base_config(3)))
+  assert 'aug_rotate_p' not in config_lib.fill_defaults(synthetic)['data']  # files only

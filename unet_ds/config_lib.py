@@ -186,6 +186,9 @@ def apply_args(c: ml_collections.ConfigDict, arg: str | None,
   return c
 
 
+FILE_DATA = ('msd', 'folder2d')  # the data.name values of real_data_config (files on disk)
+
+
 def real_data_config(ndim: int, name: str) -> ml_collections.ConfigDict:
   """`base_config(ndim)` for a user's data folder (`data.name`: msd | folder2d).
 
@@ -449,7 +452,10 @@ def fill_defaults(saved: dict[str, Any]) -> dict[str, Any]:
   defaults: a run written before a key existed ran with what is now its default, so a resume or
   a comparison of runs sees no change."""
   ndim = int(saved.get('data', {}).get('ndim', 3))
-  defaults = json.loads(to_json(base_config(ndim)))
+  name = saved.get('data', {}).get('name')
+  # A run on files also lacks the keys real_data_config added since (e.g. data.aug_*).
+  defaults = json.loads(to_json(real_data_config(ndim, name) if name in FILE_DATA
+                                else base_config(ndim)))
 
   def fill(into: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     out = dict(into)

@@ -14,12 +14,13 @@ from typing import Any
 import nibabel
 import numpy as np
 
+from unet_ds import config_lib
 from unet_ds.data import folder2d
 from unet_ds.data import io
 from unet_ds.data import msd
 from unet_ds.data import prepare
 
-FILE_KINDS = ('msd', 'folder2d')  # data.name values backed by files on disk
+FILE_KINDS = config_lib.FILE_DATA  # data.name values backed by files on disk
 SPLIT_FILE = 'split.json'
 GEOMETRY_FILE = 'data_geometry.json'  # the training images' spacings and orientations (3D)
 SPACING_TOLERANCE = 0.1  # relative: inputs beyond the training range by more get a warning
