@@ -191,6 +191,8 @@ def test_spatial_augment_from_config_and_its_errors():
   c.data.aug_rotate_p, c.data.aug_plane, c.data.aug_scale_axes = 0.2, (0, 1), (0, 1)
   aug = datasets.spatial_augment(c.data)
   assert aug.p_rotate == 0.2 and aug.p_scale == 0 and aug.scale_axes == (0, 1)
+  c.data.patch_size = (16, 16, 16)
+  assert datasets.train_batch_fn(c.data).spatial == aug  # what training cuts patches with
   c.data.aug_plane = (0, 3)
   with pytest.raises(ValueError, match=r'data.aug_plane=\(0, 3\)'):
     datasets.spatial_augment(c.data)
