@@ -51,6 +51,15 @@ def test_command_line_mistakes_end_in_one_error_line(tmp_path, env, args, expect
   assert not (tmp_path / 'run').exists()
 
 
+def test_the_error_line_is_its_own_line_after_a_progress_bar(env):
+  code = ('import sys; from unet_ds import cli; sys.stderr.write("prepare:  50%|##   | 1/2"); '
+          'cli.exit_with_error(ValueError("data/x.nii.gz: bad"))')
+  res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert res.returncode == 1
+  assert res.stderr.splitlines()[-1] == 'error: ValueError: data/x.nii.gz: bad'
+
+
 def test_a_missing_workdir_ends_in_one_error_line(env):
   lines = _fail(['--config=configs/default.py'], env)
   assert lines[-1].startswith('error: ValueError: --workdir is required'), lines[-5:]

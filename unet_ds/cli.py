@@ -21,7 +21,8 @@ def exit_with_error(error: BaseException, show_traceback: bool = False) -> NoRet
   if show_traceback or not isinstance(error, USER_ERRORS):
     traceback.print_exception(error, file=sys.stderr)
   message = ' '.join(str(error).split()) or repr(error)
-  print(f'error: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
+  # On a line of its own: a progress bar (data preparation, training) ends without a newline.
+  print(f'\nerror: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
   sys.stdout.flush()
   # Library threads (orbax, grain) can print at interpreter shutdown and bury this line.
   os._exit(1)  # pylint: disable=protected-access
