@@ -259,26 +259,16 @@ REAL_DATA_ARGS: dict[str, Callable[[ml_collections.ConfigDict, Any], None]] = {
 
 
 def weights_spec(spec: Any) -> str | tuple[float, ...]:
-  """`loss.ds_weights` as a scheme name or a tuple of floats ('1,0.5' or (1, 0.5))."""
+  """`loss.ds_weights` as a scheme name or a tuple of floats ('1,0.5' or (1, 0.5)); an error
+  names no key (the caller's, e.g. `multirun.ds_weights[1]`, prefixes it)."""
   if isinstance(spec, str) and spec in losses.WEIGHT_SCHEMES:
     return spec
   try:
     values = tuple(float(v) for v in (spec.split(',') if isinstance(spec, str) else spec))
   except (TypeError, ValueError):
-    raise ValueError(f'config.loss.ds_weights: {spec!r} is neither one of '
+    raise ValueError(f'{spec!r} is neither one of '
                      f'{losses.WEIGHT_SCHEMES} nor a comma-separated list of floats') from None
   return values
-
-
-def _keyed(key: str, error: Exception) -> str:
-  """`config.KEY: cause` for an `error` of a helper that may already name `loss.ds_weights`
-  (its own prefix dropped, so the key is said once: not 'config.loss.ds_weights: config.loss...')."""
-  text = str(error)
-  for prefix in ('config.loss.ds_weights: ', 'loss.ds_weights '):
-    if text.startswith(prefix):
-      text = text[len(prefix):]
-      break
-  return f'config.{key}: {text}'
 
 
 def _check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
@@ -313,7 +303,7 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
     losses.output_weights(weights_spec(c.loss.ds_weights), model_cfg.head_levels,
                           side_losses=side_losses(c))
   except ValueError as e:
-    raise ValueError(_keyed('loss.ds_weights', e)) from None
+    raise ValueError(f'config.loss.ds_weights: {e}') from None
   _check_choice(c.optim.name, OPTIMIZERS, 'optim.name')
   _check_choice(c.optim.schedule, LR_SCHEDULES, 'optim.schedule')
   if not float(c.train.get('minutes', 0) or 0) >= 0:
@@ -422,7 +412,7 @@ def _validate_multirun(c: ml_collections.ConfigDict, model_cfg: models.UNetConfi
     try:
       losses.output_weights(weights_spec(spec), model_cfg.head_levels, side_losses=side_losses(c))
     except ValueError as e:
-      raise ValueError(_keyed(f'multirun.ds_weights[{i}]', e)) from None
+      raise ValueError(f'config.multirun.ds_weights[{i}]: {e}') from None
   for i, schedule in enumerate(mr.ds_schedule):
     _check_choice(schedule, losses.SCHEDULES, f'multirun.ds_schedule[{i}]')
   for i, floor in enumerate(mr.ds_floor):

@@ -176,6 +176,9 @@ def ds_weights(scheme: str | Sequence[float], levels: Sequence[int]) -> np.ndarr
   - `'nnunet'`: 1/2^level with the lowest-resolution output at 0, normalised (nnU-Net v2).
   - `'same'`: equal, normalised.
   - a tuple: used as given; its length must match the number of outputs.
+
+  Errors say what is wrong with `scheme` without naming a config key: the caller names it once
+  (`config_lib.validate`: 'config.loss.ds_weights: has 4 values ...').
   """
   levels = tuple(int(l) for l in levels)
   n = len(levels)
@@ -187,15 +190,15 @@ def ds_weights(scheme: str | Sequence[float], levels: Sequence[int]) -> np.ndarr
       if scheme == 'nnunet' and n > 1:
         w[int(np.argmax(levels))] = 0.0
     else:
-      raise ValueError(f'loss.ds_weights must be one of {WEIGHT_SCHEMES} or a tuple of floats, '
+      raise ValueError(f'must be one of {WEIGHT_SCHEMES} or a tuple of floats, '
                        f'got {scheme!r}')
     return (w / w.sum()).astype(np.float32)
   w = np.asarray(tuple(scheme), np.float32)
   if w.shape != (n,):
-    raise ValueError(f'loss.ds_weights has {w.size} values {tuple(scheme)} but the model has {n} '
+    raise ValueError(f'has {w.size} values {tuple(scheme)} but the model has {n} '
                      f'outputs (final + heads at levels {levels[1:]}); give {n} weights')
   if np.any(w < 0) or not np.all(np.isfinite(w)):
-    raise ValueError(f'loss.ds_weights must be finite and >= 0, got {tuple(scheme)}')
+    raise ValueError(f'must be finite and >= 0, got {tuple(scheme)}')
   return w
 
 
