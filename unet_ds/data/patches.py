@@ -111,13 +111,15 @@ class SpatialAugment:
                        'need probabilities in 0..1')
     if not 0 < self.scale[0] <= self.scale[1]:
       raise ValueError(f'SpatialAugment: scale={self.scale}, need 0 < low <= high')
+    if len(self.plane) != 2 or self.plane[0] == self.plane[1] or min(self.plane) < 0:
+      raise ValueError(f'SpatialAugment: plane={self.plane}, need two different axes')
 
   def draw(self, ndim: int, rng: np.random.Generator) -> np.ndarray | None:
     """The `[ndim, ndim]` map from patch to case offsets, or None (no transform drawn)."""
     rotate, scale = rng.random() < self.p_rotate, rng.random() < self.p_scale
     if not (rotate or scale):
       return None
-    if max(self.plane) >= ndim or self.plane[0] == self.plane[1]:
+    if max(self.plane) >= ndim:
       raise ValueError(f'SpatialAugment: plane {self.plane} is not two of the {ndim} axes')
     matrix = np.eye(ndim)
     if rotate:
