@@ -186,11 +186,16 @@ def evaluate_cases(predictor: predict.Predictor, selected: Sequence[tuple[str, s
   return summary
 
 
+def _own_path(config: Any) -> str:
+  """The run's own data folder (`data.path`), absolute."""
+  return os.path.abspath(os.path.expanduser(config.data.path))
+
+
 def held_out_source(config: Any, workdir: str, input_path: str | None) -> tuple[str, str]:
   """(folder, default cases) of a file run's eval: its own `data.path` or `input_path`, whose
   held-out ('validation') cases are scored when it is the run's data, at its path or moved
   (every case of the run's `split.json` in it), else 'all' its cases."""
-  own_path = os.path.abspath(os.path.expanduser(config.data.path))
+  own_path = _own_path(config)
   path = os.path.abspath(os.path.expanduser(input_path or own_path))
   if path == own_path:
     if not os.path.isdir(own_path):
@@ -255,10 +260,9 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
   else:
     input_path, default, cases, selected = select_cases(config, workdir, input_path, cases)
     if not output:  # WORKDIR/eval holds the run's own held-out evaluation; others beside it
-      own_path = os.path.abspath(os.path.expanduser(config.data.path))
       # A copy scored while the run's data is still in place is another evaluation.
       held_out = default == cases == 'validation' and (
-          input_path == own_path or not os.path.isdir(own_path))
+          input_path == _own_path(config) or not os.path.isdir(_own_path(config)))
       which = cases if cases in ('all', 'train', 'validation') else 'cases'
       output = os.path.join(workdir, EVAL_DIR if held_out else dirnames.safe_name(
           f'{EVAL_DIR}_{os.path.basename(input_path)}_{which}'))

@@ -321,7 +321,7 @@ def run(config: Any, workdir: str, *, input_path: str, output: str,
                [*inputs, *dataset_labels(cfg.data, inputs)])
   check_not_input_folder(output, input_path)
   check_cases(cfg.data, [(image, None) for image in inputs])
-  output = check_output_dir(output)  # created only once every input has been checked
+  os.makedirs(output, exist_ok=True)  # only once every input has been checked
   warn_on_geometry(inputs, workdir)
   apply_fn, step = restore_apply_fn(cfg, workdir)
   predictor = Predictor(lambda x: apply_fn(x)[0], cfg.data, settings)
