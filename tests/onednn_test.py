@@ -345,7 +345,8 @@ def test_hypercolumn_1x1_fusion_same_loss_and_gradients_as_native():
   target = jnp.asarray(rng.standard_normal((2, 16, 16, 8, 3)), jnp.float32)
   models_by_impl = {impl: models.get_model({**cfg, 'conv_impl': impl})
                     for impl in ('native', 'onednn')}
-  params = models_by_impl['native'].init(jax.random.key(0), x, train=False)
+  params = jax.jit(models_by_impl['native'].init, static_argnames='train')(jax.random.key(0), x,
+                                                                        train=False)
 
   def loss(model):
     return lambda p: jnp.mean((model.apply(p, x, train=False)[0] - target) ** 2)

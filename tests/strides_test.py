@@ -23,8 +23,9 @@ def test_shapes_follow_the_per_axis_factors(mode, down):
   model = _model(strides=[list(s) for s in ANISO], down=down, ds={'mode': mode})
   assert model.config.size_multiples(3) == (8, 8, 2)
   x = jnp.ones((1, 16, 8, 6, 1))
-  variables = model.init(jax.random.PRNGKey(0), x)
-  final, heads = model.apply(variables, x)
+  # Shapes only: traced, never computed (eager init + apply took seconds per case).
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+  final, heads = jax.eval_shape(model.apply, variables, x)
   assert final.shape == (1, 16, 8, 6, 3)
   expected = {'deep': [(1, 8, 4, 6, 3), (1, 4, 2, 3, 3)], 'none': []}
   if mode in expected:
@@ -37,11 +38,11 @@ def test_shapes_follow_the_per_axis_factors(mode, down):
 def test_gradients_reach_every_parameter():
   model = _model(depth=3, base_filters=2, strides=((2, 2, 1), (2, 2, 2)))
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 2, 1))
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
   def loss(params):  # the final output and every DS head
     final, heads = model.apply({'params': params}, x)
     return sum(jnp.sum(o ** 2) for o in (final, *heads))
-  grads = jax.grad(loss)(variables['params'])
+  grads = jax.jit(jax.grad(loss))(variables['params'])
   assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads))
 
 
@@ -87,7 +88,7 @@ THIN = ((3, 3, 1),) * 4  # never mixes z slices
 
 def test_kernel_sizes_shape_the_conv_kernels():
   model = _model(strides=ANISO, kernel_sizes=((3, 3, 1), (3, 3, 3), (3, 3, 3), (3, 3, 3)))
-  params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 16, 8, 6, 1)))['params']
+  params = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 16, 8, 6, 1)))['params']
   kernel = lambda block, i: block[f'ConvNormAct_{i}']['Conv_0']['kernel'].shape[:3]  # noqa
   assert [kernel(params['enc_l0'], i) for i in (0, 1)] == [(3, 3, 1)] * 2
   assert kernel(params['dec_l0'], 0) == (3, 3, 1) and kernel(params['enc_l1'], 0) == (3, 3, 3)
@@ -114,12 +115,12 @@ def test_kernel_sizes_same_on_every_impl(impl):
   kw = dict(strides=ANISO, kernel_sizes=((3, 3, 1), (3, 3, 1), (3, 3, 3), (3, 3, 3)))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 8, 6, 1))
   native, other = _model(**kw), _model(conv_impl=impl, **kw)
-  params = native.init(jax.random.PRNGKey(0), x)['params']
+  params = jax.jit(native.init)(jax.random.PRNGKey(0), x)['params']
   def loss(model, p):
     final, heads = model.apply({'params': p}, x, train=True)
     return sum(jnp.mean(o ** 2) for o in (final, *heads))
-  l0, g0 = jax.value_and_grad(lambda p: loss(native, p))(params)
-  l1, g1 = jax.value_and_grad(lambda p: loss(other, p))(params)
+  l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(native, p)))(params)
+  l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(other, p)))(params)
   np.testing.assert_allclose(l1, l0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-3)

@@ -162,3 +162,14 @@ def test_multichannel_load(tmp_path):
                         data_dir=str(tmp_path))
   images, labels = _arrays(data['train'])
   assert images.shape == (2, 16, 16, 16, 2) and labels.shape == (2, 16, 16, 16)
+
+
+def test_preparing_says_what_it_prepares_once_and_nothing_of_downloads(tmp_path, capfd):
+  kw = dict(ndim=2, shape=(8, 8), num_classes=2, num_train=2, num_val=1, seed=3,
+            data_dir=str(tmp_path))
+  synthetic.load(**kw)
+  out = capfd.readouterr().out
+  assert 'preparing synthetic_shapes/' in out and str(tmp_path) in out, out
+  assert 'Downloading' not in out and 'Unknown size' not in out, out
+  synthetic.load(**kw)  # prepared: reused without a word
+  assert 'preparing' not in capfd.readouterr().out

@@ -99,7 +99,7 @@ def settings_from_config(data_cfg: Any) -> dict[str, Any]:
           'label_dir': prepare.cfg_get(data_cfg, 'label_dir', 'label')}
 
 
-class Folder2d(tfds.core.GeneratorBasedBuilder):
+class Folder2d(prepare.LocalBuilder):
   """A folder of 2D image/mask pairs; build with `config=make_config(settings)`."""
 
   name = 'unet_ds_folder2d'

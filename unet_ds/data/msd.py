@@ -154,7 +154,7 @@ def settings_from_config(data_cfg: Any) -> dict[str, Any]:
   return prepare.common_settings(data_cfg, 'the MSD task folder (holding imagesTr/)')
 
 
-class MsdFolder(tfds.core.GeneratorBasedBuilder):
+class MsdFolder(prepare.LocalBuilder):
   """An MSD-style task folder; build with `config=make_config(settings)`."""
 
   name = 'unet_ds_msd'

@@ -121,6 +121,21 @@ def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
   return out
 
 
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """A TFDS builder of data generated here (files or synthetic): it says so in its own words.
+
+  tfds's own lines ("Downloading and preparing dataset Unknown size ...") are about downloads,
+  which these builders never do.
+  """
+
+  def _log_download_bytes(self) -> None:
+    print(f'preparing {self.name}/{self.builder_config.name} under {self.data_dir} (once; '
+          'later runs reuse it)', flush=True)
+
+  def _log_download_done(self) -> None:
+    pass
+
+
 def build_once(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: tfds.core.BuilderConfig,
                data_dir: str | None) -> tfds.core.GeneratorBasedBuilder:
   """The builder of `config` under `data_dir`, prepared on first use (array_record).

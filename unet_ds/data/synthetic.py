@@ -220,7 +220,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
                in_channels=int(in_channels))
 
 
-class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
+class SyntheticShapes(prepare.LocalBuilder):
   """Synthetic multi-class shapes in 2D images or 3D volumes (see the module docstring)."""
 
   VERSION = tfds.core.Version('1.1.0')
