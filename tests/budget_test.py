@@ -35,8 +35,9 @@ def test_a_budgeted_run_fits_its_minutes_and_resumes_with_its_steps(tmp_path, da
   again = train.train_and_evaluate(c, str(workdir))
   assert again['step'] == summary['step']
   # A resume's summary still says what the budget planned (saved when it was planned).
-  assert json.loads((workdir / budget.PLAN_FILE).read_text()) == plan
-  assert budget.summary_budget(None, c, str(workdir)) == {**plan, 'resumed': True}
+  saved_plan = {k: v for k, v in plan.items() if k != 'note'}  # the note is the launch's
+  assert json.loads((workdir / budget.PLAN_FILE).read_text()) == saved_plan
+  assert budget.summary_budget(None, c, str(workdir)) == {**saved_plan, 'resumed': True}
 
 
 def test_minutes_must_not_be_negative():
@@ -57,3 +58,30 @@ def test_a_budget_too_short_for_one_step_names_the_least_that_fits():
   assert least == 0.7  # 39.21 s rounded up to 0.1 minute
   assert budget.steps_within(least * 60, spent_s=15, **times) >= 1
   assert budget.steps_within(least * 60 - 6, spent_s=15, **times) == 0
+
+
+def _plan(**kw):
+  return budget.Plan(**{**dict(minutes=15.0, steps=6105, step_s=0.14, eval_s=2.0,
+                               final_eval_s=30.0, compile_s=10.0, setup_s=20.0,
+                               calibration_s=15.0), **kw})
+
+
+def test_a_run_that_left_its_budget_unused_says_why(capsys):
+  c = config_lib.base_config(3)
+  c.train.eval_every = 200
+  # Calibrated under load (0.14 s + 2 s / 200 per step planned), ran at 0.0885 s: 596 of 900 s.
+  record = budget.summary_budget(_plan(), c, 'unused', wall_s=596.0, steps_run=6105,
+                                 train_s=540.0)
+  note = record['note']
+  assert 'train.minutes=15 used 596 of 900 s' in note and '0.088 s each' in note, note
+  assert '0.150 s planned' in note and 'busier during the calibration' in note, note
+  assert note in capsys.readouterr().out
+  # Steps as planned, the fixed costs overestimated: said so instead.
+  note = budget.underuse_note(_plan(), wall_s=700.0, steps_run=4000, train_s=600.0,
+                              eval_every=200)
+  assert 'estimates were generous' in note, note
+  # A run that used the budget, and a run without one, say nothing.
+  assert 'note' not in budget.summary_budget(_plan(), c, 'used', wall_s=880.0, steps_run=6105,
+                                             train_s=840.0)
+  assert budget.underuse_note(None, wall_s=1.0, steps_run=1, train_s=1.0, eval_every=1) is None
+  assert capsys.readouterr().out == ''

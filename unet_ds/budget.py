@@ -37,6 +37,7 @@ from unet_ds import workdir as workdir_lib
 FINAL_EVAL_FACTOR = 3.0  # whole-image sliding-window eval vs one in-training eval (estimate)
 STEP_MARGIN = 1.06       # planned step time / measured (module doc)
 TIMED_STEPS = 5
+UNDERUSE = 0.85          # a run ending before this fraction of its budget says why (underuse_note)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +72,20 @@ def record(plan: Plan, eval_every: int) -> dict[str, Any]:
   return {**dataclasses.asdict(plan), 'predicted_seconds': plan.predicted_seconds(eval_every)}
 
 
-def summary_budget(plan: Plan | None, config: ml_collections.ConfigDict,
-                   workdir: str) -> dict[str, Any] | None:
-  """`summary.json`'s `budget`: this launch's plan; for a resumed budgeted run (no new plan) the
-  one saved in `WORKDIR/budget.json` when the run was planned, marked `resumed`; None without a
-  budget."""
+def summary_budget(plan: Plan | None, config: ml_collections.ConfigDict, workdir: str, *,
+                   wall_s: float = 0.0, steps_run: int = 0, train_s: float = 0.0
+                   ) -> dict[str, Any] | None:
+  """`summary.json`'s `budget`: this launch's plan, with `underuse_note`'s `note` (also printed)
+  when the run (`wall_s` in all, `steps_run` steps in `train_s`) left much of it unused; for a
+  resumed budgeted run (no new plan) the one saved in `WORKDIR/budget.json` when the run was
+  planned, marked `resumed`; None without a budget."""
+  eval_every = int(config.train.eval_every)
   if plan is not None:
-    return record(plan, int(config.train.eval_every))
+    note = underuse_note(plan, wall_s=wall_s, steps_run=steps_run, train_s=train_s,
+                         eval_every=eval_every)
+    if note:
+      print(note, flush=True)
+    return {**record(plan, eval_every), **({'note': note} if note else {})}
   minutes = float(config.train.get('minutes', 0) or 0)
   if minutes <= 0:
     return None
@@ -105,6 +113,27 @@ def steps_within(budget_s: float, *, spent_s: float, step_s: float, eval_s: floa
   while n > 0 and run_seconds(n, **times) > left:
     n -= 1
   return n
+
+
+def underuse_note(plan: Plan | None, *, wall_s: float, steps_run: int, train_s: float,
+                  eval_every: int) -> str | None:
+  """Why a run planned this launch ended well before its budget (under `UNDERUSE` of it), or None.
+
+  The steps, and the learning-rate schedule over them, are planned once from the calibration, so
+  a machine that was busier during the calibration than during the run leaves time unused; the
+  user is told rather than left to wonder why a 15-minute run took 10.
+  """
+  budget_s = plan.minutes * 60 if plan else 0.0
+  if plan is None or wall_s >= UNDERUSE * budget_s:
+    return None
+  ran = train_s / max(steps_run, 1)  # per step, evals included, as the loop runs them
+  planned = plan.step_s + plan.eval_s / max(eval_every, 1)
+  why = ('the machine was busier during the calibration than after it' if ran < 0.9 * planned
+         else 'the setup and final-eval estimates were generous')
+  return (f'train.minutes={plan.minutes:g} used {wall_s:.0f} of {budget_s:.0f} s: {steps_run} '
+          f'steps took {ran:.3f} s each (evals included) against {planned:.3f} s planned, so '
+          f'{why}. Steps are planned once, at the start (the learning-rate schedule spans them); '
+          'a rerun on a quieter machine uses more of the budget')
 
 
 def too_short(minutes: float, *, spent_s: float, **times: float) -> str:

@@ -265,8 +265,9 @@ def fit(trainer: Trainer, allow_changes: Sequence[str] = (),
   `deadline` (a `time.time()`): training stops at the first step past it, checkpointed and
   evaluated, as if it were the last (a wall-clock budget's safety net).
   Returns the last in-training records and whole-image evals, per run:
-  `{'step', 'stopped_early'?: True, 'evals': [...], 'in_training': [...], 'seconds' (this
-  launch's training), 'seconds_total' (every launch's; None if an older checkpoint lacks it)}`.
+  `{'step', 'stopped_early'?: True, 'evals': [...], 'in_training': [...], 'steps_run' and
+  'seconds' (this launch's training), 'seconds_total' (every launch's; None if an older
+  checkpoint lacks it)}`.
   """
   c = trainer.config
   writers = trainer.writers()
@@ -356,6 +357,6 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
     if evals is None:  # resumed a finished run: score the restored state
       evals = [eval_record(step, e) for e in trainer.evaluate(state)]
     final = trainer.final_eval(state, step)
-  return {'step': step, 'in_training': evals, 'evals': final,
+  return {'step': step, 'steps_run': step - start, 'in_training': evals, 'evals': final,
           'seconds': seconds, 'seconds_total': seconds_total,
           'num_params': trainer.num_params(state)}

@@ -346,6 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if out.get('stopped_early'):
     return out
   conv_impl = train.layers.resolve_impl(config.model.conv_impl)
+  wall_s = time.time() - t0
+  budget_record = budget.summary_budget(plan, config, mexp.workdir, wall_s=wall_s,
+                                        steps_run=out['steps_run'], train_s=out['seconds'])
   summaries = {}
   for i, run in enumerate(mexp.runs):
     summaries[run.name] = {
@@ -354,8 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               seconds_total=out['seconds_total'],
                               num_params=out['num_params'], conv_impl=conv_impl),
         'multirun': {'k': mexp.k, 'index': i, 'name': run.name},
-        'wall_seconds': time.time() - t0,
-        'budget': budget.summary_budget(plan, config, mexp.workdir)}
+        'wall_seconds': wall_s,
+        'budget': budget_record}
     logs.Writer(os.path.join(mexp.workdir, run.name), tensorboard=False).write_json(
         'summary.json', summaries[run.name])
   return {'step': out['step'], 'runs': summaries}

@@ -275,6 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 num_params=out['num_params'],
                                 conv_impl=layers.resolve_impl(config.model.conv_impl))
   summary['wall_seconds'] = time.time() - t0
-  summary['budget'] = budget.summary_budget(plan, config, exp.workdir)
+  summary['budget'] = budget.summary_budget(plan, config, exp.workdir,
+                                            wall_s=summary['wall_seconds'],
+                                            steps_run=out['steps_run'], train_s=out['seconds'])
   logs.Writer(exp.workdir, tensorboard=False).write_json('summary.json', summary)
   return summary
