@@ -361,3 +361,29 @@ def test_hypercolumn_1x1_fusion_same_loss_and_gradients_as_native():
     got = flax.traverse_util.flatten_dict(got_grads)[path]
     scale = float(jnp.abs(want).max()) or 1.0
     np.testing.assert_allclose(got / scale, want / scale, atol=1e-4, err_msg=str(path))
+
+
+def test_upsampled_ds_loss_resamples_natively_with_the_same_value_and_gradients():
+  # loss.target=upsample resizes each head's logits to the label: under conv_impl=onednn the
+  # train step passes resize_impl='onednn' (DSLoss), which must not change loss or gradients.
+  from unet_ds import losses
+  rng = np.random.default_rng(7)
+  final = jnp.asarray(rng.standard_normal((2, 16, 16, 8, 3)), jnp.float32)
+  heads = tuple(jnp.asarray(rng.standard_normal((2, 16 // f, 16 // f, 8 // f, 3)), jnp.float32)
+                for f in (2, 4))
+  label = jnp.asarray(rng.integers(0, 3, (2, 16, 16, 8)), jnp.int32)
+
+  def loss(impl):
+    return lambda outs: losses.deep_supervision_loss(
+        outs[0], outs[1:], label, (1.0, 0.5, 0.25), target='upsample', resize_impl=impl)[0]
+
+  want, want_grads = jax.jit(jax.value_and_grad(loss('native')))((final, *heads))
+  got, got_grads = jax.jit(jax.value_and_grad(loss('onednn')))((final, *heads))
+  hlo = jax.jit(jax.grad(loss('onednn'))).lower((final, *heads)).as_text()
+  assert 'unet_ds_onednn_resample_fwd' in hlo and 'unet_ds_onednn_resample_bwd' in hlo
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for w, g in zip(want_grads, got_grads):
+    np.testing.assert_allclose(g, w, atol=1e-6 * float(jnp.abs(w).max()) + 1e-8, rtol=1e-4)
+  c = config_lib.base_config(3)
+  c.model.conv_impl = 'onednn'
+  assert train.DSLoss.from_config(c, models.model_config(c.model)).resize_impl == 'onednn'

@@ -249,12 +249,14 @@ def deep_supervision_loss(final: jax.Array, intermediates: Sequence[jax.Array],
                           label: jax.Array, weights: jax.Array | Sequence[float], *,
                           level_loss: LevelLoss = dice_ce, num_classes: int | None = None,
                           target: str = 'downsample', downsample: str = 'nearest',
-                          ignore_index: int | None = None) -> tuple[jax.Array, dict]:
+                          ignore_index: int | None = None, resize_impl: str = 'native'
+                          ) -> tuple[jax.Array, dict]:
   """`sum_i weights[i] * level_loss(output_i, label)` over `(final, *intermediates)`.
 
   Every output is compared with the SAME label: shrunk to the head's resolution
   (`target='downsample'`, nearest or max-pool of the one-hot), or the head's logits resized
-  (linear) to the label's resolution (`target='upsample'`).
+  (linear) to the label's resolution (`target='upsample'`, through `layers.resize` with
+  `resize_impl`: the model's conv_impl, so 'onednn' resamples natively).
 
   Returns `(loss, aux)`, `aux = {'level_losses': [n], 'ds_weights': [n]}`.
   """
@@ -280,7 +282,8 @@ def deep_supervision_loss(final: jax.Array, intermediates: Sequence[jax.Array],
     if size == spatial:
       losses.append(level_loss(out, onehot, valid))
     elif target == 'upsample':
-      losses.append(level_loss(layers.resize(out.astype(jnp.float32), spatial), onehot, valid))
+      up = layers.resize(out.astype(jnp.float32), spatial, impl=resize_impl)
+      losses.append(level_loss(up, onehot, valid))
     elif downsample == 'nearest':
       losses.append(level_loss(out, targets.nearest(onehot, size), targets.nearest(valid, size)))
     else:

@@ -51,6 +51,7 @@ class DSLoss:
   target: str = 'downsample'
   downsample: str = 'nearest'
   ignore_index: int | None = None
+  resize_impl: str = 'native'  # `target='upsample'`'s resizes: the model's conv_impl
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict, model_cfg: models.UNetConfig) -> 'DSLoss':
@@ -64,7 +65,8 @@ class DSLoss:
         num_classes=max(int(c.data.num_classes), 2),
         schedule=lc.ds_schedule, decay_steps=int(lc.ds_decay_steps or c.train.steps),
         floor=float(lc.ds_floor), target=lc.target, downsample=lc.downsample,
-        ignore_index=None if lc.ignore_index < 0 else int(lc.ignore_index))
+        ignore_index=None if lc.ignore_index < 0 else int(lc.ignore_index),
+        resize_impl=layers.resolve_impl(model_cfg.conv_impl))
 
   def weights(self, step: jax.Array) -> jax.Array:
     return losses.scheduled_weights(np.asarray(self.base_weights), step, schedule=self.schedule,
@@ -93,7 +95,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     loss, aux = losses.deep_supervision_loss(
         final, intermediates, batch['label'], weights, level_loss=ds_loss.level_loss,
         num_classes=ds_loss.num_classes, target=ds_loss.target, downsample=ds_loss.downsample,
-        ignore_index=ds_loss.ignore_index)
+        ignore_index=ds_loss.ignore_index, resize_impl=ds_loss.resize_impl)
     return loss, (aux, updates)
 
   (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
