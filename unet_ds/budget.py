@@ -123,9 +123,9 @@ def underuse_note(plan: Plan | None, *, wall_s: float, steps_run: int, train_s: 
   a machine that was busier during the calibration than during the run leaves time unused; the
   user is told rather than left to wonder why a 15-minute run took 10.
   """
-  budget_s = plan.minutes * 60 if plan else 0.0
-  if plan is None or wall_s >= UNDERUSE * budget_s:
+  if plan is None or wall_s >= UNDERUSE * plan.minutes * 60:
     return None
+  budget_s = plan.minutes * 60
   ran = train_s / max(steps_run, 1)  # per step, evals included, as the loop runs them
   planned = plan.step_s + plan.eval_s / max(eval_every, 1)
   why = ('the machine was busier during the calibration than after it' if ran < 0.9 * planned

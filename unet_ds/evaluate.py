@@ -261,8 +261,9 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     input_path, default, cases, selected = select_cases(config, workdir, input_path, cases)
     if not output:  # WORKDIR/eval holds the run's own held-out evaluation; others beside it
       # A copy scored while the run's data is still in place is another evaluation.
+      own_path = _own_path(config)
       held_out = default == cases == 'validation' and (
-          input_path == _own_path(config) or not os.path.isdir(_own_path(config)))
+          input_path == own_path or not os.path.isdir(own_path))
       which = cases if cases in ('all', 'train', 'validation') else 'cases'
       output = os.path.join(workdir, EVAL_DIR if held_out else dirnames.safe_name(
           f'{EVAL_DIR}_{os.path.basename(input_path)}_{which}'))

@@ -133,7 +133,7 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           'later runs reuse it)', flush=True)
 
   def _log_download_done(self) -> None:
-    pass
+    """Says nothing: the line above already named the folder (tfds would add 'downloaded')."""
 
 
 def build_once(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: tfds.core.BuilderConfig,
