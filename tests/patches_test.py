@@ -199,3 +199,37 @@ def test_spatial_augment_from_config_and_its_errors():
   c.data.aug_plane, c.data.aug_scale = (0, 1), (1.4, 0.7)
   with pytest.raises(ValueError, match='scale'):
     datasets.spatial_augment(c.data)
+
+
+def test_turning_in_every_plane_is_a_3d_rotation_about_all_axes():
+  every = patches.SpatialAugment(p_rotate=1.0, max_degrees=30.0, plane=(), p_scale=0.0)
+  one = patches.SpatialAugment(p_rotate=1.0, max_degrees=30.0, plane=(0, 1), p_scale=0.0)
+  rng = np.random.default_rng(3)
+  for _ in range(20):
+    m = every.draw(3, rng)
+    np.testing.assert_allclose(m @ m.T, np.eye(3), atol=1e-12)  # a rotation ...
+    assert np.linalg.det(m) == pytest.approx(1.0)
+    assert np.all(np.abs(m[~np.eye(3, dtype=bool)]) > 0)  # ... that moves every axis
+    angle = np.degrees(np.arccos(np.clip((np.trace(m) - 1) / 2, -1, 1)))
+    assert angle <= 3 * 30.0 + 1e-9
+  m = one.draw(3, rng)
+  assert m[2, 2] == 1.0 and not m[2, :2].any() and not m[:2, 2].any()  # z untouched
+  # one plane draws exactly the numbers it drew before `()` existed: flags, then one angle
+  again = np.random.default_rng(5)
+  again.random(), again.random()
+  angle = np.deg2rad(again.uniform(-30.0, 30.0))
+  np.testing.assert_allclose(one.draw(3, np.random.default_rng(5))[:2, :2],
+                             [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+  flat = every.draw(2, np.random.default_rng(6))  # 2D: its one plane
+  np.testing.assert_allclose(flat @ flat.T, np.eye(2), atol=1e-12)
+
+
+def test_every_plane_from_config():
+  from unet_ds import config_lib
+  from unet_ds.data import datasets
+  c = config_lib.real_data_config(3, 'msd')
+  c.data.aug_rotate_p, c.data.aug_plane = 0.2, ()
+  assert datasets.spatial_augment(c.data).plane == ()
+  c.data.aug_plane = (1,)
+  with pytest.raises(ValueError, match=r'data.aug_plane=\(1,\).*or \(\) to turn in every plane'):
+    datasets.spatial_augment(c.data)

@@ -209,9 +209,10 @@ def real_data_config(ndim: int, name: str) -> ml_collections.ConfigDict:
   c.data.fold = 0
   c.data.fg_fraction = 1 / 3            # patches forced onto foreground (nnU-Net)
   c.data.augment = True
-  # nnU-Net's spatial augmentation (off by default): per patch, a rotation in `aug_plane` of up
-  # to +-aug_rotate_degrees with probability aug_rotate_p, a scaling by a factor in aug_scale
-  # along aug_scale_axes (() = all) with probability aug_scale_p.
+  # nnU-Net's spatial augmentation (off by default): per patch, a rotation in `aug_plane` (() =
+  # in every plane, each by its own angle) of up to +-aug_rotate_degrees with probability
+  # aug_rotate_p, a scaling by a factor in aug_scale along aug_scale_axes (() = all) with
+  # probability aug_scale_p.
   c.data.aug_rotate_p = 0.0
   c.data.aug_rotate_degrees = 30.0
   c.data.aug_plane = (0, 1)

@@ -77,9 +77,10 @@ def spatial_augment(data_cfg: Any) -> Any:
   if not data_cfg.get('augment', True) or (p_rotate == 0 and p_scale == 0):
     return None
   plane = tuple(int(a) for a in data_cfg.get('aug_plane', (0, 1)))
-  if len(plane) != 2 or plane[0] == plane[1] or not all(0 <= a < data_cfg.ndim for a in plane):
+  if plane and (len(plane) != 2 or plane[0] == plane[1]
+                or not all(0 <= a < data_cfg.ndim for a in plane)):
     raise ValueError(f'data.aug_plane={plane}: need two different axes of the {data_cfg.ndim} '
-                     'spatial axes')
+                     'spatial axes, or () to turn in every plane')
   scale_axes = tuple(int(a) for a in data_cfg.get('aug_scale_axes', ()))
   if not all(0 <= a < data_cfg.ndim for a in scale_axes):
     raise ValueError(f'data.aug_scale_axes={scale_axes}: axes of the {data_cfg.ndim} spatial '

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import itertools
 from typing import Any
 
 import grain.python as grain
@@ -89,18 +90,20 @@ def sample_patch(image: np.ndarray, label: np.ndarray, patch_size: Sequence[int]
 
 @dataclasses.dataclass(frozen=True)
 class SpatialAugment:
-  """nnU-Net's spatial augmentation, per patch: a rotation in one plane and a uniform scaling
-  about the patch centre, each with its own probability.
+  """nnU-Net's spatial augmentation, per patch: a rotation and a uniform scaling about the patch
+  centre, each with its own probability.
 
   The rotation stays in `plane` (two axes of equal spacing: for thick-slice data the in-plane
-  axes, so no slab is tilted into its neighbours); the scaling acts on `scale_axes` (default
+  axes, so no slab is tilted into its neighbours), or with `plane=()` turns in every plane of the
+  patch, each by its own angle (3D: about all three axes, nnU-Net's isotropic 3D rotation); the
+  scaling acts on `scale_axes` (default
   every axis; thick-slice data: the in-plane ones, as nnU-Net's 2D augmentation of such data),
   and `scale` > 1 samples a larger region (zooms out). Images are resampled linearly, labels by
   nearest neighbour; outside the case is 0.
   """
   p_rotate: float = 0.2
   max_degrees: float = 30.0
-  plane: tuple[int, int] = (0, 1)
+  plane: tuple[int, ...] = (0, 1)  # () = every plane
   p_scale: float = 0.2
   scale: tuple[float, float] = (0.7, 1.4)
   scale_axes: tuple[int, ...] | None = None
@@ -111,22 +114,27 @@ class SpatialAugment:
                        'need probabilities in 0..1')
     if not 0 < self.scale[0] <= self.scale[1]:
       raise ValueError(f'SpatialAugment: scale={self.scale}, need 0 < low <= high')
-    if len(self.plane) != 2 or self.plane[0] == self.plane[1] or min(self.plane) < 0:
-      raise ValueError(f'SpatialAugment: plane={self.plane}, need two different axes')
+    if self.plane and (len(self.plane) != 2 or self.plane[0] == self.plane[1]
+                       or min(self.plane) < 0):
+      raise ValueError(f'SpatialAugment: plane={self.plane}, need two different axes or () for '
+                       'every plane')
 
   def draw(self, ndim: int, rng: np.random.Generator) -> np.ndarray | None:
     """The `[ndim, ndim]` map from patch to case offsets, or None (no transform drawn)."""
     rotate, scale = rng.random() < self.p_rotate, rng.random() < self.p_scale
     if not (rotate or scale):
       return None
-    if max(self.plane) >= ndim:
+    if self.plane and max(self.plane) >= ndim:
       raise ValueError(f'SpatialAugment: plane {self.plane} is not two of the {ndim} axes')
     matrix = np.eye(ndim)
     if rotate:
-      angle = np.deg2rad(rng.uniform(-self.max_degrees, self.max_degrees))
-      a, b = self.plane
-      matrix[[a, a, b, b], [a, b, a, b]] = (np.cos(angle), -np.sin(angle), np.sin(angle),
+      planes = [tuple(self.plane)] if self.plane else list(itertools.combinations(range(ndim), 2))
+      for a, b in planes:
+        angle = np.deg2rad(rng.uniform(-self.max_degrees, self.max_degrees))
+        turn = np.eye(ndim)
+        turn[[a, a, b, b], [a, b, a, b]] = (np.cos(angle), -np.sin(angle), np.sin(angle),
                                             np.cos(angle))
+        matrix = turn @ matrix
     if scale:
       factors = np.ones(ndim)
       factors[list(range(ndim) if self.scale_axes is None else self.scale_axes)] = rng.uniform(
