@@ -219,6 +219,9 @@ def real_data_config(ndim: int, name: str) -> ml_collections.ConfigDict:
   c.data.aug_scale_p = 0.0
   c.data.aug_scale = (0.7, 1.4)
   c.data.aug_scale_axes = ()
+  # Intensity augmentation: 'basic' (scale/shift p 0.5, noise p 0.15) or 'nnunet' (noise, blur,
+  # brightness, contrast, low-resolution simulation, gamma, at nnU-Net's probabilities).
+  c.data.aug_intensity = 'basic'
 
   c.model.ds.mode = 'deep'
   c.loss.name = 'dice_ce'
@@ -335,9 +338,10 @@ def validate(c: ml_collections.ConfigDict) -> models.UNetConfig:
   if c.mesh.space > 1 and (shape[0] // m[0]) % c.mesh.space:
     raise ValueError(f'config.mesh.space={c.mesh.space} must divide the lowest-resolution size '
                      f'{shape[0] // m[0]} of the first spatial axis')
-  if float(c.data.get('aug_rotate_p', 0) or 0) or float(c.data.get('aug_scale_p', 0) or 0):
+  if c.data.name != 'synthetic':
     from unet_ds.data import datasets  # pylint: disable=g-import-not-at-top
     try:
+      datasets.intensity_augment(c.data)
       datasets.spatial_augment(c.data)
     except ValueError as e:
       raise ValueError(f'config.data.aug_*: {e}') from None

@@ -62,10 +62,28 @@ def train_batch_fn(data_cfg: Any) -> Callable[[Sequence[Any]], Any] | None:
     return None
   from unet_ds.data import augment  # pylint: disable=g-import-not-at-top
   from unet_ds.data import patches  # pylint: disable=g-import-not-at-top
-  augmentations = augment.make_augmentations(data_cfg.ndim) if data_cfg.get('augment', True) else ()
+  augmentations = augment.make_augmentations(
+      data_cfg.ndim, intensity=intensity_augment(data_cfg),
+      keep_axes=_unscaled_axes(data_cfg)) if data_cfg.get('augment', True) else ()
   return patches.PatchBatch(training_shape(data_cfg),
                             fg_fraction=float(data_cfg.get('fg_fraction', 1 / 3)),
                             transforms=tuple(augmentations), spatial=spatial_augment(data_cfg))
+
+
+def intensity_augment(data_cfg: Any) -> str:
+  """`data.aug_intensity` checked: 'basic' (scale/shift and noise) or 'nnunet' (`augment`)."""
+  from unet_ds.data import augment  # pylint: disable=g-import-not-at-top
+  name = str(data_cfg.get('aug_intensity', 'basic'))
+  if name not in augment.INTENSITY:
+    raise ValueError(f'data.aug_intensity={name!r}: one of {augment.INTENSITY}')
+  return name
+
+
+def _unscaled_axes(data_cfg: Any) -> tuple[int, ...]:
+  """Axes the spatial scaling leaves alone (thick slices' coarse axis), left alone by the
+  low-resolution simulation too."""
+  scaled = tuple(int(a) for a in data_cfg.get('aug_scale_axes', ()))
+  return tuple(a for a in range(data_cfg.ndim) if scaled and a not in scaled)
 
 
 def spatial_augment(data_cfg: Any) -> Any:
