@@ -37,6 +37,8 @@ def _fail(args, env, timeout=300):
 @pytest.mark.parametrize('args, expected', [
     (['--config=configs/default.py', '--config.train.stepz=5'],
      ('--config.train.stepz', '"steps"')),
+    (['--config.train.stepz=5'], ('--config.train.stepz', '"steps"')),  # default config
+    (['--mode=eval', '--config.inference.tta=false'], ('--config.inference.tta',)),
     (['--config=configs/default.py:smok'], ('--config=configs/default.py:smok', "'smok'")),
     (['--config=configs/nope.py:smoke'], ('--config=configs/nope.py:smoke', 'not found')),
     (['--config=configs/default.py', '--mode=evaluate'], ('--mode', 'evaluate')),
@@ -58,6 +60,16 @@ def test_the_error_line_is_its_own_line_after_a_progress_bar(env):
                        text=True, timeout=120)
   assert res.returncode == 1
   assert res.stderr.splitlines()[-1] == 'error: ValueError: data/x.nii.gz: bad'
+
+
+def test_a_checkpoint_that_does_not_fit_ends_in_one_error_line(env):
+  code = ('from unet_ds import checkpoint, cli; cli.exit_with_error(checkpoint.'
+          'CheckpointMismatchError("checkpoint W/checkpoints/3 holds another model"))')
+  res = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert res.returncode == 1 and 'Traceback' not in res.stderr, res.stderr[-2000:]
+  assert res.stderr.splitlines()[-1] == (
+      'error: CheckpointMismatchError: checkpoint W/checkpoints/3 holds another model')
 
 
 def test_a_missing_workdir_ends_in_one_error_line(env):

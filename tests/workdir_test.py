@@ -198,8 +198,17 @@ def test_describe_and_check_resume_name_the_keys():
   assert workdir.describe_conflicts(keys, SAVED, new, 'W/checkpoints/30') == (
       'resume refused: config.loss.name changed dice_ce -> ce, config.model.base_filters changed '
       '8 -> (absent), config.model.ds.mode changed deep -> additive since the checkpoint in '
-      'W/checkpoints/30; use a new --workdir, or '
-      '--allow_config_change=loss.name,model.base_filters,model.ds.mode to accept')
+      'W/checkpoints/30; use a new --workdir (config.model.base_filters changes the model or '
+      'optimiser state the checkpoint holds, so it cannot continue under it)')
+  # only keys the checkpoint's arrays survive are offered to --allow_config_change
+  assert workdir.describe_conflicts(['loss.name', 'model.dropout'], SAVED, new, 'W') == (
+      'resume refused: config.loss.name changed dice_ce -> ce, config.model.dropout changed '
+      '(absent) -> (absent) since the checkpoint in W; use a new --workdir, or '
+      '--allow_config_change=loss.name,model.dropout to accept')
+  assert [k for k in ('model.ds.mode', 'model.remat', 'data.num_classes', 'data.patch_size',
+                      'optim.lr', 'optim.name', 'multirun.k', 'model.conv_impl')
+          if workdir.changes_parameters(k)] == [
+              'model.ds.mode', 'data.num_classes', 'optim.name', 'multirun.k']
   with pytest.raises(workdir.ConfigChangedError, match='config.loss.name changed dice_ce -> ce'):
     workdir.check_resume(SAVED, new, (), 'W')
   accepted = workdir.check_resume(SAVED, new, ['loss', 'model'], 'W')

@@ -33,9 +33,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from unet_ds import cli
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(cli.UserError, RuntimeError):
   """No checkpoint in a folder could be read; the message names the folder and the reasons."""
 
 
@@ -222,7 +223,8 @@ class Checkpoints:
       more = f' (and {len(problems) - 3} more)' if len(problems) > 3 else ''
       raise CheckpointMismatchError(
           f'checkpoint {self.path(step)} holds another model or optimiser state: '
-          f'{"; ".join(problems[:3])}{more}')
+          f'{"; ".join(problems[:3])}{more}; train this config in a new --workdir (or use the '
+          'config the checkpoint was trained with)')
 
   def saved_config(self, step: int | None = None) -> dict[str, Any]:
     """The config saved with `step` (default: the latest checkpoint whose config reads)."""

@@ -10,9 +10,15 @@ from typing import NoReturn
 
 from absl import flags
 
+
+class UserError(Exception):
+  """Base of the project's own errors whose message names the file, key or shape at fault and
+  what to do (e.g. `checkpoint.CheckpointError`); ends in one line, as `USER_ERRORS`."""
+
+
 # Errors whose message already names the file, key or shape at fault: one line is enough.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, OSError,
-               KeyError, flags.Error)
+               KeyError, flags.Error, UserError)
 
 
 def exit_with_error(error: BaseException, show_traceback: bool = False) -> NoReturn:

@@ -34,9 +34,15 @@ from unet_ds import cli
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
-                                          'Experiment config file (path[:args]).',
-                                          lock_config=True)
+# Without --config, ml_collections loads the default and applies the --config.* overrides from
+# sys.argv right here, at import: a mistake in them is kept for `_parse_flags` to name.
+_CONFIG_ERROR: Exception | None = None
+try:
+  _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py',
+                                            'Experiment config file (path[:args]).',
+                                            lock_config=True)
+except (AttributeError, KeyError, TypeError, ValueError) as _e:
+  _CONFIG, _CONFIG_ERROR = None, _e
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, logs).')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'], 'What to do.')
 _INPUT = flags.DEFINE_string('input', None, 'predict: image file or folder; eval: a labelled '
@@ -129,6 +135,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, where a missing config file, a bad config argument, an unknown
   `--config.*` key or a bad flag value ends in one error line naming it."""
   try:
+    if _CONFIG_ERROR is not None:
+      raise _CONFIG_ERROR
     for i, arg in enumerate(argv[1:], 1):
       value = (arg.split('=', 1)[1] if arg.startswith('--config=') else
                argv[i + 1] if arg == '--config' and i + 1 < len(argv) else None)

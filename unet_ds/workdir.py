@@ -288,6 +288,22 @@ def resume_conflicts(saved: Mapping[str, Any], new: Mapping[str, Any],
   return [k for k in changed_keys(saved, new) if not any(_covers(p, k) for p in accept)]
 
 
+# Keys (dotted prefixes) that change the shapes of the parameters or optimiser state: a
+# checkpoint cannot continue under them whatever the user allows (its arrays would not fit).
+# `model` is such a key except for the settings below, which change how, not what, is stored.
+PARAMETER_KEYS: tuple[str, ...] = ('model', 'data.ndim', 'data.in_channels', 'data.num_classes',
+                                   'optim.name', 'multirun.k')
+SAME_PARAMETERS: tuple[str, ...] = ('model.conv_impl', 'model.dropout', 'model.remat',
+                                    'model.dtype', 'model.activation', 'model.ds.fusion_dropout')
+
+
+def changes_parameters(key: str) -> bool:
+  """Whether a change of `key` changes the shapes of the state a checkpoint holds (it may: the
+  list errs on the side of a new workdir, e.g. `model.depth` with the same filters)."""
+  return (any(_covers(p, key) for p in PARAMETER_KEYS)
+          and not any(_covers(p, key) for p in SAME_PARAMETERS))
+
+
 def _show(config: Mapping[str, Any], key: str) -> str:
   flat = flatten(json_safe(config))
   if key not in flat:
@@ -298,9 +314,15 @@ def _show(config: Mapping[str, Any], key: str) -> str:
 
 def describe_conflicts(keys: Sequence[str], saved: Mapping[str, Any], new: Mapping[str, Any],
                        source: str) -> str:
-  """'resume refused: config.model.ds.mode changed deep -> additive, ... since the checkpoint
-  in SOURCE; use a new --workdir, or --allow_config_change=KEY,... to accept'."""
+  """'resume refused: config.loss.name changed dice_ce -> ce, ... since the checkpoint in
+  SOURCE; use a new --workdir, or --allow_config_change=KEY,... to accept'; only the new workdir
+  when a key `changes_parameters`."""
   changes = ', '.join(f'config.{k} changed {_show(saved, k)} -> {_show(new, k)}' for k in keys)
+  fixed = [k for k in keys if changes_parameters(k)]
+  if fixed:  # allowing them would only fail at the restore: the arrays do not fit
+    return (f'resume refused: {changes} since the checkpoint in {source}; use a new --workdir '
+            f'(config.{fixed[0]} changes the model or optimiser state the checkpoint holds, so '
+            'it cannot continue under it)')
   return (f'resume refused: {changes} since the checkpoint in {source}; use a new --workdir, or '
           f'--allow_config_change={",".join(keys)} to accept')
 
