@@ -35,7 +35,8 @@ def test_a_budgeted_run_fits_its_minutes_and_resumes_with_its_steps(tmp_path, da
   again = train.train_and_evaluate(c, str(workdir))
   assert again['step'] == summary['step']
   # A resume's summary still says what the budget planned (saved when it was planned).
-  saved_plan = {k: v for k, v in plan.items() if k != 'note'}  # the note is the launch's
+  saved_plan = {k: v for k, v in plan.items()  # what happened is the launch's
+                if k not in ('note', 'stopped_at_deadline')}
   assert json.loads((workdir / budget.PLAN_FILE).read_text()) == saved_plan
   assert budget.summary_budget(None, c, str(workdir)) == {**saved_plan, 'resumed': True}
 
@@ -85,3 +86,16 @@ def test_a_run_that_left_its_budget_unused_says_why(capsys):
                                              train_s=840.0)
   assert budget.underuse_note(None, wall_s=1.0, steps_run=1, train_s=1.0, eval_every=1) is None
   assert capsys.readouterr().out == ''
+
+
+def test_a_run_stopped_by_its_deadline_says_so(capsys):
+  c = config_lib.base_config(3)
+  c.train.eval_every = 200
+  record = budget.summary_budget(_plan(), c, 'cut', wall_s=905.0, steps_run=5000, train_s=820.0)
+  assert record['stopped_at_deadline'] == 5000 and record['steps'] == 6105
+  note = record['note']
+  assert 'stopped training at its deadline, step 5000 of 6105 planned' in note, note
+  assert '0.164 s each' in note and '0.150 s planned' in note and 'schedule stopped short' in note
+  assert note in capsys.readouterr().out
+  assert 'stopped_at_deadline' not in budget.summary_budget(_plan(), c, 'full', wall_s=880.0,
+                                                            steps_run=6105, train_s=840.0)

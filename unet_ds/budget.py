@@ -81,11 +81,13 @@ def summary_budget(plan: Plan | None, config: ml_collections.ConfigDict, workdir
   planned, marked `resumed`; None without a budget."""
   eval_every = int(config.train.eval_every)
   if plan is not None:
-    note = underuse_note(plan, wall_s=wall_s, steps_run=steps_run, train_s=train_s,
-                         eval_every=eval_every)
+    cut = steps_run < plan.steps  # planned this launch, so it ran from step 0
+    note = (deadline_note if cut else underuse_note)(
+        plan, wall_s=wall_s, steps_run=steps_run, train_s=train_s, eval_every=eval_every)
     if note:
       print(note, flush=True)
-    return {**record(plan, eval_every), **({'note': note} if note else {})}
+    return {**record(plan, eval_every), **({'stopped_at_deadline': steps_run} if cut else {}),
+            **({'note': note} if note else {})}
   minutes = float(config.train.get('minutes', 0) or 0)
   if minutes <= 0:
     return None
@@ -134,6 +136,17 @@ def underuse_note(plan: Plan | None, *, wall_s: float, steps_run: int, train_s: 
           f'steps took {ran:.3f} s each (evals included) against {planned:.3f} s planned, so '
           f'{why}. Steps are planned once, at the start (the learning-rate schedule spans them); '
           'a rerun on a quieter machine uses more of the budget')
+
+
+def deadline_note(plan: Plan, *, wall_s: float, steps_run: int, train_s: float,
+                  eval_every: int) -> str:
+  """Why a run planned this launch stopped at its deadline before its planned steps."""
+  ran = train_s / max(steps_run, 1)
+  planned = plan.step_s + plan.eval_s / max(eval_every, 1)
+  return (f'train.minutes={plan.minutes:g} stopped training at its deadline, step {steps_run} '
+          f'of {plan.steps} planned ({wall_s:.0f} s in all): steps took {ran:.3f} s each (evals '
+          f'included) against {planned:.3f} s planned, so the machine was busier after the '
+          'calibration than during it, and the learning-rate schedule stopped short of its end')
 
 
 def too_short(minutes: float, *, spent_s: float, **times: float) -> str:
@@ -195,10 +208,15 @@ def fit(config: ml_collections.ConfigDict, workdir: str,
   if os.path.isdir(directory) and os.listdir(directory):
     ckpts = checkpoint.Checkpoints(directory)
     try:
-      if ckpts.latest_step() is not None:
+      latest = ckpts.latest_step()
+      if latest is not None:
         saved = ckpts.saved_config()
         config.train.steps = int(saved['train']['steps'])
         config.optim.warmup_steps = int(saved['optim']['warmup_steps'])
+        if latest < config.train.steps and jax.process_index() == 0:
+          print(f'train.minutes={minutes:g}: resuming at step {latest} towards the '
+                f'{config.train.steps} steps planned when the run started; a resume is not '
+                'budgeted again (train.stop_at_step ends it earlier)', flush=True)
         return config, None
     finally:
       ckpts.close()
