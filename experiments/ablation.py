@@ -48,9 +48,9 @@ def split_arg(arg: str | None, own: tuple[str, ...] = ARGS
 def configure(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
   """Applies the ablation's own args to a base config (in place; returns it)."""
   mine, parsed, _ = split_arg(arg)
+  if 'steps' in mine:  # given explicitly, it wins over smoke's length too
+    c.train.steps = int(mine['steps'])
   if not parsed.get('smoke'):
-    if 'steps' in mine:
-      c.train.steps = int(mine['steps'])
     c.train.eval_every = max(1, c.train.steps // 6)  # enough evals for steps-to-target
     c.train.checkpoint_every = max(1, c.train.steps // 3)
   c.loss.side_losses = bool(mine.get('side', False))

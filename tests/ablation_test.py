@@ -106,3 +106,10 @@ def test_isbi_folds_hold_out_blocks_of_slices(tmp_path):
   assert config.data.val_cases == '25,26,27,28,29' and len(points) == 12
   with pytest.raises(ValueError, match='needs the folder holding image/ and label/'):
     sweep.load('configs/ablation_isbi.py')
+
+
+def test_steps_given_with_smoke_are_honoured():
+  smoke, _ = sweep.load('configs/ablation_synthetic.py:smoke,seeds=1')
+  shorter, _ = sweep.load('configs/ablation_synthetic.py:smoke,seeds=1,steps=10')
+  assert shorter.train.steps == 10 != smoke.train.steps
+  assert shorter.train.eval_every == smoke.train.eval_every  # smoke's intervals stay

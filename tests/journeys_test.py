@@ -39,6 +39,8 @@ def _fail(args, env, timeout=300):
      ('--config.train.stepz', '"steps"')),
     (['--config.train.stepz=5'], ('--config.train.stepz', '"steps"')),  # default config
     (['--mode=eval', '--config.inference.tta=false'], ('--config.inference.tta',)),
+    (['--mode=eval', '--config.model.depth=3'],
+     ('--config.model.depth: --mode=eval uses the run', 'only --config.inference.* flags apply')),
     (['--config=configs/default.py:smok'], ('--config=configs/default.py:smok', "'smok'")),
     (['--config=configs/nope.py:smoke'], ('--config=configs/nope.py:smoke', 'not found')),
     (['--config=configs/default.py', '--mode=evaluate'], ('--mode', 'evaluate')),
@@ -391,3 +393,17 @@ def test_eval_without_config_warns_of_no_config_difference(tmp_path, env):
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert ('--config.model differs' in res.stderr) == warned, (flags_given, res.stderr)
+
+
+def test_a_synthetic_run_refuses_other_cases_before_restoring(tmp_path):
+  """--cases / --input name what a synthetic run cannot score, before any checkpoint is read."""
+  from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.apply_args(config_lib.base_config(2), 'smoke')
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.json').write_text(config_lib.to_json(config))  # no checkpoint at all
+  with pytest.raises(ValueError, match=r'--cases=train: a synthetic-data run is evaluated on its '
+                     'own validation volumes'):
+    evaluate.run(config, str(run), cases='train')
+  with pytest.raises(ValueError, match='--input: a synthetic-data run'):
+    evaluate.run(config, str(run), input_path=str(tmp_path))

@@ -248,8 +248,9 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
   regions = () if binary else metrics.parse_regions(
       config.get('eval', {}).get('regions', ''), max(int(config.data.num_classes), 2))
   if config.data.name == 'synthetic':
-    if input_path:
-      raise ValueError('--input: a synthetic-data run is evaluated on its own validation volumes')
+    _check_synthetic_request(input_path, cases)
+    if write_predictions:
+      log('eval: synthetic volumes are generated, not files: metrics only, no predictions')
     output = predict.check_output_dir(output or os.path.join(workdir, EVAL_DIR))
     windows = inference.Windows(predict_fn, settings)
     summary = score_cases(lambda ex: windows.probs(ex['image']), synthetic_cases(config.data),
@@ -281,6 +282,15 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
   return summary
 
 
+def _check_synthetic_request(input_path: str | None, cases: str | None) -> None:
+  """A synthetic-data run is scored on its own generated validation volumes, nothing else."""
+  if input_path:
+    raise ValueError('--input: a synthetic-data run is evaluated on its own validation volumes')
+  if cases not in (None, '', 'validation'):
+    raise ValueError(f'--cases={cases}: a synthetic-data run is evaluated on its own '
+                     'validation volumes (--cases=validation)')
+
+
 def write_overlays(config: Any, workdir: str, apply_fn: Callable[[Any], Any], output: str,
                    num: int, input_path: str | None = None) -> list[str]:
   """`output/overlays/<case>.png` for the first `num` held-out cases: label, final prediction
@@ -309,7 +319,9 @@ def run(config: Any, workdir: str, *, input_path: str | None = None, output: str
   that many overlay PNGs (`write_overlays`).
   """
   cfg = predict.run_config(config, workdir)
-  if cfg.data.name != 'synthetic':  # every file error before the model is restored
+  if cfg.data.name == 'synthetic':  # every request error before the model is restored
+    _check_synthetic_request(input_path, cases)
+  else:  # and every file error
     *_, selected = select_cases(cfg, workdir, input_path, cases)
     predict.check_cases(cfg.data, [(image, label) for _, image, label in selected])
   apply_fn, step = predict.restore_apply_fn(cfg, workdir)

@@ -10,7 +10,7 @@ Modes:
   `--output` is given; prints one JSON line.
 * `predict`: label maps of `--input` (a file or folder) into `--output`.
 eval/predict use the run's own saved `config.json` (only `--config.inference.*` is taken from the
-command line). Any config field can be overridden: `--config.model.ds.mode=hypercolumn`.
+command line; another `--config.*` flag is an error, not silently ignored). Any config field can be overridden: `--config.model.ds.mode=hypercolumn`.
 
 Errors end with one line `error: <cause>` naming the file or key at fault (exit status 1; the
 traceback is printed above it with `--traceback`); SIGTERM / SIGINT while training checkpoint the
@@ -83,9 +83,13 @@ def cli_config(mode: str, config: ml_collections.ConfigDict) -> ml_collections.C
   if mode == 'train':
     return config
   given = config_flags.get_override_values(flags.FLAGS['config'])
-  # Without --config (or a non-inference --config.* flag) the default configs/default.py is no
-  # choice of the user's: keep it out, so no "--config.model differs" warning names it.
-  chosen = flags.FLAGS['config'].present or any(not k.startswith('inference.') for k in given)
+  ignored = sorted(k for k in given if not k.startswith('inference.'))
+  if ignored:  # it would be silently ignored: the run's own config.json decides
+    raise ValueError(f'--config.{ignored[0]}: --mode={mode} uses the run\'s saved config.json; '
+                     'only --config.inference.* flags apply')
+  # Without --config the default configs/default.py is no choice of the user's: keep it out,
+  # so no "--config.model differs" warning names it.
+  chosen = flags.FLAGS['config'].present
   out = ml_collections.ConfigDict(config.to_dict() if chosen else {})
   out.inference = ml_collections.ConfigDict(
       {k.split('.', 1)[1]: v for k, v in given.items() if k.startswith('inference.')})
