@@ -61,7 +61,7 @@ def main(argv):
         jax.block_until_ready(step())
         wall[form].append(time.perf_counter() - t)
         cpu[form].append(time.process_time() - c)
-  record = {'config': _CONFIG.value.get('name', '') or None, 'load_avg_1min': os.getloadavg()[0],
+  record = {'config': config_flags.get_config_filename(flags.FLAGS['config']), 'load_avg_1min': os.getloadavg()[0],
             'conv_impl': next(iter(steps.values())).impl, 'forms': {}}
   base = forms[0]
   for form in forms:
