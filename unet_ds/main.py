@@ -83,7 +83,10 @@ def cli_config(mode: str, config: ml_collections.ConfigDict) -> ml_collections.C
   if mode == 'train':
     return config
   given = config_flags.get_override_values(flags.FLAGS['config'])
-  ignored = sorted(k for k in given if not k.startswith('inference.'))
+  # Where data caches live and the device layout do not change a prediction (eval and predict
+  # read the files themselves, on one device), so scripts may pass them to every mode.
+  ignored = sorted(k for k in given
+                   if not k.startswith(('inference.', 'mesh.')) and k != 'data.data_dir')
   if ignored:  # it would be silently ignored: the run's own config.json decides
     raise ValueError(f'--config.{ignored[0]}: --mode={mode} uses the run\'s saved config.json; '
                      'only --config.inference.* flags apply')
