@@ -275,3 +275,19 @@ def test_prediction_lands_on_the_input_grid(tmp_path):
   cases = [('mr', str(root / 'imagesTr' / 'mr.nii.gz'), str(root / 'labelsTr' / 'mr.nii.gz'))]
   summary = evaluate.evaluate_cases(predictor, cases, str(tmp_path / 'ev'), log=lambda _: None)
   assert summary['mean_foreground_dice'] == pytest.approx(dice, abs=1e-6)
+
+
+def test_dataset_json_naming_missing_images_is_warned_once(tmp_path, monkeypatch):
+  root = tmp_path / 'Task98'
+  _make_task(root, num_cases=3)
+  listed = [{'image': f'./imagesTr/case_{i:03d}.nii.gz', 'label': f'./labelsTr/case_{i:03d}.nii.gz'}
+            for i in range(5)]  # a partial copy: 2 of 5 listed cases are not there
+  (root / 'dataset.json').write_text(json.dumps({'labels': {'0': 'bg', '1': 'a', '2': 'b'},
+                                                 'training': listed}))
+  warnings = []
+  monkeypatch.setattr(msd.logging, 'warning', lambda fmt, *a: warnings.append(fmt % a))
+  assert len(msd.find_cases(str(root))) == 3
+  assert len(msd.find_cases(str(root))) == 3
+  assert len(warnings) == 1, warnings
+  assert ('dataset.json lists 5 training images, 2 of them not found (e.g. '
+          f'{root}/imagesTr/case_003.nii.gz); using the 3 cases in imagesTr/') in warnings[0]

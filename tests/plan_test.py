@@ -16,6 +16,7 @@ from unet_ds import config_lib
 from unet_ds import models
 from unet_ds import plan as plan_lib
 from unet_ds.data import datasets
+from unet_ds.data import io
 from unet_ds.data import msd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,3 +288,16 @@ def test_command_line_overrides_win_over_the_plan(tmp_path):
   assert c.plan.batch_size == 2 and c.plan.target_spacing == pytest.approx((1.0, 1.0, 3.7))
   recorded = json.loads(config_lib.to_json(c))
   assert recorded['train']['batch_size'] == 3 and recorded['plan']['batch_size'] == 2
+
+
+def test_a_label_value_dataset_json_does_not_list_is_named_by_the_fingerprint(tmp_path):
+  root = tmp_path / 'Stray'
+  _folder(root, ['MRI'])  # dataset.json: 2 labels
+  image = np.ones((8, 8, 4), np.float32)
+  label = np.zeros((8, 8, 4), np.uint8)
+  _write(root, 'a', image, label, (1.0, 1.0, 1.0))
+  label[1, 1, 1] = 5
+  _write(root, 'b', image, label, (1.0, 1.0, 1.0))
+  with pytest.raises(io.DataError, match=r'labelsTr/b.nii.gz: label values \[5\] outside the 2 '
+                     r'classes 0..1 that dataset.json lists'):
+    plan_lib.compute_fingerprint(str(root))

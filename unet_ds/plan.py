@@ -134,10 +134,16 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
   kind = dataset_kind(path)
   meta = read_dataset_json(path)
   cases = _cases(path, kind, image_dir, label_dir)
+  listed = meta.get('labels') if isinstance(meta.get('labels'), Mapping) else None
   spacings, shapes, samples, class_voxels, channels = [], [], [], np.zeros(256, np.int64), None
   for index, (_, image_path, label_path) in enumerate(cases):
     image, label, spacing = _read_raw(kind, image_path, label_path, label_map)
     channels = prepare.check_channels(image_path, image, channels)
+    if listed and not label_map and label.size and int(label.max()) >= len(listed):
+      # as training's preparation would say, but before a plan is made from such a count
+      bad = [int(v) for v in np.unique(label) if v >= len(listed)]
+      raise io.DataError(f'{label_path}: label values {bad} outside the {len(listed)} classes '
+                         f'0..{len(listed) - 1} that dataset.json lists')
     spacings.append(list(spacing))
     shapes.append(list(image.shape[:-1]))
     class_voxels += np.bincount(label.ravel(), minlength=256)
@@ -155,7 +161,7 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
       'ndim': len(shapes[0]),
       'channels': int(channels),
       'modalities': modalities_from(meta),
-      'dataset_labels': meta.get('labels') if isinstance(meta.get('labels'), Mapping) else None,
+      'dataset_labels': listed,
       'label_map': sorted(label_map.items()) if label_map else [],
       'case_ids': [c[0] for c in cases],
       'spacings': spacings,

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -127,7 +128,30 @@ def find_cases(path: str, *, num_classes: int | None = None,
   ids = [c[0] for c in cases]
   if len(set(ids)) != len(ids):
     raise io.DataError(f'{path}/imagesTr: duplicate case ids (.nii and .nii.gz of one case?)')
+  _warn_listed_but_missing(path, len(cases))
   return cases
+
+
+_WARNED: set[str] = set()  # folders already warned about, once per process
+
+
+def _warn_listed_but_missing(path: str, found: int) -> None:
+  """Warns (once per folder) when dataset.json's `training` list names images that are not in
+  imagesTr/: an incomplete copy trains on what is there, but the user should know."""
+  meta_path = os.path.join(path, 'dataset.json')
+  if meta_path in _WARNED or not os.path.exists(meta_path):
+    return
+  with open(meta_path) as f:
+    listed = json.load(f).get('training')
+  if not isinstance(listed, list):
+    return
+  images = [e.get('image') for e in listed if isinstance(e, dict) and e.get('image')]
+  missing = [i for i in images if not os.path.exists(os.path.join(path, i))]
+  if missing:
+    _WARNED.add(meta_path)
+    logging.warning('%s lists %d training images, %d of them not found (e.g. %s); using the %d '
+                    'cases in imagesTr/', meta_path, len(images), len(missing),
+                    os.path.normpath(os.path.join(path, missing[0])), found)
 
 
 def _check_dataset_json(path: str, num_classes: int | None, in_channels: int | None) -> None:
