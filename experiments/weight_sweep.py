@@ -32,12 +32,18 @@ TARGET_DICE = 0.8
 EXTRA = {}  # Extra overrides for every run, e.g. {'train.steps': 500}.
 
 # %%
-# The package is installed (requirements.txt: `-e .`); the runs are launched from the checkout's
-# root, as on the command line.
-from experiments import launch
-from experiments import notebook_utils
-from experiments import plots
-from experiments import report
+import pathlib
+import sys
+
+# Jupyter starts in experiments/: the checkout's root holds the packages (this checkout's, not
+# another one a shared venv may have installed), and the runs are launched from there, as on the
+# command line.
+_cwd = pathlib.Path.cwd()
+sys.path.insert(0, str(_cwd if (_cwd / 'experiments').is_dir() else _cwd.parent))
+from experiments import launch  # noqa: E402
+from experiments import notebook_utils  # noqa: E402
+from experiments import plots  # noqa: E402
+from experiments import report  # noqa: E402
 
 REPO = notebook_utils.enter_repo()
 
