@@ -177,6 +177,7 @@ def test_bad_input_errors_name_the_file(tmp_path, kind):
   prepared = tmp_path / 'tfds' / 'unet_ds_msd'
   if prepared.exists():
     assert not list(prepared.rglob('*incomplete*')) and not list(prepared.rglob('*.json'))
+    assert not [d for d in prepared.rglob('*') if d.is_dir()], list(prepared.rglob('*'))
 
 
 def test_read_case_without_label_for_prediction(tmp_path):

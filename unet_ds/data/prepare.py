@@ -151,8 +151,23 @@ def build_once(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: tfds.
     with open(os.path.join(data_dir, f'.{builder.name}.{config.name}.lock'), 'w') as lock:
       fcntl.flock(lock, fcntl.LOCK_EX)
       builder = make()
-      builder.download_and_prepare(file_format='array_record')
+      try:
+        builder.download_and_prepare(file_format='array_record')
+      except BaseException:  # bad data: leave no empty folders behind under the data dir
+        _remove_empty_dirs(builder.data_dir, stop=data_dir)
+        raise
   return builder
+
+
+def _remove_empty_dirs(path: str, stop: str) -> None:
+  """Removes `path` and its parents up to (not including) `stop`, while they are empty."""
+  path, stop = os.path.abspath(path), os.path.abspath(stop)
+  while path.startswith(stop + os.sep):
+    if os.path.isdir(path):
+      if os.listdir(path):
+        return
+      os.rmdir(path)
+    path = os.path.dirname(path)
 
 
 def prepare_and_load(builder_cls: type[tfds.core.GeneratorBasedBuilder], config: FolderConfig,
