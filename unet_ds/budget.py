@@ -11,8 +11,10 @@ planned `STEP_MARGIN` slower than measured: a long run's steady state (data work
 saves, other processes) is a little slower than a few calibration steps, and a schedule cut
 short by the deadline never reaches its low learning rates. The number of steps is the largest that fits all of that after the calibration.
 The learning-rate schedule and the DS weight schedule follow `train.steps`, so both fit too.
-Should the machine slow down, training stops at the first step past the budget less the final
-eval's estimate (checkpointed and evaluated there).
+A few calibration steps can catch the machine busier or quieter than the run finds it, so at its
+first eval the run re-plans once from its own measured pace (`Replan`). Should the machine slow
+down after that, training stops at the first step past the budget less the final eval's
+estimate (checkpointed and evaluated there).
 
 A resumed budgeted run keeps the step count its checkpoint was trained with.
 """
@@ -51,6 +53,8 @@ class Plan:
   compile_s: float
   setup_s: float
   calibration_s: float
+  replanned_at: int = 0   # the step at which `Replan` changed `steps` (0: never)
+  first_steps: int = 0    # `steps` as first planned, when re-planned
 
   @property
   def train_deadline_s(self) -> float:
@@ -117,13 +121,64 @@ def steps_within(budget_s: float, *, spent_s: float, step_s: float, eval_s: floa
   return n
 
 
+REPLAN_TOLERANCE = 0.1  # re-plan when the measured pace changes the step count by more
+
+
+class Replan:
+  """Re-plans a budgeted run once, after its first in-training eval, from the pace of its own
+  steps: the calibration's few steps can be timed while the machine is busier (or quieter) than
+  during the run, which left budgets a third unused (or cut short by the deadline, the schedule
+  unfinished). When the measured pace changes the step count by more than `REPLAN_TOLERANCE`,
+  `train.steps` changes and the run goes on with programs rebuilt for it: the learning-rate and
+  DS-weight schedules span the new count (the optimiser state carries over; the schedules
+  barely moved in the steps already taken). Checkpoints from then on hold the new count, so a
+  resume continues it.
+  """
+
+  def __init__(self, plan: Plan, config: ml_collections.ConfigDict, workdir: str,
+               build: Callable[[ml_collections.ConfigDict, str], Any], started: float):
+    self.plan, self._config, self._workdir = plan, config, workdir
+    self._build, self._started = build, started
+    every = int(config.train.eval_every)
+    # Once, at the first eval, if it leaves most of the run to re-plan; not across processes,
+    # whose clocks could disagree on the count.
+    self.at_step = every if 1 < every <= plan.steps // 2 and jax.process_count() == 1 else 0
+
+  def __call__(self, step: int, step_s: float) -> Any:
+    """A trainer rebuilt for the re-planned step count, or None to go on as planned.
+
+    Args:
+      step: the step just done (`at_step`).
+      step_s: measured seconds per step since the first step (compilation excluded, evals not).
+    """
+    p = self.plan
+    every = int(self._config.train.eval_every)
+    left = (p.minutes * 60 - (time.time() - self._started) - p.final_eval_s - 2 * p.compile_s)
+    more = int(max(left, 0.0) / (step_s + p.eval_s / every))
+    steps = step + more
+    if steps <= step or abs(steps - p.steps) <= REPLAN_TOLERANCE * p.steps:
+      return None
+    print(f'train.minutes={p.minutes:g}: re-planned at step {step}: steps take {step_s:.3f} s, '
+          f'{p.step_s:.3f} s as calibrated; {p.steps} -> {steps} steps (the learning-rate and '
+          'DS-weight schedules span the new count)', flush=True)
+    config = ml_collections.ConfigDict(self._config.to_dict())
+    config.train.steps = steps
+    self.plan = dataclasses.replace(p, steps=steps, step_s=step_s, replanned_at=step,
+                                    first_steps=p.steps)
+    if jax.process_index() == 0:
+      workdir_lib.write_json(os.path.join(self._workdir, PLAN_FILE),
+                             record(self.plan, every))
+    return self._build(config, self._workdir)
+
+
 def underuse_note(plan: Plan | None, *, wall_s: float, steps_run: int, train_s: float,
                   eval_every: int) -> str | None:
   """Why a run planned this launch ended well before its budget (under `UNDERUSE` of it), or None.
 
-  The steps, and the learning-rate schedule over them, are planned once from the calibration, so
-  a machine that was busier during the calibration than during the run leaves time unused; the
-  user is told rather than left to wonder why a 15-minute run took 10.
+  The steps, and the learning-rate schedule over them, are planned from the calibration and
+  re-planned at most once (`Replan`), so a machine that was busier during the calibration than
+  during the run can still leave time unused; the user is told rather than left to wonder why a
+  15-minute run took 10.
   """
   if plan is None or wall_s >= UNDERUSE * plan.minutes * 60:
     return None
@@ -134,8 +189,9 @@ def underuse_note(plan: Plan | None, *, wall_s: float, steps_run: int, train_s: 
          else 'the setup and final-eval estimates were generous')
   return (f'train.minutes={plan.minutes:g} used {wall_s:.0f} of {budget_s:.0f} s: {steps_run} '
           f'steps took {ran:.3f} s each (evals included) against {planned:.3f} s planned, so '
-          f'{why}. Steps are planned once, at the start (the learning-rate schedule spans them); '
-          'a rerun on a quieter machine uses more of the budget')
+          f'{why}. Steps are planned at the start and re-planned at most once, at the first eval '
+          '(the learning-rate schedule spans them); a rerun on a quieter machine uses more of '
+          'the budget')
 
 
 def deadline_note(plan: Plan, *, wall_s: float, steps_run: int, train_s: float,

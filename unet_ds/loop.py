@@ -182,6 +182,12 @@ class _StepLog:
                          disable=not writers[0].enabled, dynamic_ncols=True,
                          desc='train' if names is None else f'train x{len(names)}')
 
+  def retarget(self, trainer: Trainer) -> None:
+    """Goes on for `trainer` (a re-planned run: its step count and schedule)."""
+    self.trainer, self.config = trainer, trainer.config
+    self.bar.total = self.config.train.steps
+    self.bar.refresh()
+
   def __call__(self, step: int, m: Any) -> None:
     m = jax.tree.map(np.asarray, m)
     names = self.trainer.run_names
@@ -259,11 +265,14 @@ def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> li
 
 
 def fit(trainer: Trainer, allow_changes: Sequence[str] = (),
-        deadline: float | None = None) -> dict[str, Any]:
+        deadline: float | None = None, replan: Any = None) -> dict[str, Any]:
   """Trains `trainer` from its workdir's latest checkpoint to `last_step`, then scores it.
 
   `deadline` (a `time.time()`): training stops at the first step past it, checkpointed and
   evaluated, as if it were the last (a wall-clock budget's safety net).
+  `replan` (`budget.Replan`, fresh runs): at its `at_step`, after that step's eval and
+  checkpoint, it gets the measured seconds per step and may return a trainer rebuilt for a new
+  step count, which the loop goes on with (same state and data position).
   Returns the last in-training records and whole-image evals, per run:
   `{'step', 'stopped_early'?: True, 'evals': [...], 'in_training': [...], 'steps_run' and
   'seconds' (this launch's training), 'seconds_total' (every launch's; None if an older
@@ -285,7 +294,7 @@ def fit(trainer: Trainer, allow_changes: Sequence[str] = (),
         writer.truncate_after(start)
       with _signals_to_flag() as flag:
         return _run(trainer, state, start, data_iter, ckpts, writers, config_json, flag,
-                    deadline, before)
+                    deadline, before, replan if start == 0 else None)
     finally:  # on any error too: finish the async saves, so the last good checkpoint is complete
       ckpts.wait()
       ckpts.close()
@@ -296,9 +305,11 @@ def fit(trainer: Trainer, allow_changes: Sequence[str] = (),
 def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
          ckpts: checkpoint.Checkpoints, writers: Sequence[logs.Writer], config_json: str,
          flag: dict[str, int], deadline: float | None = None,
-         seconds_before: float | None = 0.0) -> dict[str, Any]:
+         seconds_before: float | None = 0.0, replan: Any = None) -> dict[str, Any]:
   c = trainer.config
   step_fn = trainer.jit_train_step()
+  replan_at = replan.at_step if replan is not None else 0
+  t_first = t_eval = None  # after the first step's compilation; before the re-plan step's eval
   log = _StepLog(trainer, writers, start)
   t0, last, evals = time.time(), last_step(c), None
   # Training time summed over launches (None once an older checkpoint in the chain lacked it).
@@ -308,10 +319,12 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
   pending = None  # (step, device metrics): fetched one step late so dispatch stays async
   step = start
   try:
-    for step in range(start + 1, last + 1):
+    while step < last:  # `last` moves when the run is re-planned
+      step += 1
       state, m = step_fn(state, trainer.shard(next(data_iter)))
       if step == start + 1:  # compiled: hand the compiler's freed heap back to the OS
         hostmem.trim_host_heap()
+        t_first = time.time()
       if pending is not None:
         log(*pending)
       pending = (step, m)
@@ -322,6 +335,7 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
         log(*pending)
         pending = None
       if scoring:  # before the checkpoint of this step: a resume from it never skips the eval
+        t_eval = time.time() if step == replan_at else t_eval
         evals = [eval_record(step, e) for e in trainer.evaluate(state)]
         for writer, record in zip(writers, evals):
           writer.write_eval(record)
@@ -337,6 +351,14 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
       if out_of_time:
         print(f'time budget reached: training stops at step {step} of {c.train.steps}')
         break
+      if step == replan_at and t_eval is not None and t_first is not None:
+        rebuilt = replan(step, (t_eval - t_first) / max(step - start, 1))
+        if rebuilt is not None:  # the same state and data, programs for the new step count
+          trainer, c = rebuilt, rebuilt.config
+          step_fn, last = trainer.jit_train_step(), last_step(c)
+          config_json = config_lib.to_json(c)  # what later checkpoints record
+          trainer.write_run_files(fresh=False)
+          log.retarget(trainer)
   except NonFiniteError as e:
     moved = _set_aside_unverified(ckpts, e.step)
     kept = ckpts.latest_step()

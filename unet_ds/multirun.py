@@ -342,7 +342,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config, plan = budget.fit(config, workdir, MultiExperiment.build)  # train.minutes -> steps
   loop.check_resume_early(config, workdir, allow_changes)  # a refused resume builds nothing
   mexp = MultiExperiment.build(config, workdir)
-  out = loop.fit(mexp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None)
+  replan = budget.Replan(plan, config, workdir, MultiExperiment.build, t0) if plan else None
+  out = loop.fit(mexp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None,
+                 replan=replan)
+  plan = replan.plan if replan else plan  # what the run went by, re-planned or not
   if out.get('stopped_early'):
     return out
   conv_impl = train.layers.resolve_impl(config.model.conv_impl)

@@ -269,7 +269,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config, plan = budget.fit(config, workdir, Experiment.build)  # train.minutes -> train.steps
   loop.check_resume_early(config, workdir, allow_changes)
   exp = Experiment.build(config, workdir)
-  out = loop.fit(exp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None)
+  replan = budget.Replan(plan, config, workdir, Experiment.build, t0) if plan else None
+  out = loop.fit(exp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None,
+                 replan=replan)
+  plan = replan.plan if replan else plan  # what the run went by, re-planned or not
   if out.get('stopped_early'):
     return out
   summary = loop.summary_record(out['evals'][0], out['in_training'][0], config, step=out['step'],
