@@ -136,11 +136,11 @@ def build(root: str | pathlib.Path, target_dice: float = 0.8,
   differing = [k for k in all_config_keys
                if len({dict(key).get(k, _UNSET) for key in keys}) > 1]
 
+  labels = _labels([dict(key) for key in keys], differing)
   variants = []
-  for key in keys:
+  for key, label in zip(keys, labels):
     config = dict(key)
     settings = {k: config.get(k, _UNSET) for k in differing}
-    label = ' '.join(f'{k}={_format(v)}' for k, v in settings.items()) or '(all runs)'
     is_baseline = config.get(BASELINE_KEY) == BASELINE_VALUE
     variants.append(_summarise(label, settings, config, groups[key], target_dice, is_baseline,
                                ignore, fold_keys))
@@ -196,6 +196,23 @@ def _is_seed_key(key: str) -> bool:
 
 def _is_path_key(key: str) -> bool:
   return key.rsplit('.', 1)[-1] in _PATH_LEAVES
+
+
+def _inert(key: str, config: dict[str, Any]) -> bool:
+  """A DS setting of a run without DS (`model.ds.mode=none`): it trains nothing, so a label
+  showing it (`loss.ds_weights=exp` on the baseline) would suggest a weighted baseline."""
+  return (config.get(BASELINE_KEY) == BASELINE_VALUE and key != BASELINE_KEY
+          and key.startswith(('loss.ds_', 'model.ds.')))
+
+
+def _labels(configs: Sequence[dict[str, Any]], differing: Sequence[str]) -> list[str]:
+  """Each variant's label: the differing keys and values, without those `_inert` for it
+  (unless that would give two variants one label)."""
+  def label(config, drop):
+    return ' '.join(f'{k}={_format(config.get(k, _UNSET))}' for k in differing
+                    if not (drop and _inert(k, config))) or '(all runs)'
+  short = [label(c, True) for c in configs]
+  return short if len(set(short)) == len(short) else [label(c, False) for c in configs]
 
 
 def _summarise(label: str, settings: dict[str, Any], config: dict[str, Any],

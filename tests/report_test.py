@@ -518,3 +518,25 @@ def test_no_winner_without_a_settling_interval(tmp_path):
   assert line.startswith('No winner: the highest mean is `model.ds.mode=deep`')
   assert 'which includes 0: not distinguishable from the baseline; worse than the baseline at ' \
          '95%: `model.ds.mode=additive`.' in line
+
+
+def test_a_weight_sweeps_baseline_is_labelled_without_its_inert_ds_weights(tmp_path):
+  root = tmp_path / 'weights'
+  for mode, weights in (('none', 'exp'), ('deep', 'exp'), ('deep', 'same')):
+    for seed in (0, 1):
+      workdir = _make_run(root, f'{mode},{weights},{seed}', mode, seed, 0.7 + 0.01 * seed,
+                          [0.99, 0.7, 0.7])
+      config = json.loads((workdir / 'config.json').read_text())
+      config['loss'] = {'ds_weights': weights}
+      (workdir / 'config.json').write_text(json.dumps(config))
+  labels = [v.label for v in report.build(root).variants]
+  assert labels == ['model.ds.mode=none', 'loss.ds_weights=exp model.ds.mode=deep',
+                    'loss.ds_weights=same model.ds.mode=deep']
+  # Two no-DS variants that differ only in a DS weight keep it, or they would share a label.
+  workdir = _make_run(root, 'none,same,0', 'none', 0, 0.7, [0.99, 0.7, 0.7])
+  config = json.loads((workdir / 'config.json').read_text())
+  config['loss'] = {'ds_weights': 'same'}
+  (workdir / 'config.json').write_text(json.dumps(config))
+  labels = [v.label for v in report.build(root).variants]
+  assert 'loss.ds_weights=exp model.ds.mode=none' in labels
+  assert 'loss.ds_weights=same model.ds.mode=none' in labels
