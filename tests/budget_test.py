@@ -20,17 +20,33 @@ def test_steps_within_is_the_largest_count_that_fits():
                              compile_s=1.0, setup_s=0.0, eval_every=1) == 0
 
 
-def test_a_budgeted_run_fits_its_minutes_and_resumes_with_its_steps(tmp_path, data_dir):
+def test_a_budgeted_run_fits_its_minutes_replans_and_resumes_with_its_steps(
+    tmp_path, data_dir, monkeypatch, capsys):
+  """The calibration times its steps 3x too slow (as on a busy moment): the run measures its own
+  pace at the first eval, plans more steps, and its schedule spans them to the end."""
+  real = budget.calibrate
+  def slow(trainer):
+    compile_s, step_s, eval_s = real(trainer)
+    return compile_s, 3 * step_s, eval_s
+  monkeypatch.setattr(budget, 'calibrate', slow)
   workdir = tmp_path / 'a' / 'new'  # not there yet: the run makes it
   c = config_lib.apply_args(config_lib.base_config(2), 'ds=deep,smoke')
   c.data.data_dir, c.mesh.data = data_dir, 1
-  c.train.update(minutes=1.0, steps=100000, eval_every=20, checkpoint_every=20)
+  c.train.update(minutes=1.0, steps=100000, eval_every=20, checkpoint_every=20, log_every=1)
   summary = train.train_and_evaluate(c, str(workdir))
   plan = summary['budget']
   assert 1 <= summary['step'] <= plan['steps']  # fewer only if the machine slowed down
   assert summary['wall_seconds'] <= 1.3 * 60 + 15, summary['wall_seconds']
+  assert plan['replanned_at'] == 20 and plan['steps'] > 1.5 * plan['first_steps'], plan
+  assert 're-planned at step 20' in capsys.readouterr().out
   saved = json.loads((workdir / 'config.json').read_text())
   assert saved['train']['steps'] == plan['steps'] and saved['train']['minutes'] == 1.0
+  ckpts = checkpoint.Checkpoints(str(workdir / 'checkpoints'))  # a resume continues the new count
+  assert ckpts.saved_config()['train']['steps'] == plan['steps']
+  ckpts.close()
+  lrs = [json.loads(l)['lr'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  if not plan.get('stopped_at_deadline'):
+    assert lrs[-1] < 0.01 * max(lrs)  # the cosine schedule reached its end
   # The same command again (up to the step reached) resumes with the planned steps: not refused.
   c.train.stop_at_step = summary['step']
   again = train.train_and_evaluate(c, str(workdir))
@@ -101,32 +117,3 @@ def test_a_run_stopped_by_its_deadline_says_so(capsys):
   assert 'stopped_at_deadline' not in budget.summary_budget(_plan(), c, 'full', wall_s=880.0,
                                                             steps_run=6105, train_s=840.0)
 
-
-def test_a_run_calibrated_slow_is_replanned_at_its_first_eval(tmp_path, data_dir, monkeypatch,
-                                                               capsys):
-  """The calibration timed its steps 3x too slow (a busy moment): the run measures its own pace
-  at the first eval, plans more steps, and its schedule spans them to the end."""
-  real = budget.calibrate
-  def slow(trainer):
-    compile_s, step_s, eval_s = real(trainer)
-    return compile_s, 3 * step_s, eval_s
-  monkeypatch.setattr(budget, 'calibrate', slow)
-  workdir = tmp_path / 'run'
-  c = config_lib.apply_args(config_lib.base_config(2), 'ds=deep,smoke')
-  c.data.data_dir, c.mesh.data = data_dir, 1
-  c.train.update(minutes=1.0, steps=100000, eval_every=20, checkpoint_every=20, log_every=1)
-  summary = train.train_and_evaluate(c, str(workdir))
-  plan = summary['budget']
-  assert plan['replanned_at'] == 20 and plan['steps'] > 1.5 * plan['first_steps'], plan
-  assert 're-planned at step 20' in capsys.readouterr().out
-  assert summary['step'] == plan['steps'] or plan.get('stopped_at_deadline')
-  assert summary['wall_seconds'] <= 1.3 * 60 + 15, summary['wall_seconds']
-  saved = json.loads((workdir / 'config.json').read_text())
-  assert saved['train']['steps'] == plan['steps']  # and the checkpoints: a resume continues it
-  ckpts = checkpoint.Checkpoints(str(workdir / 'checkpoints'))
-  assert ckpts.saved_config()['train']['steps'] == plan['steps']
-  ckpts.close()
-  assert json.loads((workdir / budget.PLAN_FILE).read_text())['steps'] == plan['steps']
-  lrs = [json.loads(l)['lr'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  if not plan.get('stopped_at_deadline'):
-    assert lrs[-1] < 0.01 * max(lrs)  # the cosine schedule reached its end

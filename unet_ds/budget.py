@@ -149,7 +149,8 @@ class Replan:
 
     Args:
       step: the step just done (`at_step`).
-      step_s: measured seconds per step since the first step (compilation excluded, evals not).
+      step_s: measured seconds per step over the steps before it (the first quarter, which
+        warms up, left out; compilation and evals not included).
     """
     p = self.plan
     every = int(self._config.train.eval_every)

@@ -309,7 +309,10 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
   c = trainer.config
   step_fn = trainer.jit_train_step()
   replan_at = replan.at_step if replan is not None else 0
-  t_first = t_eval = None  # after the first step's compilation; before the re-plan step's eval
+  # The pace a re-plan goes by: from the step a quarter of the way to the re-plan (the first
+  # steps warm up the data pipeline and caches) up to the re-plan step's eval.
+  paced_from = start + max(1, (replan_at - start) // 4)
+  t_paced = t_eval = None
   log = _StepLog(trainer, writers, start)
   t0, last, evals = time.time(), last_step(c), None
   # Training time summed over launches (None once an older checkpoint in the chain lacked it).
@@ -324,7 +327,8 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
       state, m = step_fn(state, trainer.shard(next(data_iter)))
       if step == start + 1:  # compiled: hand the compiler's freed heap back to the OS
         hostmem.trim_host_heap()
-        t_first = time.time()
+      if step == paced_from:
+        t_paced = time.time()
       if pending is not None:
         log(*pending)
       pending = (step, m)
@@ -351,8 +355,8 @@ def _run(trainer: Trainer, state: Any, start: int, data_iter: DataIterator,
       if out_of_time:
         print(f'time budget reached: training stops at step {step} of {c.train.steps}')
         break
-      if step == replan_at and t_eval is not None and t_first is not None:
-        rebuilt = replan(step, (t_eval - t_first) / max(step - start, 1))
+      if step == replan_at and t_eval is not None and t_paced is not None:
+        rebuilt = replan(step, (t_eval - t_paced) / max(step - paced_from + 1, 1))
         if rebuilt is not None:  # the same state and data, programs for the new step count
           trainer, c = rebuilt, rebuilt.config
           step_fn, last = trainer.jit_train_step(), last_step(c)
