@@ -643,6 +643,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   drawn = sum(name.startswith(case_overlays.OVERLAY_DIR + '/') for name in paths)
   print(f'wrote {paths["report.md"]}, {paths["report.csv"]}, {paths["runs.csv"]} and plots'
         + (f', {drawn} overlays' if drawn else ''))
+  if args.overlays and not drawn:  # asked for: say why there are none, not only in report.md
+    print('no overlays: ' + ('the runs are on synthetic data, which has no held-out case files'
+                             if not case_overlays.on_files(report.variants)
+                             else f'see {paths["report.md"]}'))
   return 0
 
 

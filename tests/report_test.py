@@ -189,8 +189,13 @@ def test_cli_and_unfinished_warning(root, capsys, caplog):
   with caplog.at_level(logging.WARNING):
     assert report.main([str(root), '--target-dice', '0.75']) == 0
   assert 'mode=hypercolumn,seed=2' in caplog.text and 'unfinished' in caplog.text
-  assert capsys.readouterr().out.startswith('**Winner: `model.ds.mode=deep`, mean')
+  out = capsys.readouterr().out
+  assert out.startswith('**Winner: `model.ds.mode=deep`, mean')
+  assert 'no overlays' not in out  # not asked for
   assert (root / 'report.md').is_file() and (root / 'report.csv').is_file()
+  assert report.main([str(root), '--overlays=2']) == 0  # asked for, on synthetic runs
+  assert ('no overlays: the runs are on synthetic data, which has no held-out case files'
+          in capsys.readouterr().out)
 
 
 def test_bad_files_are_named(root, capsys):
