@@ -139,7 +139,7 @@ class Replan:
                build: Callable[[ml_collections.ConfigDict, str], Any], started: float):
     self.plan, self._config, self._workdir = plan, config, workdir
     self._build, self._started = build, started
-    every = int(config.train.eval_every)
+    self._every = every = int(config.train.eval_every)
     # Once, at the first eval, if it leaves most of the run to re-plan; not across processes,
     # whose clocks could disagree on the count.
     self.at_step = every if 1 < every <= plan.steps // 2 and jax.process_count() == 1 else 0
@@ -153,10 +153,11 @@ class Replan:
         warms up, left out; compilation and evals not included).
     """
     p = self.plan
-    every = int(self._config.train.eval_every)
-    left = (p.minutes * 60 - (time.time() - self._started) - p.final_eval_s - 2 * p.compile_s)
-    more = int(max(left, 0.0) / (step_s + p.eval_s / every))
-    steps = step + more
+    # The rest of the run as `fit` counts a run, its setup already paid, and the train and eval
+    # programs compiled anew for the new count.
+    steps = step + steps_within(p.minutes * 60, spent_s=time.time() - self._started,
+                                step_s=step_s, eval_s=p.eval_s, final_eval_s=p.final_eval_s,
+                                compile_s=2 * p.compile_s, setup_s=0.0, eval_every=self._every)
     if steps <= step or abs(steps - p.steps) <= REPLAN_TOLERANCE * p.steps:
       return None
     print(f'train.minutes={p.minutes:g}: re-planned at step {step}: steps take {step_s:.3f} s, '
@@ -168,8 +169,15 @@ class Replan:
                                     first_steps=p.steps)
     if jax.process_index() == 0:
       workdir_lib.write_json(os.path.join(self._workdir, PLAN_FILE),
-                             record(self.plan, every))
+                             record(self.plan, self._every))
     return self._build(config, self._workdir)
+
+
+def _paces(plan: Plan, *, steps_run: int, train_s: float, eval_every: int
+           ) -> tuple[float, float]:
+  """(seconds per step as run, as planned), evals included, as the loop runs them."""
+  return (train_s / max(steps_run, 1),
+          plan.step_s + plan.eval_s / max(eval_every, 1))
 
 
 def underuse_note(plan: Plan | None, *, wall_s: float, steps_run: int, train_s: float,
@@ -184,8 +192,7 @@ def underuse_note(plan: Plan | None, *, wall_s: float, steps_run: int, train_s: 
   if plan is None or wall_s >= UNDERUSE * plan.minutes * 60:
     return None
   budget_s = plan.minutes * 60
-  ran = train_s / max(steps_run, 1)  # per step, evals included, as the loop runs them
-  planned = plan.step_s + plan.eval_s / max(eval_every, 1)
+  ran, planned = _paces(plan, steps_run=steps_run, train_s=train_s, eval_every=eval_every)
   why = ('the machine was busier during the calibration than after it' if ran < 0.9 * planned
          else 'the setup and final-eval estimates were generous')
   return (f'train.minutes={plan.minutes:g} used {wall_s:.0f} of {budget_s:.0f} s: {steps_run} '
@@ -198,8 +205,7 @@ def underuse_note(plan: Plan | None, *, wall_s: float, steps_run: int, train_s: 
 def deadline_note(plan: Plan, *, wall_s: float, steps_run: int, train_s: float,
                   eval_every: int) -> str:
   """Why a run planned this launch stopped at its deadline before its planned steps."""
-  ran = train_s / max(steps_run, 1)
-  planned = plan.step_s + plan.eval_s / max(eval_every, 1)
+  ran, planned = _paces(plan, steps_run=steps_run, train_s=train_s, eval_every=eval_every)
   return (f'train.minutes={plan.minutes:g} stopped training at its deadline, step {steps_run} '
           f'of {plan.steps} planned ({wall_s:.0f} s in all): steps took {ran:.3f} s each (evals '
           f'included) against {planned:.3f} s planned, so the machine was busier after the '

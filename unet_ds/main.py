@@ -10,7 +10,8 @@ Modes:
   `--output` is given; prints one JSON line.
 * `predict`: label maps of `--input` (a file or folder) into `--output`.
 eval/predict use the run's own saved `config.json` (only `--config.inference.*` is taken from the
-command line; another `--config.*` flag is an error, not silently ignored). Any config field can be overridden: `--config.model.ds.mode=hypercolumn`.
+command line; another `--config.*` flag is an error, not silently ignored). Any config field can
+be overridden: `--config.model.ds.mode=hypercolumn`.
 
 Errors end with one line `error: <cause>` naming the file or key at fault (exit status 1; the
 traceback is printed above it with `--traceback`); SIGTERM / SIGINT while training checkpoint the

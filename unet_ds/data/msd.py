@@ -108,7 +108,7 @@ def find_cases(path: str, *, num_classes: int | None = None,
     io.DataError: missing/empty imagesTr, an image without label (or the reverse), or a
       `dataset.json` that is unreadable or disagrees with `num_classes` / `in_channels`.
   """
-  _check_dataset_json(path, num_classes, in_channels)
+  meta = _check_dataset_json(path, num_classes, in_channels)
   images = io.list_files(os.path.join(path, 'imagesTr'), io.NIFTI_SUFFIXES)
   labels_dir = os.path.join(path, 'labelsTr')
   if not os.path.isdir(labels_dir):
@@ -128,22 +128,20 @@ def find_cases(path: str, *, num_classes: int | None = None,
   ids = [c[0] for c in cases]
   if len(set(ids)) != len(ids):
     raise io.DataError(f'{path}/imagesTr: duplicate case ids (.nii and .nii.gz of one case?)')
-  _warn_listed_but_missing(path, len(cases))
+  _warn_listed_but_missing(path, meta, len(cases))
   return cases
 
 
 _WARNED: set[str] = set()  # folders already warned about, once per process
 
 
-def _warn_listed_but_missing(path: str, found: int) -> None:
-  """Warns (once per folder) when dataset.json's `training` list names images that are not in
-  imagesTr/: an incomplete copy trains on what is there, but the user should know."""
+def _warn_listed_but_missing(path: str, meta: dict[str, Any] | None, found: int) -> None:
+  """Warns (once per folder) when dataset.json's `training` list (`meta`, None without the file)
+  names images that are not in imagesTr/: an incomplete copy trains on what is there, but the
+  user should know."""
   meta_path = os.path.join(path, 'dataset.json')
-  if meta_path in _WARNED or not os.path.exists(meta_path):
-    return
-  with open(meta_path) as f:
-    listed = json.load(f).get('training')
-  if not isinstance(listed, list):
+  listed = meta.get('training') if isinstance(meta, dict) else None
+  if meta_path in _WARNED or not isinstance(listed, list):
     return
   images = [e.get('image') for e in listed if isinstance(e, dict) and e.get('image')]
   missing = [i for i in images if not os.path.exists(os.path.join(path, i))]
@@ -154,10 +152,12 @@ def _warn_listed_but_missing(path: str, found: int) -> None:
                     os.path.normpath(os.path.join(path, missing[0])), found)
 
 
-def _check_dataset_json(path: str, num_classes: int | None, in_channels: int | None) -> None:
+def _check_dataset_json(path: str, num_classes: int | None,
+                        in_channels: int | None) -> dict[str, Any] | None:
+  """`path`'s dataset.json (None without one), checked against `num_classes` / `in_channels`."""
   meta_path = os.path.join(path, 'dataset.json')
   if not os.path.exists(meta_path):
-    return
+    return None
   try:
     with open(meta_path) as f:
       meta = json.load(f)
@@ -171,6 +171,7 @@ def _check_dataset_json(path: str, num_classes: int | None, in_channels: int | N
   if in_channels and isinstance(modalities, dict) and len(modalities) != in_channels:
     raise io.DataError(f'{meta_path}: lists {len(modalities)} modalities {modalities}, but '
                        f'data.in_channels is {in_channels}')
+  return meta
 
 
 def settings_from_config(data_cfg: Any) -> dict[str, Any]:
