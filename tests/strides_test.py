@@ -49,9 +49,9 @@ def test_gradients_reach_every_parameter():
 def test_isotropic_strides_equal_the_default():
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 8, 8, 8, 1))
   default, explicit = _model(), _model(strides=((2, 2, 2),) * 3)
-  variables = default.init(jax.random.PRNGKey(0), x)
-  np.testing.assert_allclose(explicit.apply(variables, x)[0], default.apply(variables, x)[0],
-                             atol=1e-5)
+  variables = jax.jit(default.init)(jax.random.PRNGKey(0), x)  # jitted: eager apply takes seconds
+  np.testing.assert_allclose(jax.jit(explicit.apply)(variables, x)[0],
+                             jax.jit(default.apply)(variables, x)[0], atol=1e-5)
 
 
 @pytest.mark.parametrize('kw,match', [
@@ -100,9 +100,10 @@ def test_kernel_size_one_keeps_slices_apart():
   (norm 'none': instance norm would share statistics across slices)."""
   model = _model(strides=((2, 2, 1),) * 3, kernel_sizes=THIN, norm='none', ds={'mode': 'none'})
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 16, 16, 4, 1))
-  variables = model.init(jax.random.PRNGKey(0), x)
-  y = model.apply(variables, x)[0]
-  y2 = model.apply(variables, x.at[:, :, :, 0].add(5.0))[0]
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+  apply = jax.jit(model.apply)
+  y = apply(variables, x)[0]
+  y2 = apply(variables, x.at[:, :, :, 0].add(5.0))[0]
   changed = np.abs(np.asarray(y2 - y)).max(axis=(0, 1, 2, 4))
   assert changed[0] > 1e-3 and np.all(changed[1:] == 0)
 
