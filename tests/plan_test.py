@@ -298,6 +298,55 @@ def test_a_label_value_dataset_json_does_not_list_is_named_by_the_fingerprint(tm
   _write(root, 'a', image, label, (1.0, 1.0, 1.0))
   label[1, 1, 1] = 5
   _write(root, 'b', image, label, (1.0, 1.0, 1.0))
-  with pytest.raises(io.DataError, match=r'labelsTr/b.nii.gz: label values \[5\] outside the 2 '
-                     r'classes 0..1 that dataset.json lists'):
+  with pytest.raises(io.DataError, match=r'labelsTr/b.nii.gz: label values \[5\] that '
+                     r'dataset.json does not list \(it lists \[0, 1\]\)'):
     plan_lib.compute_fingerprint(str(root))
+
+
+def test_dataset_json_labels_0_1_5_plan_a_label_map(tmp_path):
+  root = tmp_path / 'Sparse'
+  _folder(root)
+  (root / 'dataset.json').write_text(json.dumps(
+      {'modality': {'0': 'MRI'}, 'labels': {'0': 'bg', '1': 'organ', '5': 'tumour'}}))
+  image = np.ones((8, 8, 4), np.float32)
+  label = np.zeros((8, 8, 4), np.uint8)
+  label[1:3, 1:3, 1], label[5:7, 5:7, 2] = 1, 5
+  _write(root, 'a', image, label, (1.0, 1.0, 1.0))
+  plan = plan_lib.plan_for(str(root), str(tmp_path / 'tfds'))
+  assert plan['num_classes'] == 3 and plan['label_map'] == [[0, 0], [1, 1], [5, 2]]
+  # Without the plan, training's preparation says how to map them.
+  with pytest.raises(io.DataError, match=r'dataset.json: labels \[0, 1, 5\] are not the class '
+                     r'ids 0..2: .* --config.data.label_map=0:0,1:1,5:2'):
+    msd.find_cases(str(root), num_classes=3)
+  assert msd.find_cases(str(root), num_classes=3, label_map={0: 0, 1: 1, 5: 2})
+
+
+@pytest.mark.parametrize('meta,match', [
+    ({'modality': 'CT'}, r'"modality" must map channel indices to names'),
+    ({'modality': {'0': 'CT', '1': 'MRI'}}, r"lists 2 modalities \['CT', 'MRI'\], but .*a.nii.gz "
+                                            r'has 1 channel'),
+    ({'labels': {'0': 'bg', 'one': 'organ'}}, r'"labels" keys .* are not integers'),
+])
+def test_malformed_dataset_json_is_named_before_planning(tmp_path, meta, match):
+  root = tmp_path / 'Bad'
+  _folder(root)
+  (root / 'dataset.json').write_text(json.dumps(meta))
+  _write(root, 'a', np.ones((8, 8, 4), np.float32), np.zeros((8, 8, 4), np.uint8), (1, 1, 1))
+  with pytest.raises(io.DataError, match=match):
+    plan_lib.plan_for(str(root), str(tmp_path / 'tfds'))
+
+
+def test_an_edited_dataset_json_is_planned_anew(tmp_path):
+  root = tmp_path / 'Edited'
+  _folder(root)
+  (root / 'dataset.json').write_text(json.dumps({'labels': {'0': 'bg', '1': 'organ'}}))
+  image = np.full((8, 8, 4), -1024.0, np.float32)
+  label = np.zeros((8, 8, 4), np.uint8)
+  label[2:6, 2:6, 1:3] = 1
+  image[label > 0] = 40.0
+  _write(root, 'a', image, label, (1.0, 1.0, 1.0))
+  data_dir = str(tmp_path / 'tfds')
+  assert plan_lib.plan_for(str(root), data_dir)['normalization'] == ['zscore']
+  (root / 'dataset.json').write_text(json.dumps({'modality': {'0': 'CT'},
+                                                 'labels': {'0': 'bg', '1': 'organ'}}))
+  assert plan_lib.plan_for(str(root), data_dir)['normalization'] == ['ct']

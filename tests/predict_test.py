@@ -79,6 +79,20 @@ def test_predict_nifti_folder_keeps_affine_and_header(tmp_path):
     np.testing.assert_allclose(probs.affine, affine)
 
 
+
+def test_predicted_nifti_holds_the_files_own_label_values(tmp_path):
+  root = tmp_path / 'Task'
+  labels = _msd_folder(root, n=2)
+  # Files hold 0/1/2; the run swapped 0 and 1 (class 0 is value 1, whose intensity is 10).
+  config = _config('msd', root, (4, 4, 4), label_map='0:1,1:0,2:2')
+  predictor = predict.Predictor(_oracle([10, 0, 20]), config.data,
+                                predict.settings_from_config(config))
+  written = predict.predict_files(predictor, predict.find_inputs(str(root), config.data),
+                                  str(tmp_path / 'out'), log=lambda _: None)
+  for path in written:
+    np.testing.assert_array_equal(np.asanyarray(nibabel.load(path).dataobj),
+                                  labels[io.case_id(path)][0])
+
 def test_eval_validation_split_writes_json_and_csv(tmp_path):
   root = tmp_path / 'Task'
   labels = _msd_folder(root)

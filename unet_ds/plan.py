@@ -77,17 +77,12 @@ def read_dataset_json(path: str) -> dict[str, Any]:
     return {}
   try:
     with open(meta_path) as f:
-      return json.load(f)
+      meta = json.load(f)
   except (OSError, ValueError) as e:
     raise io.DataError(f'{meta_path}: cannot read dataset.json ({e})') from e
-
-
-def modalities_from(meta: Mapping[str, Any]) -> list[str]:
-  """Channel modality names in channel order ('modality' (MSD) or 'channel_names' (nnU-Net v2))."""
-  names = meta.get('modality') or meta.get('channel_names') or {}
-  if not isinstance(names, Mapping):
-    return []
-  return [str(names[k]) for k in sorted(names, key=lambda k: int(k))]
+  if not isinstance(meta, dict):
+    raise io.DataError(f'{meta_path}: not a JSON object')
+  return meta
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -134,16 +129,23 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
   kind = dataset_kind(path)
   meta = read_dataset_json(path)
   cases = _cases(path, kind, image_dir, label_dir)
+  meta_path = os.path.join(path, 'dataset.json')
   listed = meta.get('labels') if isinstance(meta.get('labels'), Mapping) else None
+  values = msd.listed_label_values(meta_path, listed) if listed else None
+  modalities = msd.modalities(meta_path, meta) or []
   spacings, shapes, samples, class_voxels, channels = [], [], [], np.zeros(256, np.int64), None
   for index, (_, image_path, label_path) in enumerate(cases):
     image, label, spacing = _read_raw(kind, image_path, label_path, label_map)
     channels = prepare.check_channels(image_path, image, channels)
-    if listed and not label_map and label.size and int(label.max()) >= len(listed):
-      # as training's preparation would say, but before a plan is made from such a count
-      bad = [int(v) for v in np.unique(label) if v >= len(listed)]
-      raise io.DataError(f'{label_path}: label values {bad} outside the {len(listed)} classes '
-                         f'0..{len(listed) - 1} that dataset.json lists')
+    if modalities and len(modalities) != channels:
+      raise io.DataError(f'{meta_path}: lists {len(modalities)} modalities {modalities}, but '
+                         f'{image_path} has {channels} channel(s)')
+    if values and not label_map and label.size:
+      # every value in the files must be one dataset.json names, before a plan counts them
+      bad = sorted(set(np.unique(label).tolist()) - set(values))
+      if bad:
+        raise io.DataError(f'{label_path}: label values {bad} that dataset.json does not list '
+                           f'(it lists {values})')
     spacings.append(list(spacing))
     shapes.append(list(image.shape[:-1]))
     class_voxels += np.bincount(label.ravel(), minlength=256)
@@ -160,7 +162,7 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
       'kind': kind,
       'ndim': len(shapes[0]),
       'channels': int(channels),
-      'modalities': modalities_from(meta),
+      'modalities': modalities,
       'dataset_labels': listed,
       'label_map': sorted(label_map.items()) if label_map else [],
       'case_ids': [c[0] for c in cases],
@@ -184,10 +186,13 @@ def _intensity_stats(values: np.ndarray) -> dict[str, float]:
 def plan_dir(path: str, data_dir: str | None = None, *, label_map: io.LabelMap | None = None,
              image_dir: str = 'image', label_dir: str = 'label') -> str:
   """Where the fingerprint and plan of `path` are cached: named like prepared data (folder +
-  hash of the files' names, sizes, mtimes and of the settings that change the fingerprint)."""
+  hash of the files' names, sizes, mtimes (dataset.json's too) and of the settings that change
+  the fingerprint)."""
   path = os.path.abspath(os.path.expanduser(path))
   kind = dataset_kind(path)
   files = [f for c in _cases(path, kind, image_dir, label_dir) for f in c[1:]]
+  meta = os.path.join(path, 'dataset.json')  # its modalities and labels are in the fingerprint
+  files += [meta] if os.path.exists(meta) else []
   settings = {'path': path, 'kind': kind,
               'label_map': sorted(label_map.items()) if label_map else [],
               'image_dir': image_dir, 'label_dir': label_dir, 'samples': SAMPLES_PER_CASE}
@@ -377,11 +382,15 @@ def classes_of(fp: Mapping[str, Any]) -> tuple[int, list[list[int]]]:
   """(number of classes, label map as [value, class] pairs).
 
   dataset.json's label count when present, else the largest class id seen + 1 (>= 2); label
-  values that are not 0..K-1 (masks saved as 0/255) map to 0..K-1 in increasing order.
+  values that are not 0..K-1 (masks saved as 0/255, or dataset.json labels 0, 1, 5) map to 0..K-1
+  in increasing order.
   """
   label_map = [list(pair) for pair in fp.get('label_map') or []]
   labels = fp.get('dataset_labels')
   if labels:
+    values = sorted(int(v) for v in labels)
+    if not label_map and values != list(range(len(values))):  # e.g. 0, 1, 5: classes 0, 1, 2
+      return len(values), [[value, c] for c, value in enumerate(values)]
     return len(labels), label_map
   seen = [value for value, count in enumerate(fp['class_voxels']) if count]
   if not label_map and seen != list(range(len(seen))):

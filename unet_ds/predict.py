@@ -3,7 +3,7 @@
 Inputs are read and normalised exactly as the run's dataset was prepared (`config.data`), predicted
 by sliding window over the whole image (`inference.py`, the model's `final` output only), and
 written back in the input's format: NIfTI label maps (uint8) with the input's affine and header, or
-PNG masks in the folder's own label values (the inverse of `data.label_map` when it has one).
+PNG masks, both in the data's own label values (the inverse of `data.label_map` when it has one).
 Every file is written under a temporary name and renamed, so an interrupted run never leaves a
 truncated file that looks complete.
 
@@ -162,9 +162,16 @@ class Predictor:
 
   def write(self, output_dir: str, image_path: str, labels: np.ndarray,
             probs: np.ndarray | None = None) -> str:
-    """Writes the label map (and probabilities if asked) next to each other; returns the path."""
+    """Writes the label map, in the input's own label values (the inverse of
+    `data.label_map`), and the probabilities if asked, next to each other; returns the path."""
     os.makedirs(output_dir, exist_ok=True)
     out, probs_out = output_files(self.kind, output_dir, image_path)
+    if self._inverse_map is not None:
+      lut = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
+      for c, v in self._inverse_map.items():
+        if c < lut.size:
+          lut[c] = v
+      labels = lut[labels]
     if self.kind == 'msd':
       ref = nibabel.load(image_path)  # header only; the input's geometry is copied as is
       with workdir_lib.atomic_path(out) as tmp:
@@ -173,12 +180,6 @@ class Predictor:
         with workdir_lib.atomic_path(probs_out) as tmp:
           io.write_nifti(tmp, probs, ref.affine, ref.header, dtype=np.float32)
       return out
-    if self._inverse_map is not None:
-      lut = np.zeros(int(labels.max(initial=0)) + 1, np.int64)
-      for c, v in self._inverse_map.items():
-        if c < lut.size:
-          lut[c] = v
-      labels = lut[labels]
     with workdir_lib.atomic_path(out) as tmp:
       io.write_image2d(tmp, labels)
     if probs is not None:

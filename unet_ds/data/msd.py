@@ -11,7 +11,7 @@ preparing; it is stored with its affine and file name so predictions can be writ
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 import json
 import os
 from typing import Any
@@ -101,14 +101,16 @@ def read_case(image_path: str, label_path: str | None, *, num_classes: int,
 
 
 def find_cases(path: str, *, num_classes: int | None = None,
-               in_channels: int | None = None) -> list[tuple[str, str, str]]:
+               in_channels: int | None = None,
+               label_map: io.LabelMap | None = None) -> list[tuple[str, str, str]]:
   """(case_id, image_path, label_path) for every labelled case, sorted by id.
 
   Raises:
     io.DataError: missing/empty imagesTr, an image without label (or the reverse), or a
-      `dataset.json` that is unreadable or disagrees with `num_classes` / `in_channels`.
+      `dataset.json` that is unreadable, malformed, or disagrees with `num_classes` /
+      `in_channels` (then also: labels not numbered 0..K-1 without a `label_map`).
   """
-  meta = _check_dataset_json(path, num_classes, in_channels)
+  meta = _check_dataset_json(path, num_classes, in_channels, label_map)
   images = io.list_files(os.path.join(path, 'imagesTr'), io.NIFTI_SUFFIXES)
   labels_dir = os.path.join(path, 'labelsTr')
   if not os.path.isdir(labels_dir):
@@ -152,9 +154,37 @@ def _warn_listed_but_missing(path: str, meta: dict[str, Any] | None, found: int)
                     os.path.normpath(os.path.join(path, missing[0])), found)
 
 
-def _check_dataset_json(path: str, num_classes: int | None,
-                        in_channels: int | None) -> dict[str, Any] | None:
-  """`path`'s dataset.json (None without one), checked against `num_classes` / `in_channels`."""
+def listed_label_values(meta_path: str, labels: Mapping[str, Any]) -> list[int]:
+  """dataset.json's label values (its `labels` keys), sorted."""
+  try:
+    return sorted(int(k) for k in labels)
+  except (TypeError, ValueError):
+    raise io.DataError(f'{meta_path}: "labels" keys {list(labels)} are not integers (the label '
+                       'values in the files, e.g. {"0": "background", "1": "tumour"})') from None
+
+
+def modalities(meta_path: str, meta: Mapping[str, Any]) -> list[str] | None:
+  """Channel names in channel order from dataset.json's `modality` (MSD) or `channel_names`
+  (nnU-Net v2); None when it has neither."""
+  key = 'modality' if 'modality' in meta else 'channel_names'
+  names = meta.get(key)
+  if names is None:
+    return None
+  if not isinstance(names, Mapping):
+    raise io.DataError(f'{meta_path}: "{key}" must map channel indices to names, e.g. '
+                       f'{{"0": "CT"}}; got {names!r}')
+  try:
+    return [str(names[k]) for k in sorted(names, key=int)]
+  except (TypeError, ValueError):
+    raise io.DataError(f'{meta_path}: "{key}" keys {list(names)} are not channel indices '
+                       '0, 1, ...') from None
+
+
+def _check_dataset_json(path: str, num_classes: int | None, in_channels: int | None,
+                        label_map: io.LabelMap | None = None) -> dict[str, Any] | None:
+  """`path`'s dataset.json (None without one), checked against `num_classes` / `in_channels`;
+  with `num_classes` (training's preparation) its labels must be the class ids 0..K-1, or
+  `label_map` must map the files' values."""
   meta_path = os.path.join(path, 'dataset.json')
   if not os.path.exists(meta_path):
     return None
@@ -163,13 +193,22 @@ def _check_dataset_json(path: str, num_classes: int | None,
       meta = json.load(f)
   except (OSError, ValueError) as e:
     raise io.DataError(f'{meta_path}: cannot read dataset.json ({e})') from e
+  if not isinstance(meta, dict):
+    raise io.DataError(f'{meta_path}: not a JSON object')
   labels = meta.get('labels')
-  if num_classes and isinstance(labels, dict) and len(labels) != num_classes:
-    raise io.DataError(f'{meta_path}: lists {len(labels)} labels {labels}, but data.num_classes '
-                       f'is {num_classes}')
-  modalities = meta.get('modality') or meta.get('channel_names')
-  if in_channels and isinstance(modalities, dict) and len(modalities) != in_channels:
-    raise io.DataError(f'{meta_path}: lists {len(modalities)} modalities {modalities}, but '
+  if num_classes and isinstance(labels, dict):
+    if len(labels) != num_classes:
+      raise io.DataError(f'{meta_path}: lists {len(labels)} labels {labels}, but '
+                         f'data.num_classes is {num_classes}')
+    values = listed_label_values(meta_path, labels)
+    if not label_map and values != list(range(len(values))):
+      raise io.DataError(
+          f'{meta_path}: labels {values} are not the class ids 0..{len(values) - 1}: renumber '
+          'the label files, or map them with --config.data.label_map='
+          + ','.join(f'{v}:{c}' for c, v in enumerate(values)))
+  names = modalities(meta_path, meta)
+  if in_channels and names is not None and len(names) != in_channels:
+    raise io.DataError(f'{meta_path}: lists {len(names)} modalities {names}, but '
                        f'data.in_channels is {in_channels}')
   return meta
 
@@ -204,7 +243,8 @@ class MsdFolder(prepare.LocalBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # data is local
     s = self.builder_config.settings
-    cases = find_cases(s['path'], num_classes=s['num_classes'], in_channels=s['in_channels'])
+    cases = find_cases(s['path'], num_classes=s['num_classes'], in_channels=s['in_channels'],
+                       label_map=s['label_map'])
     splits = prepare.split_case_list(cases, s)
     self._channels = [s['in_channels'] or None]  # every case must match the first one read
     return {name: self._generate_examples(cases) for name, cases in splits.items()}
