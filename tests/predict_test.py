@@ -164,6 +164,14 @@ def test_predict_png_writes_original_label_values(tmp_path):
   assert summary['mean_foreground_dice'] == pytest.approx(1.0)
 
 
+def test_unknown_cases_are_named_with_what_cases_takes(tmp_path):
+  root = tmp_path / 'Task'
+  _msd_folder(root, n=2)
+  config = _config('msd', root, (4, 4, 4))
+  with pytest.raises(io.DataError, match=r"cases \['validaton'\] not found; --cases takes all, "
+                     r'train, validation or case ids \(c0, c1\)'):
+    cases_lib.find_labelled(str(root), config.data, 'validaton')
+
 def test_bad_inputs(tmp_path):
   config = _config('msd', tmp_path, (4, 4, 4))
   (tmp_path / 'empty').mkdir()

@@ -174,6 +174,13 @@ def test_diverged_parameters_never_stay_in_a_checkpoint(tmp_path, data_dir):
     assert summary['step'] == kept + 2
 
 
+def test_deep_with_every_head_weighted_0_is_warned(data_dir, caplog):
+  c = _smoke(data_dir, 2, 'deep')
+  c.model.depth, c.loss.ds_weights = 3, 'nnunet'  # one head, the lowest: nnU-Net weights it 0
+  exp = train.Experiment.build(c, '/tmp/unused')
+  assert exp.ds_loss.base_weights == (1.0, 0.0)
+  assert 'this run trains like ds.mode=none' in caplog.text
+
 def test_data_parallel_step_matches_single_device(data_dir):
   assert jax.device_count() >= 4
   results = []

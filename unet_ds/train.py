@@ -138,9 +138,14 @@ class Experiment:
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(mesh, config.train.batch_size, 'batch_size')
     sharding.check_batch_size(mesh, config.train.eval_batch_size, 'eval_batch_size')
+    ds_loss = DSLoss.from_config(config, setup.model_config)
+    if config.model.ds.mode == 'deep' and not any(ds_loss.base_weights[1:]):
+      # e.g. nnU-Net's weights, which drop the lowest head, on a model with one head
+      logging.warning('model.ds.mode=deep with loss.ds_weights=%s weights every head 0 (%s): '
+                      'this run trains like ds.mode=none', config.loss.ds_weights,
+                      list(ds_loss.base_weights))
     return cls(config=config, workdir=os.path.abspath(workdir), setup=setup, mesh=mesh,
-               sources=datasets.get_sources(config.data),
-               ds_loss=DSLoss.from_config(config, setup.model_config),
+               sources=datasets.get_sources(config.data), ds_loss=ds_loss,
                num_classes=max(int(config.data.num_classes), 2))
 
   @property

@@ -101,7 +101,9 @@ def find_labelled(path: str, data_cfg: Any, cases: str | Sequence[str] = 'all',
   by_id = {c[0]: c for c in found}
   missing = [c for c in wanted if c not in by_id]
   if missing:
-    raise io.DataError(f'{path}: cases {missing[:10]} not found')
+    some = ', '.join(sorted(by_id)[:5]) + (', ...' if len(by_id) > 5 else '')
+    raise io.DataError(f'{path}: cases {missing[:10]} not found; --cases takes all, train, '
+                       f'validation or case ids ({some})')
   return [by_id[c] for c in wanted]
 
 
