@@ -226,6 +226,25 @@ def test_2d_folder_plan_derives_a_label_map(tmp_path):
   assert c.plan.label_map == ((0, 1), (255, 0))
 
 
+def test_a_label_value_of_one_2d_mask_is_warned_about(tmp_path, caplog):
+  root = tmp_path / 'em'
+  (root / 'image').mkdir(parents=True)
+  (root / 'label').mkdir()
+  for i in range(3):
+    Image.fromarray(np.full((16, 16), 9, np.uint8)).save(root / 'image' / f'{i}.png')
+    mask = np.full((16, 16), 255, np.uint8)
+    mask[::4] = 0
+    Image.fromarray(mask).save(root / 'label' / f'{i}.png')
+  plan_lib.plan_for(str(root), str(tmp_path / 'tfds'))
+  assert 'label value' not in caplog.text
+  mask[1, :5] = 128  # anti-aliased edge pixels in one mask
+  Image.fromarray(mask).save(root / 'label' / '2.png')
+  plan = plan_lib.plan_for(str(root), str(tmp_path / 'tfds'))
+  assert plan['label_map'] == [[0, 0], [128, 1], [255, 2]]
+  assert 'label value 128 is only in case 2 (5 voxels of it) of 3, and becomes class 1 of 3' in (
+      caplog.text)
+
+
 def _auto_config(arg):
   spec = importlib.util.spec_from_file_location('auto', os.path.join(ROOT, 'configs', 'auto.py'))
   module = importlib.util.module_from_spec(spec)

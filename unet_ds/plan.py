@@ -33,6 +33,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
 from unet_ds import cli
@@ -122,7 +123,8 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
 
   Returns:
     JSON-able dict: kind, ndim, channels, modalities, case_ids, spacings, shapes (per case, array
-    axis order), class_voxels (per class id), foreground (per channel: mean, std, median,
+    axis order), class_voxels, class_cases (cases holding it) and class_first_case (per class id
+    or label value), foreground (per channel: mean, std, median,
     percentile_00_5, percentile_99_5, min, max of the sampled foreground voxels), dataset_labels.
   """
   path = os.path.abspath(os.path.expanduser(path))
@@ -134,7 +136,8 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
   values = msd.listed_label_values(meta_path, listed) if listed else None
   modalities = msd.modalities(meta_path, meta) or []
   spacings, shapes, samples, class_voxels, channels = [], [], [], np.zeros(256, np.int64), None
-  for index, (_, image_path, label_path) in enumerate(cases):
+  class_cases, first_case = np.zeros(256, np.int64), {}  # cases holding each value, the first
+  for index, (case_id, image_path, label_path) in enumerate(cases):
     image, label, spacing = _read_raw(kind, image_path, label_path, label_map)
     channels = prepare.check_channels(image_path, image, channels)
     if modalities and len(modalities) != channels:
@@ -148,7 +151,11 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
                            f'(it lists {values})')
     spacings.append(list(spacing))
     shapes.append(list(image.shape[:-1]))
-    class_voxels += np.bincount(label.ravel(), minlength=256)
+    counts = np.bincount(label.ravel(), minlength=256)
+    class_voxels += counts
+    class_cases += counts > 0
+    for value in np.nonzero(counts)[0]:
+      first_case.setdefault(str(value), case_id)
     foreground = image[label > 0]  # [N, C]
     if len(foreground):
       rng = np.random.default_rng(index)  # seeded per case: the same samples on every run
@@ -169,6 +176,8 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
       'spacings': spacings,
       'shapes': shapes,
       'class_voxels': class_voxels[:num_classes].tolist(),
+      'class_cases': class_cases[:num_classes].tolist(),
+      'class_first_case': first_case,
       'foreground': [_intensity_stats(stacked[:, c]) for c in range(channels)],
   }
 
@@ -398,6 +407,22 @@ def classes_of(fp: Mapping[str, Any]) -> tuple[int, list[list[int]]]:
   return max(2, len(fp['class_voxels'])), label_map
 
 
+def stray_label_notes(fp: Mapping[str, Any]) -> list[str]:
+  """One line per label value found in a single case of three or more when the classes come from
+  the files (no dataset.json labels, no label_map): an anti-aliased mask or one saved as 0/1 among 0/255 ones
+  adds a class silently. Fingerprints from before `class_cases` was recorded give none."""
+  cases, first = fp.get('class_cases'), fp.get('class_first_case') or {}
+  if fp.get('dataset_labels') or fp.get('label_map') or not cases or len(fp['case_ids']) < 3:
+    return []
+  classes, label_map = classes_of(fp)
+  to_class = dict((int(v), int(c)) for v, c in label_map)
+  return [f'{fp["path"]}: label value {value} is only in case {first.get(str(value), "?")} '
+          f'({fp["class_voxels"][value]} voxels of it) of {len(fp["case_ids"])}, and becomes '
+          f'class {to_class.get(value, value)} of {classes}; if it is noise, fix that label file '
+          f'or map the value (label_map)'
+          for value, n in enumerate(cases) if value and n == 1]
+
+
 def make_plan(fp: Mapping[str, Any], *, patch_voxels: int | None = None,
               memory_mb: float = MEMORY_MB, base_filters: int | None = None) -> dict[str, Any]:
   """The plan for a fingerprint (pure; see the module docstring for the rules)."""
@@ -465,6 +490,8 @@ def plan_for(path: str, data_dir: str | None = None, *, label_map: io.LabelMap |
   label_map = io.parse_label_map(label_map) if isinstance(label_map, str) else label_map
   kwargs = {'label_map': label_map or None, 'image_dir': image_dir, 'label_dir': label_dir}
   fp = fingerprint(path, data_dir, **kwargs)
+  for note in stray_label_notes(fp):
+    logging.warning('%s', note)
   plan = make_plan(fp, **plan_kwargs)
   folder = plan_dir(path, data_dir, **kwargs)
   plan['plan_dir'] = folder
