@@ -3,6 +3,7 @@ format, whole-image eval of folders and of a run's held-out cases."""
 import csv
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -272,8 +273,9 @@ def test_saved_split_keeps_the_held_out_cases_when_files_change(tmp_path):
     cases_lib.find_labelled(str(root), config.data, 'validation', split=split)
 
 
-def test_train_on_a_folder_then_eval_its_saved_split(tmp_path):
-  """End to end on real files: patches per batch, split.json, eval of the held-out case."""
+def test_train_on_a_folder_then_eval_its_saved_split(tmp_path, capsys):
+  """End to end on real files: patches per batch, split.json, eval of the held-out case, also
+  of a moved copy (said so)."""
   root = _em_folder(tmp_path / 'em', seed=1)
   config = folder2d_config.get_config(f'path={root},isbi,smoke')
   config.data.val_cases = '2'
@@ -286,6 +288,11 @@ def test_train_on_a_folder_then_eval_its_saved_split(tmp_path):
   assert split == {'train': ['0', '1', '3'], 'validation': ['2']}
   result = evaluate.run(None, workdir, input_path=None, output=str(tmp_path / 'ev'))
   assert result['num_cases'] == 1 and result['cases'][0]['case_id'] == '2'
+  assert 'scored as the run\'s data moved there' not in capsys.readouterr().out
+  moved = shutil.copytree(root, tmp_path / 'moved')
+  result = evaluate.run(None, workdir, input_path=str(moved), output=str(tmp_path / 'ev2'))
+  assert result['num_cases'] == 1 and result['cases'][0]['case_id'] == '2'
+  assert f"eval: {moved} holds every case of the run's split" in capsys.readouterr().out
 
 
 def test_inputs_unlike_the_training_data_get_a_warning(tmp_path):

@@ -322,8 +322,13 @@ def run(config: Any, workdir: str, *, input_path: str | None = None, output: str
   if cfg.data.name == 'synthetic':  # every request error before the model is restored
     _check_synthetic_request(input_path, cases)
   else:  # and every file error
-    *_, selected = select_cases(cfg, workdir, input_path, cases)
+    folder, default, _, selected = select_cases(cfg, workdir, input_path, cases)
     predict.check_cases(cfg.data, [(image, label) for _, image, label in selected])
+    if default == 'validation' and folder != _own_path(cfg) and not cases:
+      print(f'eval: {folder} holds every case of the run\'s split ({cases_lib.SPLIT_FILE}), so '
+            'it is scored as the run\'s data moved there: its held-out cases only '
+            '(--cases=all scores every case)', flush=True)
+    predict.warn_on_geometry([image for _, image, _ in selected], workdir)
   apply_fn, step = predict.restore_apply_fn(cfg, workdir)
   summary = evaluate_run(cfg, workdir, lambda x: apply_fn(x)[0], step, input_path=input_path,
                          output=output, cases=cases, write_predictions=bool(output))
