@@ -19,6 +19,7 @@ prepared data) and recorded in the run's config.json: the planned fields of `dat
 and win (`--config.data.patch_size=...`, `--config.train.batch_size=...`).
 
 Args: path=DIR (needed to plan), label_map=V:C;V:C (label values -> classes, ';'-separated),
+image_dir=NAME, label_dir=NAME (a 2D folder's subfolders; default image/ and label/),
 data_dir=DIR (prepared data and the plan cache), fold=N (of 5), classes=K, channels=C, ds=MODE,
 seed=N, smoke.
 """
@@ -98,9 +99,13 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg)
   path = args.get('path')
   if path and path is not True:
+    folders = {k: str(args[k]) for k in ('image_dir', 'label_dir') if args.get(k)}
     plan = plan_lib.plan_for(path, args.get('data_dir') or None,
-                             label_map=_label_map_arg(str(args.get('label_map') or '')) or None)
+                             label_map=_label_map_arg(str(args.get('label_map') or '')) or None,
+                             **folders)
     c = config_from_plan(plan)
+    if plan['kind'] == 'folder2d':
+      c.data.update(folders)
   else:  # nothing to plan from: the 3D defaults; training asks for path=
     c = config_lib.real_data_config(ndim=3, name='msd')
     c.data.num_classes = 3
@@ -115,5 +120,7 @@ def get_config(arg=None):
       'smoke': smoke,
       'label_map': lambda c, v: setattr(c.data, 'label_map', _label_map_arg(v)),
       'data_dir': lambda c, v: setattr(c.data, 'data_dir', v),
+      'image_dir': lambda c, v: None,  # planned with (above): a 2D folder's subfolders
+      'label_dir': lambda c, v: None,
   }
   return config_lib.apply_args(c, arg, extra=extra)

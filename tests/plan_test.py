@@ -245,6 +245,22 @@ def test_a_label_value_of_one_2d_mask_is_warned_about(tmp_path, caplog):
       caplog.text)
 
 
+def test_auto_plans_a_2d_folder_with_other_subfolder_names(tmp_path):
+  root = tmp_path / 'salt'
+  (root / 'images').mkdir(parents=True)
+  (root / 'masks').mkdir()
+  for i in range(2):
+    Image.fromarray(np.full((16, 16), 9, np.uint8)).save(root / 'images' / f'{i}.png')
+    Image.fromarray(np.eye(16, dtype=np.uint8) * 255).save(root / 'masks' / f'{i}.png')
+  with pytest.raises(io.DataError, match=r"nor a 2D folder \(image/ \+ label/\); it holds "
+                     r"\['images', 'masks'\] \(set image_dir and label_dir"):
+    _auto_config(f'path={root},data_dir={tmp_path / "tfds"}')
+  c = _auto_config(f'path={root},data_dir={tmp_path / "tfds"},image_dir=images,label_dir=masks')
+  config_lib.validate(c)
+  assert (c.data.name, c.data.image_dir, c.data.label_dir) == ('folder2d', 'images', 'masks')
+  assert c.plan.label_map == ((0, 0), (255, 1))
+
+
 def _auto_config(arg):
   spec = importlib.util.spec_from_file_location('auto', os.path.join(ROOT, 'configs', 'auto.py'))
   module = importlib.util.module_from_spec(spec)

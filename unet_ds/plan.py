@@ -61,14 +61,17 @@ MAX_FILTERS = 320
 DATASET_FRACTION_PER_BATCH = 0.05
 
 
-def dataset_kind(path: str) -> str:
-  """'msd' for a folder with imagesTr/, 'folder2d' for one with image/ (PNG/TIFF)."""
+def dataset_kind(path: str, image_dir: str = 'image', label_dir: str = 'label') -> str:
+  """'msd' for a folder with imagesTr/, 'folder2d' for one with `image_dir`/ (PNG/TIFF)."""
   if os.path.isdir(os.path.join(path, 'imagesTr')):
     return 'msd'
-  if os.path.isdir(os.path.join(path, 'image')):
+  if os.path.isdir(os.path.join(path, image_dir)):
     return 'folder2d'
+  others = sorted(f for f in os.listdir(path) if os.path.isdir(os.path.join(path, f))
+                  ) if os.path.isdir(path) else []
   raise io.DataError(f'{path}: neither an MSD task folder (imagesTr/ + labelsTr/) nor a 2D folder '
-                     '(image/ + label/)')
+                     f'({image_dir}/ + {label_dir}/); it holds {others or "no folders"} (set '
+                     'image_dir and label_dir for other subfolder names)')
 
 
 def read_dataset_json(path: str) -> dict[str, Any]:
@@ -128,7 +131,7 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
     percentile_00_5, percentile_99_5, min, max of the sampled foreground voxels), dataset_labels.
   """
   path = os.path.abspath(os.path.expanduser(path))
-  kind = dataset_kind(path)
+  kind = dataset_kind(path, image_dir, label_dir)
   meta = read_dataset_json(path)
   cases = _cases(path, kind, image_dir, label_dir)
   meta_path = os.path.join(path, 'dataset.json')
@@ -198,7 +201,7 @@ def plan_dir(path: str, data_dir: str | None = None, *, label_map: io.LabelMap |
   hash of the files' names, sizes, mtimes (dataset.json's too) and of the settings that change
   the fingerprint)."""
   path = os.path.abspath(os.path.expanduser(path))
-  kind = dataset_kind(path)
+  kind = dataset_kind(path, image_dir, label_dir)
   files = [f for c in _cases(path, kind, image_dir, label_dir) for f in c[1:]]
   meta = os.path.join(path, 'dataset.json')  # its modalities and labels are in the fingerprint
   files += [meta] if os.path.exists(meta) else []
@@ -506,6 +509,8 @@ def define_flags() -> None:
   flags.DEFINE_string('input', None, 'MSD task folder or 2D image/ + label/ folder.')
   flags.DEFINE_string('data_dir', None, 'prepared-data folder (fingerprint cache).')
   flags.DEFINE_string('label_map', None, "label value -> class, e.g. '0:1,255:0'.")
+  flags.DEFINE_string('image_dir', 'image', "a 2D folder's image subfolder.")
+  flags.DEFINE_string('label_dir', 'label', "a 2D folder's label subfolder.")
   flags.DEFINE_integer('patch_voxels', None, 'patch voxel budget.')
   flags.DEFINE_float('memory_mb', MEMORY_MB, 'activation memory budget (MB).')
 
@@ -517,8 +522,8 @@ def main(argv: Sequence[str]) -> None:
   if not f.input:
     raise app.UsageError('--input=DIR is required')
   try:
-    plan = plan_for(f.input, f.data_dir, label_map=f.label_map, patch_voxels=f.patch_voxels,
-                    memory_mb=f.memory_mb)
+    plan = plan_for(f.input, f.data_dir, label_map=f.label_map, image_dir=f.image_dir,
+                    label_dir=f.label_dir, patch_voxels=f.patch_voxels, memory_mb=f.memory_mb)
   except cli.USER_ERRORS as e:
     cli.exit_with_error(e)
   print(json.dumps(prepare.jsonable(plan), indent=1))
