@@ -22,12 +22,14 @@ def test_steps_within_is_the_largest_count_that_fits():
 
 def test_a_budgeted_run_fits_its_minutes_replans_and_resumes_with_its_steps(
     tmp_path, data_dir, monkeypatch, capsys):
-  """The calibration times its steps 3x too slow (as on a busy moment): the run measures its own
-  pace at the first eval, plans more steps, and its schedule spans them to the end."""
+  """The calibration times its steps 8x too slow (as on a busy moment): the run measures its own
+  pace at the first eval, plans more steps, and its schedule spans them to the end. (8x, not a
+  smaller factor: the parallel suite's load on the cores can change between the calibration and
+  the re-plan by 2-3x, which must not hide the re-plan.)"""
   real = budget.calibrate
   def slow(trainer):
     compile_s, step_s, eval_s = real(trainer)
-    return compile_s, 3 * step_s, eval_s
+    return compile_s, 8 * step_s, eval_s
   monkeypatch.setattr(budget, 'calibrate', slow)
   workdir = tmp_path / 'a' / 'new'  # not there yet: the run makes it
   c = config_lib.apply_args(config_lib.base_config(2), 'ds=deep,smoke')

@@ -74,21 +74,6 @@ def dataset_kind(path: str, image_dir: str = 'image', label_dir: str = 'label') 
                      'image_dir and label_dir for other subfolder names)')
 
 
-def read_dataset_json(path: str) -> dict[str, Any]:
-  """`PATH/dataset.json` as a dict ({} when absent)."""
-  meta_path = os.path.join(path, 'dataset.json')
-  if not os.path.exists(meta_path):
-    return {}
-  try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
-    raise io.DataError(f'{meta_path}: cannot read dataset.json ({e})') from e
-  if not isinstance(meta, dict):
-    raise io.DataError(f'{meta_path}: not a JSON object')
-  return meta
-
-
 # ----------------------------------------------------------------------------- fingerprint
 
 def _cases(path: str, kind: str, image_dir: str, label_dir: str) -> list[tuple[str, str, str]]:
@@ -132,7 +117,7 @@ def compute_fingerprint(path: str, *, label_map: io.LabelMap | None = None,
   """
   path = os.path.abspath(os.path.expanduser(path))
   kind = dataset_kind(path, image_dir, label_dir)
-  meta = read_dataset_json(path)
+  meta = msd.read_dataset_json(path) or {}
   cases = _cases(path, kind, image_dir, label_dir)
   meta_path = os.path.join(path, 'dataset.json')
   listed = meta.get('labels') if isinstance(meta.get('labels'), Mapping) else None
@@ -412,8 +397,8 @@ def classes_of(fp: Mapping[str, Any]) -> tuple[int, list[list[int]]]:
 
 def stray_label_notes(fp: Mapping[str, Any]) -> list[str]:
   """One line per label value found in a single case of three or more when the classes come from
-  the files (no dataset.json labels, no label_map): an anti-aliased mask or one saved as 0/1 among 0/255 ones
-  adds a class silently. Fingerprints from before `class_cases` was recorded give none."""
+  the files (no dataset.json labels, no label_map): an anti-aliased mask, or one saved as 0/1
+  among 0/255 ones, adds a class silently. Fingerprints from before `class_cases` give none."""
   cases, first = fp.get('class_cases'), fp.get('class_first_case') or {}
   if fp.get('dataset_labels') or fp.get('label_map') or not cases or len(fp['case_ids']) < 3:
     return []

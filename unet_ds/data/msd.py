@@ -154,6 +154,21 @@ def _warn_listed_but_missing(path: str, meta: dict[str, Any] | None, found: int)
                     os.path.normpath(os.path.join(path, missing[0])), found)
 
 
+def read_dataset_json(path: str) -> dict[str, Any] | None:
+  """`path`'s dataset.json as a dict, None without one."""
+  meta_path = os.path.join(path, 'dataset.json')
+  if not os.path.exists(meta_path):
+    return None
+  try:
+    with open(meta_path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise io.DataError(f'{meta_path}: cannot read dataset.json ({e})') from e
+  if not isinstance(meta, dict):
+    raise io.DataError(f'{meta_path}: not a JSON object')
+  return meta
+
+
 def listed_label_values(meta_path: str, labels: Mapping[str, Any]) -> list[int]:
   """dataset.json's label values (its `labels` keys), sorted."""
   try:
@@ -185,16 +200,10 @@ def _check_dataset_json(path: str, num_classes: int | None, in_channels: int | N
   """`path`'s dataset.json (None without one), checked against `num_classes` / `in_channels`;
   with `num_classes` (training's preparation) its labels must be the class ids 0..K-1, or
   `label_map` must map the files' values."""
-  meta_path = os.path.join(path, 'dataset.json')
-  if not os.path.exists(meta_path):
+  meta = read_dataset_json(path)
+  if meta is None:
     return None
-  try:
-    with open(meta_path) as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
-    raise io.DataError(f'{meta_path}: cannot read dataset.json ({e})') from e
-  if not isinstance(meta, dict):
-    raise io.DataError(f'{meta_path}: not a JSON object')
+  meta_path = os.path.join(path, 'dataset.json')
   labels = meta.get('labels')
   if num_classes and isinstance(labels, dict):
     if len(labels) != num_classes:
