@@ -32,6 +32,7 @@ the extra flags and each point's name and command.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import json
@@ -51,6 +52,8 @@ from experiments import process
 from experiments import runs as runs_lib
 from experiments import sweep
 from experiments import until
+from unet_ds import config_lib
+from unet_ds import workdir as workdir_lib
 
 # Runs one command (argv, program first) for the given workdir; returns its exit status.
 Runner = Callable[[Sequence[str], pathlib.Path], int]
@@ -71,6 +74,7 @@ class Job:
   workdir: pathlib.Path
   overrides: dict[str, Any]
   args: tuple[str, ...]  # After `python`: ('-m', 'unet_ds.main', '--config=...', ...).
+  config: dict[str, Any] | None = None  # the point's whole config, as its config.json would be
 
   def argv(self, python: str) -> list[str]:
     return [python, *self.args]
@@ -121,36 +125,72 @@ def plan_points(config_arg: str, config: config_dict.ConfigDict, points: Sequenc
                 root: pathlib.Path, extra: Sequence[tuple[str, str]] = ()) -> list[Job]:
   """`plan` for given points of the config's sweep (e.g. with seeds added by `--until`)."""
   swept = {k for p in points for k in p}
-  for key, _ in extra:
+  parsed = {}
+  for key, text in extra:
+    if key.split('.')[0] == 'multirun':
+      raise ValueError(f'--config.{key}: a sweep point is one run; group runs with multirun in '
+                       'one unet_ds.main command (README), not in a sweep')
     try:
-      sweep.get_value(config, key)
+      parsed[key] = _parse_value(sweep.get_value(config, key), text)
     except KeyError as e:
       raise ValueError(f'--config.{key}: {e.args[0]}') from None
     if key in swept:
       raise ValueError(f'--config.{key} sets a key that the sweep of {config_arg} sets; '
                        'change the sweep instead')
   root = pathlib.Path(root)
+  experiment = all(group in config for group in ('data', 'model', 'train'))  # not a toy config
   jobs = []
   for name, point in zip(sweep.point_names(points), points):
     workdir = root / name
     args = ['-m', MAIN_MODULE, f'--config={config_arg}', f'--workdir={workdir}']
     args += [f'--config.{k}={cli_value(v)}' for k, v in point.items()]
     args += [f'--config.{k}={v}' for k, v in extra]
-    jobs.append(Job(name=name, workdir=workdir, overrides=dict(point), args=tuple(args)))
+    try:  # a unet_ds config checked as unet_ds.main checks it, before any point runs
+      resolved = sweep.apply_overrides(config, {**point, **parsed})
+      if experiment:
+        config_lib.validate(resolved)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'sweep point {name!r}: {e}') from None
+    jobs.append(Job(name=name, workdir=workdir, overrides=dict(point), args=tuple(args),
+                    config=json.loads(config_lib.to_json(resolved)) if experiment else None))
   check_workdirs(jobs)
   return jobs
 
 
+def _parse_value(current: Any, text: str) -> Any:
+  """`--config.KEY=text` as ml_collections' flags read it for a field holding `current`: text
+  for a string field, else a Python literal (`0.5`, `(1, 2)`, `True`)."""
+  if isinstance(current, str):
+    return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return {'true': True, 'false': False}.get(text.lower(), text)
+
+
 def check_workdirs(jobs: Sequence[Job]) -> None:
-  """Raises if an existing workdir's config.json disagrees with its point's overrides."""
+  """Raises if an existing workdir's config.json disagrees with its point's overrides, or with
+  the rest of its config (another config argument or extra override since it was made: a
+  finished run would otherwise be skipped as if it were this sweep's)."""
   for job in jobs:
     path = job.workdir / CONFIG_FILE
     if not path.is_file():
       continue
     try:
-      recorded = sweep.flatten(json.loads(path.read_text()))
+      saved = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError) as e:
       raise ValueError(f'{path}: cannot read the recorded config: {e}') from None
+    recorded = sweep.flatten(saved)
+    if job.config is not None:
+      changed = workdir_lib.resume_conflicts(config_lib.fill_defaults(saved), job.config)
+      if float(job.config.get('train', {}).get('minutes') or 0) > 0:  # the budget sets steps
+        changed = [k for k in changed if k != 'train.steps']
+      if changed:
+        raise ValueError(
+            f'{path} differs from this launch\'s sweep point {job.name!r} in '
+            f'{", ".join(changed[:6])}{" ..." if len(changed) > 6 else ""}: the sweep\'s config '
+            'or overrides changed since this workdir was made; move it away or use another '
+            '--root')
     for key, want in job.overrides.items():
       if key not in recorded:
         raise ValueError(f'{path} has no key {key!r}, which sweep point {job.name!r} sets')

@@ -152,6 +152,29 @@ def test_bad_extra_overrides(config_path, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+
+def test_a_real_sweep_checks_values_and_whole_configs_before_running(tmp_path):
+  """On a unet_ds config every point is validated as unet_ds.main would, and an existing workdir
+  must match the point's whole config, not only the swept keys."""
+  config = 'configs/ablation_synthetic.py:smoke,steps=20,seeds=1,forms=none+deep'
+  root = tmp_path / 'runs'
+  with pytest.raises(ValueError, match=r"sweep point 'mode=none,seed=0': config.loss.ds_schedule: "
+                     r'must be one of'):
+    launch.plan(config, root, [('loss.ds_schedule', 'cosin')])
+  with pytest.raises(ValueError, match=r'--config.multirun.k: a sweep point is one run'):
+    launch.plan(config, root, [('multirun.k', '2')])
+  jobs = launch.plan(config, root, [('optim.lr', '0.5')])
+  assert jobs[0].config['optim']['lr'] == 0.5
+  # A finished run made with another learning rate (or steps) is not this sweep's.
+  made = dict(jobs[0].config, optim={**jobs[0].config['optim'], 'lr': 0.01})
+  jobs[0].workdir.mkdir(parents=True)
+  (jobs[0].workdir / 'config.json').write_text(json.dumps(made))
+  (jobs[0].workdir / 'summary.json').write_text('{}')
+  with pytest.raises(ValueError, match=r"mode=none,seed=0/config.json differs from this launch's "
+                     r"sweep point 'mode=none,seed=0' in optim.lr"):
+    launch.plan(config, root, [('optim.lr', '0.5')])
+  assert launch.plan(config, root, [('optim.lr', '0.01')])[0].finished  # the same: skipped
+
 def test_cli_value_round_trips_through_literal_eval():
   assert launch.cli_value('deep') == 'deep'
   assert launch.cli_value((0.5, 0.25)) == '(0.5, 0.25)'
