@@ -339,9 +339,20 @@ def headline(report: Report) -> str:
             + f' share the highest mean foreground Dice, {winners[0].dice[0]:.4f}.')
   w = winners[0]
   top = f'`{w.label}`, mean foreground Dice {_pm(w.dice, w.n)}'
+  # The top mean against means over other run counts (a failed or missing seed) is no ranking.
+  rivals = [v for v in report.variants if v.label == w.baseline] if not w.is_baseline else [
+      v for v in report.variants if v is not w]
+  counts = sorted({w.n, *(v.n for v in rivals)})
+  uneven = ('' if len(counts) == 1 else
+            f' (run counts differ, {counts[0]} to {counts[-1]}: the means are over different '
+            'seeds; the paired differences in the table are the comparison)')
   if w.is_baseline:
+    if not any(v.vs_baseline is not None and v.vs_baseline.excludes_zero is not None
+               for v in report.variants):  # nothing to settle it: say so, no bold claim
+      return (f'No variant beat the baseline in these runs, but none has an interval (needs at '
+              f'least 2 paired seeds): the highest mean is the baseline {top}{uneven}.')
     return (f'**No DS variant beat the baseline**: the highest mean is the baseline {top}'
-            + _settled_elsewhere(report) + '.')
+            + _settled_elsewhere(report) + uneven + '.')
   if w.vs_baseline is None:
     if not any(v.is_baseline for v in report.variants):
       return (f'No winner named: highest mean {top}; no `{BASELINE_KEY}={BASELINE_VALUE}` '
@@ -351,15 +362,18 @@ def headline(report: Report) -> str:
   pairs = '(fold, seed) runs' if report.folds else 'seeds'
   versus = f' vs baseline `{w.baseline}`: {d.mean:+.4f}'
   if d.n == 0:
-    return f'No winner named: highest mean {top}{versus} (no {pairs} in common to pair).'
+    return f'No winner named: highest mean {top}{versus} (no {pairs} in common to pair){uneven}.'
   if d.excludes_zero is None:
-    return (f'No winner named: highest mean {top}{versus} over 1 paired {pairs[:-1]}, no '
-            'interval (needs at least 2 pairs).')
+    why = ('needs at least 2 pairs' if d.n < 2 else
+           'a paired difference is not a number: a run\'s Dice is NaN')
+    one = f'1 paired {pairs[:-1]}' if d.n == 1 else f'{d.n} paired {pairs}'
+    return (f'No winner named: highest mean {top}{versus} over {one}, no interval ({why})'
+            f'{uneven}.')
   ci = f', 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}] over {d.n} paired {pairs}'
   if d.ci_low > 0:
-    return f'**Winner: {top}**{versus}{ci}, which excludes 0: better than the baseline.'
+    return f'**Winner: {top}**{versus}{ci}, which excludes 0: better than the baseline{uneven}.'
   return (f'No winner: the highest mean is {top}{versus}{ci}, which includes 0: not '
-          f'distinguishable from the baseline' + _settled_elsewhere(report) + '.')
+          f'distinguishable from the baseline' + _settled_elsewhere(report) + uneven + '.')
 
 
 def _settled_elsewhere(report: Report) -> str:

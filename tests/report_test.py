@@ -525,6 +525,30 @@ def test_no_winner_without_a_settling_interval(tmp_path):
          '95%: `model.ds.mode=additive`.' in line
 
 
+
+def test_headline_caveats_uneven_counts_one_seed_and_nan(tmp_path):
+  uneven = tmp_path / 'uneven'  # deep's worst seed missing: its mean is over 2 seeds, none's 3
+  for seed, (none, deep) in enumerate([(0.70, 0.60), (0.72, 0.73), (0.74, 0.738)]):
+    _make_run(uneven, f'none{seed}', 'none', seed, none, [0.99, none, none])
+    if seed:
+      _make_run(uneven, f'deep{seed}', 'deep', seed, deep, [0.99, deep, deep], heads=(0.5,))
+  line = report.headline(report.build(uneven))
+  assert line.startswith('No winner: the highest mean is `model.ds.mode=deep`'), line
+  assert '(run counts differ, 2 to 3: the means are over different seeds;' in line
+  one = tmp_path / 'one'  # the baseline highest, one seed: no bold claim
+  _make_run(one, 'none0', 'none', 0, 0.75, [0.99, 0.75, 0.75])
+  _make_run(one, 'deep0', 'deep', 0, 0.70, [0.99, 0.7, 0.7], heads=(0.5,))
+  line = report.headline(report.build(one))
+  assert line.startswith('No variant beat the baseline in these runs, but none has an interval')
+  assert '**' not in line
+  nan = tmp_path / 'nan'  # three pairs, one baseline Dice NaN
+  for seed, (none, deep) in enumerate([(None, 0.75), (0.70, 0.74), (0.71, 0.76)]):
+    _make_run(nan, f'none{seed}', 'none', seed, none, [0.99, none or 0.0, none or 0.0])
+    _make_run(nan, f'deep{seed}', 'deep', seed, deep, [0.99, deep, deep], heads=(0.5,))
+  line = report.headline(report.build(nan))
+  assert "over 3 paired seeds, no interval (a paired difference is not a number: a run's Dice " \
+         'is NaN)' in line, line
+
 def test_a_weight_sweeps_baseline_is_labelled_without_its_inert_ds_weights(tmp_path):
   root = tmp_path / 'weights'
   for mode, weights in (('none', 'exp'), ('deep', 'exp'), ('deep', 'same')):
