@@ -8,7 +8,8 @@ An ablation config file starts from a base config file (e.g. `configs/default.py
              form F; `additive` / `hypercolumn` need `side`, their heads having no loss
              otherwise) with loss.ds_weights exp / nnunet / same x loss.ds_schedule constant /
              linear, plus the `none` baseline;
-    schedules=A+B  with `weights`: the schedules swept (default constant+linear);
+    schedules=A+B  with `weights`: the schedules swept (default constant+linear; cosine too;
+             with smoke, each with the `exp` weights);
     seeds=N  seeds per variant (default 3; 2 with smoke, 1 with weights,smoke);
     forms=A+B  the DS forms to compare, `+`-separated (default all four; none+deep with smoke);
     folds=K  K-fold cross-validation (real-data configs only): `data.num_folds=K` and a
@@ -28,6 +29,7 @@ import ml_collections
 
 from experiments import sweep
 from unet_ds import config_lib
+from unet_ds import losses
 
 MODES = ('none', 'deep', 'additive', 'hypercolumn')
 WEIGHT_SCHEMES = ('exp', 'nnunet', 'same')
@@ -49,7 +51,7 @@ def configure(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.C
   """Applies the ablation's own args to a base config (in place; returns it)."""
   mine, parsed, _ = split_arg(arg)
   if 'steps' in mine:  # given explicitly, it wins over smoke's length too
-    c.train.steps = int(mine['steps'])
+    c.train.steps = _count(mine, 'steps', 0)
   if not parsed.get('smoke'):
     c.train.eval_every = max(1, c.train.steps // 6)  # enough evals for steps-to-target
     c.train.checkpoint_every = max(1, c.train.steps // 3)
@@ -105,14 +107,21 @@ def weighted_form(mine: dict[str, Any]) -> str:
 
 
 def schedules(mine: dict[str, Any]) -> tuple[str, ...]:
-  """The `schedules=A+B` arg (default: all of WEIGHT_SCHEDULES)."""
+  """The `schedules=A+B` arg (default: WEIGHT_SCHEDULES; any of `losses.SCHEDULES`)."""
   if 'schedules' not in mine:
     return WEIGHT_SCHEDULES
   chosen = tuple(str(mine['schedules']).split('+'))
-  if any(s not in WEIGHT_SCHEDULES for s in chosen) or len(set(chosen)) != len(chosen):
+  if any(s not in losses.SCHEDULES for s in chosen) or len(set(chosen)) != len(chosen):
     raise ValueError(f'ablation arg schedules={mine["schedules"]}: need distinct schedules from '
-                     f'{WEIGHT_SCHEDULES}, joined by +')
+                     f'{losses.SCHEDULES}, joined by +')
   return chosen
+
+
+def _count(mine: dict[str, Any], key: str, default: int) -> int:
+  try:
+    return int(mine.get(key, default))
+  except (TypeError, ValueError):
+    raise ValueError(f'ablation arg {key}={mine[key]}: not a whole number') from None
 
 
 def fold_axis(k: int) -> list[sweep.Point]:
@@ -144,13 +153,16 @@ def sweep_points(arg: str | None,
   mine, parsed, _ = split_arg(arg)
   smoke = bool(parsed.get('smoke'))
   default_seeds = (1 if 'weights' in mine else 2) if smoke else 3
-  seeds = sweep.axis('seed', range(int(mine.get('seeds', default_seeds))))
+  seeds = sweep.axis('seed', range(_count(mine, 'seeds', default_seeds)))
   k = num_folds(mine)
   if k:
     seeds = sweep.product(folds(k), seeds)
   if 'weights' in mine:
     form = weighted_form(mine)
-    if smoke:  # two weightings that exercise both the scheme and the schedule
+    if smoke and 'schedules' in mine:  # the schedules asked for, with one scheme
+      weights = sweep.product(sweep.axis('loss.ds_weights', ['exp']),
+                              sweep.axis('loss.ds_schedule', schedules(mine)))
+    elif smoke:  # two weightings that exercise both the scheme and the schedule
       weights = sweep.zip_axes(sweep.axis('loss.ds_weights', ['exp', 'same']),
                                sweep.axis('loss.ds_schedule', ['constant', 'linear']))
     else:

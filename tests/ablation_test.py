@@ -65,8 +65,8 @@ def test_weight_sweep_on_a_fused_form():
   assert (run.model.ds.mode, run.loss.ds_weights, run.loss.side_losses) == ('additive', 'same', True)
   with pytest.raises(ValueError, match='forms=additive: additive.s heads get no loss without side'):
     sweep.load('configs/ablation_hippocampus.py:path=/data/hip,weights,forms=additive')
-  with pytest.raises(ValueError, match='schedules=cosine\\+linear: need distinct schedules'):
-    sweep.load('configs/ablation_hippocampus.py:path=/data/hip,weights,schedules=cosine+linear')
+  with pytest.raises(ValueError, match='schedules=cosin\\+linear: need distinct schedules'):
+    sweep.load('configs/ablation_hippocampus.py:path=/data/hip,weights,schedules=cosin+linear')
   with pytest.raises(ValueError, match='schedules=linear: only with weights'):
     sweep.load('configs/ablation_hippocampus.py:path=/data/hip,schedules=linear')
 
@@ -113,3 +113,13 @@ def test_steps_given_with_smoke_are_honoured():
   shorter, _ = sweep.load('configs/ablation_synthetic.py:smoke,seeds=1,steps=10')
   assert shorter.train.steps == 10 != smoke.train.steps
   assert shorter.train.eval_every == smoke.train.eval_every  # smoke's intervals stay
+
+
+def test_schedules_are_honoured_with_smoke_and_counts_are_named():
+  _, points = sweep.load('configs/ablation_synthetic.py:smoke,weights,schedules=linear+cosine')
+  assert sorted({p.get('loss.ds_schedule') for p in points} - {None}) == ['cosine', 'linear']
+  _, points = sweep.load('configs/ablation_synthetic.py:weights,schedules=constant+cosine')
+  assert {p.get('loss.ds_schedule') for p in points} - {None} == {'constant', 'cosine'}
+  for arg in ('seeds=two', 'steps=many'):
+    with pytest.raises(ValueError, match=f'ablation arg {arg}: not a whole number'):
+      sweep.load(f'configs/ablation_synthetic.py:smoke,{arg}')
