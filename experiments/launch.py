@@ -52,6 +52,7 @@ from experiments import process
 from experiments import runs as runs_lib
 from experiments import sweep
 from experiments import until
+from unet_ds import cli
 from unet_ds import config_lib
 from unet_ds import workdir as workdir_lib
 
@@ -216,7 +217,8 @@ def run(jobs: Sequence[Job], runner: Runner = subprocess_runner, python: str = s
   """Runs unfinished jobs one after another.
 
   Returns {name: status}, status one of 'skipped' (already finished), 'done', 'stopped' (exit 0
-  before the last step), 'failed', 'not run' (after a failure with fail_fast). The jobs come
+  before the last step), 'busy' (its workdir in use by another process), 'failed', 'not run'
+  (after a failure with fail_fast). The jobs come
   from `plan`, which has checked their workdirs.
   """
   status = {job.name: 'not run' for job in jobs}
@@ -234,6 +236,10 @@ def run(jobs: Sequence[Job], runner: Runner = subprocess_runner, python: str = s
       status[job.name] = 'done' if job.finished else 'stopped'
       if not job.finished:
         log(f'{tag}: stopped before the last step (no {SUMMARY_FILE}); launch again to go on')
+      continue
+    if code == cli.BUSY:  # another launcher or trainer holds it: not this launch's failure
+      status[job.name] = 'busy'
+      log(f'{tag}: in use by another process (its lock), skipped; launch again once it is done')
       continue
     status[job.name] = 'failed'
     log(f'{tag}: FAILED (exit status {code}); log: {job.workdir / LOG_FILE}')
@@ -417,9 +423,11 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
   with _exit_on_sigterm():
     jobs, status = run_rounds(args.config, config, points, root, extra, run_round, rule, log=out)
   counts = {s: sum(v == s for v in status.values())
-            for s in ('done', 'skipped', 'stopped', 'failed', 'submitted', 'queued')}
+            for s in ('done', 'skipped', 'stopped', 'busy', 'failed', 'submitted', 'queued')}
   line = (f'sweep {args.config}: {counts["done"]} ran, {counts["skipped"]} already finished, '
           f'{counts["stopped"]} stopped early, {counts["failed"]} failed')
+  if counts['busy']:
+    line += f', {counts["busy"]} in use by another process'
   if args.executor != 'local':
     line += f', {counts["submitted"]} submitted and running, {counts["queued"]} already queued'
   out(f'{line}, of {len(jobs)} points in {args.root}')

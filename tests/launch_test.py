@@ -12,6 +12,7 @@ import time
 import pytest
 
 from experiments import launch
+from unet_ds import cli
 
 _CONFIG_FILE = '''
 from ml_collections import config_dict
@@ -128,6 +129,15 @@ def test_fail_fast_stops(config_path, tmp_path):
                      runner=fake, out=lambda s: None)
   assert code == 1 and [n for n, _ in fake.calls] == _NAMES[:1]
 
+
+
+def test_a_point_in_use_by_another_launcher_is_busy_not_failed(config_path, tmp_path):
+  lines = []
+  busy = lambda argv, workdir: cli.BUSY  # noqa: E731  (main's status for a locked workdir)
+  code = launch.main([f'--config={config_path}', f'--root={tmp_path}'], runner=busy,
+                     out=lines.append)
+  assert code == 0 and 'failed:' not in '\n'.join(lines)
+  assert f'0 failed, {len(_NAMES)} in use by another process' in lines[-1]
 
 def test_changed_sweep_is_refused_before_running(config_path, tmp_path):
   root = tmp_path / 'runs'

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from unet_ds import cli
 from unet_ds import workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -213,3 +214,14 @@ def test_describe_and_check_resume_name_the_keys():
     workdir.check_resume(SAVED, new, (), 'W')
   accepted = workdir.check_resume(SAVED, new, ['loss', 'model'], 'W')
   assert accepted == ['loss.name', 'model.base_filters', 'model.ds.mode', 'train.eval_every']
+
+
+def test_a_locked_workdir_ends_the_process_with_the_busy_status():
+  """A launcher tells 'in use by another process' from a failure by this exit status."""
+  code = ('from unet_ds import cli, workdir\n'
+          'cli.exit_with_error(workdir.WorkdirLockedError("runs/a is in use by pid 1"))')
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=False)
+  assert done.returncode == cli.BUSY
+  assert done.stderr.strip().splitlines()[-1] == (
+      'error: WorkdirLockedError: runs/a is in use by pid 1')
+  assert 'Traceback' not in done.stderr  # one line, as every user error

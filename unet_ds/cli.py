@@ -1,5 +1,6 @@
 """How the command-line entry points (`unet_ds.main`, `unet_ds.plan`) end on an error: one last
-line `error: <type>: <cause>` naming the file, key or shape at fault, exit status 1."""
+line `error: <type>: <cause>` naming the file, key or shape at fault, exit status 1 (`BUSY` when
+the workdir is in use by another process: a launcher counts that point as running elsewhere)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,14 @@ from absl import flags
 class UserError(Exception):
   """Base of the project's own errors whose message names the file, key or shape at fault and
   what to do (e.g. `checkpoint.CheckpointError`); ends in one line, as `USER_ERRORS`."""
+
+
+BUSY = 75  # EX_TEMPFAIL: the workdir is locked by another live process; try again later
+
+
+class BusyError(UserError):
+  """What the user asked for is in use by another live process (e.g. a locked workdir); ends
+  with exit status `BUSY`, so a launcher can tell it from a failure."""
 
 
 # Errors whose message already names the file, key or shape at fault: one line is enough.
@@ -31,4 +40,4 @@ def exit_with_error(error: BaseException, show_traceback: bool = False) -> NoRet
   print(f'\nerror: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
   sys.stdout.flush()
   # Library threads (orbax, grain) can print at interpreter shutdown and bury this line.
-  os._exit(1)  # pylint: disable=protected-access
+  os._exit(BUSY if isinstance(error, BusyError) else 1)  # pylint: disable=protected-access

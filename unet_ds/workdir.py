@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from unet_ds import cli
+
 LOCK_FILE = '.lock'
 
 # Config keys (dotted; a key names itself and everything under it) that may change between a
@@ -134,7 +136,7 @@ def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -
 # One trainer per workdir.
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(cli.BusyError):
   """Another live process holds the workdir's lock; the message names it."""
 
 
