@@ -52,6 +52,7 @@ from experiments import process
 from experiments import runs as runs_lib
 from experiments import sweep
 from experiments import until
+from unet_ds import budget
 from unet_ds import cli
 from unet_ds import config_lib
 from unet_ds import workdir as workdir_lib
@@ -184,8 +185,8 @@ def check_workdirs(jobs: Sequence[Job]) -> None:
     recorded = sweep.flatten(saved)
     if job.config is not None:
       changed = workdir_lib.resume_conflicts(config_lib.fill_defaults(saved), job.config)
-      if float(job.config.get('train', {}).get('minutes') or 0) > 0:  # the budget sets steps
-        changed = [k for k in changed if k != 'train.steps']
+      if float(job.config.get('train', {}).get('minutes') or 0) > 0:  # the budget sets these
+        changed = [k for k in changed if k not in budget.PLANNED_KEYS]
       if changed:
         raise ValueError(
             f'{path} differs from this launch\'s sweep point {job.name!r} in '

@@ -184,6 +184,15 @@ def test_a_real_sweep_checks_values_and_whole_configs_before_running(tmp_path):
                      r"sweep point 'mode=none,seed=0' in optim.lr"):
     launch.plan(config, root, [('optim.lr', '0.5')])
   assert launch.plan(config, root, [('optim.lr', '0.01')])[0].finished  # the same: skipped
+  # A budgeted run records the steps and warm-up its budget planned: still this sweep's.
+  (budgeted,) = launch.plan(config.replace('forms=none+deep', 'forms=none'), tmp_path / 'b',
+                            [('train.minutes', '15.0')])
+  planned = dict(budgeted.config, train={**budgeted.config['train'], 'steps': 4321},
+                 optim={**budgeted.config['optim'], 'warmup_steps': 7})
+  budgeted.workdir.mkdir(parents=True)
+  (budgeted.workdir / 'config.json').write_text(json.dumps(planned))
+  assert launch.plan(config.replace('forms=none+deep', 'forms=none'), tmp_path / 'b',
+                     [('train.minutes', '15.0')])
 
 def test_cli_value_round_trips_through_literal_eval():
   assert launch.cli_value('deep') == 'deep'

@@ -69,6 +69,8 @@ class Plan:
 
 
 PLAN_FILE = 'budget.json'  # the plan, in the workdir, for the summary of a resumed run
+# The config keys `fit` sets from the budget: a budgeted run's config.json holds its own values.
+PLANNED_KEYS = ('train.steps', 'optim.warmup_steps')
 
 
 def record(plan: Plan, eval_every: int) -> dict[str, Any]:
