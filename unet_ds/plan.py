@@ -385,7 +385,7 @@ def classes_of(fp: Mapping[str, Any]) -> tuple[int, list[list[int]]]:
   label_map = [list(pair) for pair in fp.get('label_map') or []]
   labels = fp.get('dataset_labels')
   if labels:
-    values = sorted(int(v) for v in labels)
+    values = msd.listed_label_values(os.path.join(fp['path'], 'dataset.json'), labels)
     if not label_map and values != list(range(len(values))):  # e.g. 0, 1, 5: classes 0, 1, 2
       return len(values), [[value, c] for c, value in enumerate(values)]
     return len(labels), label_map
