@@ -367,8 +367,8 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
   parser.add_argument('--fail_fast', '--fail-fast', action='store_true',
                       help='local: stop at the first failed point')
   parser.add_argument('--python', default=None,
-                      help='interpreter in the commands (default: `python` with --print, '
-                      'this interpreter otherwise)')
+                      help='interpreter in the commands (default: this one, so that a printed '
+                      'command finds the same installed packages)')
   parser.add_argument('--executor', choices=('local', *cluster.EXECUTORS), default='local',
                       help='local: one point after another here; slurm: one SLURM job array '
                       'through submitit; submitit_local: submitit jobs as local processes')
@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
     extra = parse_extra_overrides(rest)
     if args.print_only:
       for job in plan(args.config, root, extra):
-        out(job.command(args.python or 'python'))
+        out(job.command(args.python or sys.executable))
       return 0
     rule = until.parse_rule(args.until) if args.until else None
     resources = cluster.Resources(

@@ -210,7 +210,11 @@ def _labels(configs: Sequence[dict[str, Any]], differing: Sequence[str]) -> list
   (unless that would give two variants one label)."""
   def label(config, drop):
     return ' '.join(f'{k}={_format(config.get(k, _UNSET))}' for k in differing
-                    if not (drop and _inert(k, config))) or '(all runs)'
+                    if not (drop and _inert(k, config))) or fallback(config)
+
+  def fallback(config):  # one variant: say which form it is, not just that it is everything
+    return (f'{BASELINE_KEY}={_format(config[BASELINE_KEY])} (all runs)'
+            if BASELINE_KEY in config else '(all runs)')
   short = [label(c, True) for c in configs]
   return short if len(set(short)) == len(short) else [label(c, False) for c in configs]
 

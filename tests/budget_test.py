@@ -21,7 +21,7 @@ def test_steps_within_is_the_largest_count_that_fits():
 
 
 def test_a_budgeted_run_fits_its_minutes_replans_and_resumes_with_its_steps(
-    tmp_path, data_dir, monkeypatch, capsys):
+    tmp_path, data_dir, monkeypatch, capsys, caplog):
   """The calibration times its steps 8x too slow (as on a busy moment): the run measures its own
   pace at the first eval, plans more steps, and its schedule spans them to the end. (8x, not a
   smaller factor: the parallel suite's load on the cores can change between the calibration and
@@ -35,7 +35,10 @@ def test_a_budgeted_run_fits_its_minutes_replans_and_resumes_with_its_steps(
   c = config_lib.apply_args(config_lib.base_config(2), 'ds=deep,smoke')
   c.data.data_dir, c.mesh.data = data_dir, 1
   c.train.update(minutes=1.0, steps=100000, eval_every=20, checkpoint_every=20, log_every=1)
+  c.model.depth, c.loss.ds_weights = 3, 'nnunet'  # its one head weighted 0: a config warning
   summary = train.train_and_evaluate(c, str(workdir))
+  # Said once, though the budget builds the run three times (calibration, run, re-plan).
+  assert caplog.text.count('this run trains like ds.mode=none') == 1
   plan = summary['budget']
   assert 1 <= summary['step'] <= plan['steps']  # fewer only if the machine slowed down
   assert summary['wall_seconds'] <= 1.3 * 60 + 15, summary['wall_seconds']

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests import xla_env
 from unet_ds import evaluate
 from unet_ds import predict
 from unet_ds.data import cases
@@ -21,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture()
 def env(tmp_path):
   """The user's environment: no simulated devices, a private (so checkable) data cache."""
-  e = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  e = {**os.environ, 'XLA_FLAGS': xla_env.flags()}
   e['UNET_DS_DATA_DIR'] = str(tmp_path / 'tfds')
   return e
 

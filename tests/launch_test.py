@@ -82,7 +82,7 @@ def test_print_commands(config_path, tmp_path, capsys):
   assert code == 0
   assert len(out) == 4
   assert [shlex.split(line) for line in out][2] == [
-      'python', '-m', 'unet_ds.main', f'--config={config_path}:smoke',
+      sys.executable, '-m', 'unet_ds.main', f'--config={config_path}:smoke',
       f'--workdir={root}/{_NAMES[2]}', '--config.model.ds.mode=deep',
       '--config.model.ds.weights=(1.0, 0.5)', '--config.seed=0', '--config.train.steps=7']
   assert not root.exists()  # --print touches nothing.

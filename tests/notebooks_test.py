@@ -11,6 +11,8 @@ import nbclient
 import nbformat
 import pytest
 
+from tests import xla_env
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _NOTEBOOKS = ('ds_ablation', 'weight_sweep')
 
@@ -40,7 +42,7 @@ def _kernel_env(data_dir):
   session's 4 simulated devices would not divide the smoke batch), the session's compilation
   cache (runs with one architecture compile once), and the notebook's own data dir."""
   env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_env.flags()
   env['JAX_PLATFORMS'] = 'cpu'
   env['UNET_DS_DATA_DIR'] = str(data_dir)
   env['MPLBACKEND'] = 'Agg'

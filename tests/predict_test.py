@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from benchmarks import ensemble_eval
 from configs import folder2d as folder2d_config
 from tests import smoke
 from unet_ds import config_lib
@@ -293,6 +294,10 @@ def test_train_on_a_folder_then_eval_its_saved_split(tmp_path, capsys):
   result = evaluate.run(None, workdir, input_path=str(moved), output=str(tmp_path / 'ev2'))
   assert result['num_cases'] == 1 and result['cases'][0]['case_id'] == '2'
   assert f"eval: {moved} holds every case of the run's split" in capsys.readouterr().out
+  # benchmarks/ensemble_eval: a run averaged with itself scores as it does alone under eval.
+  rows = ensemble_eval.ensembles([workdir, workdir])['ensembles']
+  assert [r['mean_foreground_dice'] for r in rows] == pytest.approx(
+      [result['mean_foreground_dice']] * 2, abs=1e-6)
 
 
 def test_inputs_unlike_the_training_data_get_a_warning(tmp_path):

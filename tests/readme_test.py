@@ -9,13 +9,15 @@ import sys
 
 import pytest
 
+from tests import xla_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
   """The user's environment: no simulated devices (conftest's), a private data cache."""
-  e = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  e = {**os.environ, 'XLA_FLAGS': xla_env.flags()}
   e['UNET_DS_DATA_DIR'] = str(tmp_path_factory.mktemp('readme_tfds'))
   return e
 

@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests import xla_env
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -105,7 +107,7 @@ def _run_worker(tmp_path, args, devices):
   """Starts a worker; its result and log go to files (pipes could fill and block a process
   that its peer waits for in a collective)."""
   name = '_'.join(map(str, args))
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+  env = {**os.environ, 'XLA_FLAGS': xla_env.flags(devices),
          'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': _ROOT}
   out = tmp_path / f'{name}.json'
   log = open(tmp_path / f'{name}.log', 'w')  # pylint: disable=consider-using-with

@@ -210,8 +210,12 @@ def held_out_source(config: Any, workdir: str, input_path: str | None) -> tuple[
   return path, 'all'
 
 
+# (folder, default cases, cases, [(case_id, image, label)]): what a file run's eval scores.
+Selection = tuple[str, str, str, list[tuple[str, str, str]]]
+
+
 def select_cases(config: Any, workdir: str, input_path: str | None, cases: str | None
-                 ) -> tuple[str, str, str, list[tuple[str, str, str]]]:
+                 ) -> Selection:
   """(folder, default cases, cases, [(case_id, image, label)]) a file run's eval scores
   (`evaluate_run`)."""
   input_path, default = held_out_source(config, workdir, input_path)
@@ -224,6 +228,7 @@ def select_cases(config: Any, workdir: str, input_path: str | None, cases: str |
 def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, step: int, *,
                  input_path: str | None = None, output: str | None = None,
                  cases: str | None = None, write_predictions: bool = False,
+                 selection: Selection | None = None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
   """Scores `predict_fn` (the run's model at `step`) on whole held-out cases; writes metrics.
 
@@ -239,6 +244,7 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     cases: 'all', 'validation', 'train' or 'id,id'; default: 'validation' on the run's own data
       (at `data.path`, or moved: `held_out_source`), 'all' on another folder.
     write_predictions: also write each case's label map (files only).
+    selection: `select_cases(config, workdir, input_path, cases)`, when the caller has it.
   """
   settings = predict.settings_from_config(config)
   ignore = int(config.loss.get('ignore_index', -1)) if 'loss' in config else -1
@@ -259,7 +265,8 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     summary = {'step': step, 'cases_selected': 'validation', 'input': 'synthetic', **summary}
     write_metrics(output, summary)
   else:
-    input_path, default, cases, selected = select_cases(config, workdir, input_path, cases)
+    input_path, default, cases, selected = selection or select_cases(config, workdir,
+                                                                     input_path, cases)
     if not output:  # WORKDIR/eval holds the run's own held-out evaluation; others beside it
       # A copy scored while the run's data is still in place is another evaluation.
       own_path = _own_path(config)
@@ -319,10 +326,12 @@ def run(config: Any, workdir: str, *, input_path: str | None = None, output: str
   that many overlay PNGs (`write_overlays`).
   """
   cfg = predict.run_config(config, workdir)
+  selection = None
   if cfg.data.name == 'synthetic':  # every request error before the model is restored
     _check_synthetic_request(input_path, cases)
   else:  # and every file error
-    folder, default, _, selected = select_cases(cfg, workdir, input_path, cases)
+    selection = select_cases(cfg, workdir, input_path, cases)
+    folder, default, _, selected = selection
     predict.check_cases(cfg.data, [(image, label) for _, image, label in selected])
     if default == 'validation' and folder != _own_path(cfg) and not cases:
       print(f'eval: {folder} holds every case of the run\'s split ({cases_lib.SPLIT_FILE}), so '
@@ -331,7 +340,8 @@ def run(config: Any, workdir: str, *, input_path: str | None = None, output: str
     predict.warn_on_geometry([image for _, image, _ in selected], workdir)
   apply_fn, step = predict.restore_apply_fn(cfg, workdir)
   summary = evaluate_run(cfg, workdir, lambda x: apply_fn(x)[0], step, input_path=input_path,
-                         output=output, cases=cases, write_predictions=bool(output))
+                         output=output, cases=cases, write_predictions=bool(output),
+                         selection=selection)
   if num_overlays > 0:
     summary['overlays'] = write_overlays(cfg, workdir, apply_fn, summary['output'],
                                          num_overlays, input_path)

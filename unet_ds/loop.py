@@ -17,6 +17,7 @@ What it guarantees about the workdir:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ import numpy as np
 import optax
 import tqdm
 
+from unet_ds import budget
 from unet_ds import checkpoint
 from unet_ds import config_lib
 from unet_ds import hostmem
@@ -262,6 +264,29 @@ def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> li
   """Moves away the checkpoints whose parameters produced the non-finite `failed_step`."""
   ckpts.wait()
   return ckpts.set_aside_after(failed_step - 2)
+
+
+def fit_config(config: ml_collections.ConfigDict, workdir: str,
+               build: Callable[..., Trainer], allow_changes: Sequence[str] = ()
+               ) -> tuple[Trainer, dict[str, Any], Any, float]:
+  """A run from its config, as both trainers (`train`, `multirun`) start one: validates it, turns
+  `train.minutes` into steps (`budget.fit`), refuses a changed resume before building anything,
+  then builds the trainer and `fit`s it (re-planned once when budgeted, `budget.Replan`).
+
+  `build(config, workdir, quiet=False)`: the budget's calibration and re-plan builds are quiet,
+  so a config warning is said once. Returns (trainer, `fit`'s output, the `budget.Plan` the run
+  went by or None, the start's `time.time()`).
+  """
+  t0 = time.time()
+  config_lib.validate(config)  # a bad value is named before a resume check asks to allow it
+  rebuild = functools.partial(build, quiet=True)
+  config, plan = budget.fit(config, workdir, rebuild)  # train.minutes -> train.steps
+  check_resume_early(config, workdir, allow_changes)  # a refused resume builds nothing
+  trainer = build(config, workdir)
+  replan = budget.Replan(plan, config, workdir, rebuild, t0) if plan else None
+  out = fit(trainer, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None,
+            replan=replan)
+  return trainer, out, (replan.plan if replan else plan), t0
 
 
 def fit(trainer: Trainer, allow_changes: Sequence[str] = (),

@@ -204,9 +204,10 @@ class MultiExperiment:
   run_weights: RunWeights
 
   @classmethod
-  def build(cls, config: ml_collections.ConfigDict, workdir: str) -> 'MultiExperiment':
+  def build(cls, config: ml_collections.ConfigDict, workdir: str, quiet: bool = False
+            ) -> 'MultiExperiment':
     runs = member_runs(config)  # every config error before any compute
-    exp = train.Experiment.build(runs[0].config, workdir)
+    exp = train.Experiment.build(runs[0].config, workdir, quiet=quiet)
     ds_losses = [train.DSLoss.from_config(r.config, exp.setup.model_config) for r in runs]
     return cls(exp=exp, runs=runs, run_weights=RunWeights.from_losses(ds_losses),
                config=config)
@@ -337,17 +338,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns `{'step', 'runs': {name: summary}}` (or `{'step', 'stopped_early': True}` when
   `train.stop_at_step` stopped it), each summary as `train.train_and_evaluate` returns it.
   """
-  t0 = time.time()
-  config_lib.validate(config)  # a bad value is named before a resume check asks to allow it
-  config, plan = budget.fit(config, workdir, MultiExperiment.build)  # train.minutes -> steps
-  loop.check_resume_early(config, workdir, allow_changes)  # a refused resume builds nothing
-  mexp = MultiExperiment.build(config, workdir)
-  replan = budget.Replan(plan, config, workdir, MultiExperiment.build, t0) if plan else None
-  out = loop.fit(mexp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None,
-                 replan=replan)
-  plan = replan.plan if replan else plan  # what the run went by, re-planned or not
+  mexp, out, plan, t0 = loop.fit_config(config, workdir, MultiExperiment.build, allow_changes)
   if out.get('stopped_early'):
     return out
+  config = mexp.config
   conv_impl = train.layers.resolve_impl(config.model.conv_impl)
   wall_s = time.time() - t0
   budget_record = budget.summary_budget(plan, config, mexp.workdir, wall_s=wall_s,

@@ -132,14 +132,16 @@ class Experiment:
   run_names = None  # one run (`loop.Trainer`)
 
   @classmethod
-  def build(cls, config: ml_collections.ConfigDict, workdir: str) -> 'Experiment':
+  def build(cls, config: ml_collections.ConfigDict, workdir: str, quiet: bool = False
+            ) -> 'Experiment':
+    """The run of `config` in `workdir`; `quiet`: no warnings (a rebuild of a built config)."""
     setup = state_lib.Setup.from_config(config)  # validates: every config error before compute
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(mesh, config.train.batch_size, 'batch_size')
     sharding.check_batch_size(mesh, config.train.eval_batch_size, 'eval_batch_size')
     ds_loss = DSLoss.from_config(config, setup.model_config)
-    if config.model.ds.mode == 'deep' and not any(ds_loss.base_weights[1:]):
+    if not quiet and config.model.ds.mode == 'deep' and not any(ds_loss.base_weights[1:]):
       # e.g. nnU-Net's weights, which drop the lowest head, on a model with one head
       logging.warning('model.ds.mode=deep with loss.ds_weights=%s weights every head 0 (%s): '
                       'this run trains like ds.mode=none', config.loss.ds_weights,
@@ -269,17 +271,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   `allow_changes`: config keys that may differ from the checkpoint's (see `unet_ds.loop`).
   """
-  t0 = time.time()
-  config_lib.validate(config)  # a bad value is named before a resume check asks to allow it
-  config, plan = budget.fit(config, workdir, Experiment.build)  # train.minutes -> train.steps
-  loop.check_resume_early(config, workdir, allow_changes)
-  exp = Experiment.build(config, workdir)
-  replan = budget.Replan(plan, config, workdir, Experiment.build, t0) if plan else None
-  out = loop.fit(exp, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None,
-                 replan=replan)
-  plan = replan.plan if replan else plan  # what the run went by, re-planned or not
+  exp, out, plan, t0 = loop.fit_config(config, workdir, Experiment.build, allow_changes)
   if out.get('stopped_early'):
     return out
+  config = exp.config
   summary = loop.summary_record(out['evals'][0], out['in_training'][0], config, step=out['step'],
                                 seconds=out['seconds'], seconds_total=out['seconds_total'],
                                 num_params=out['num_params'],
