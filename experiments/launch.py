@@ -421,8 +421,14 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
     def run_round(jobs: Sequence[Job], round_: int) -> dict[str, str]:
       return submit(jobs, args.executor, resources, root, python=python,
                     wait=args.wait or rule is not None, round_=round_, log=out)
-  with _exit_on_sigterm():
-    jobs, status = run_rounds(args.config, config, points, root, extra, run_round, rule, log=out)
+  try:
+    with _exit_on_sigterm():
+      jobs, status = run_rounds(args.config, config, points, root, extra, run_round, rule,
+                                log=out)
+  except KeyboardInterrupt:  # the runner has stopped the running point (it checkpoints first)
+    out(f'sweep {args.config}: interrupted; finished points are kept and the same command '
+        'resumes the rest')
+    return 130
   counts = {s: sum(v == s for v in status.values())
             for s in ('done', 'skipped', 'stopped', 'busy', 'failed', 'submitted', 'queued')}
   line = (f'sweep {args.config}: {counts["done"]} ran, {counts["skipped"]} already finished, '

@@ -228,6 +228,21 @@ def test_exit_zero_without_summary_is_stopped_not_failed(config_path, tmp_path):
   assert set(status.values()) == {'stopped'}
 
 
+def test_ctrl_c_ends_the_launcher_with_one_line(config_path, tmp_path):
+  def interrupted(argv, workdir):  # Ctrl-C while the second point trains
+    if workdir.name == _NAMES[1]:
+      raise KeyboardInterrupt
+    (workdir / 'summary.json').write_text('{}')
+    return 0
+  out = []
+  code = launch.main([f'--config={config_path}', f'--root={tmp_path}'], runner=interrupted,
+                     out=out.append)
+  assert code == 130
+  assert out[-1].endswith('interrupted; finished points are kept and the same command resumes '
+                          'the rest')
+  assert (tmp_path / _NAMES[0] / 'summary.json').exists()
+
+
 def test_killing_the_launcher_stops_the_running_point(config_path, tmp_path):
   # A stand-in interpreter that records its pid and trains "forever".
   fake_python = tmp_path / 'fake_python'

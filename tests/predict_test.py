@@ -298,6 +298,13 @@ def test_train_on_a_folder_then_eval_its_saved_split(tmp_path, capsys):
   rows = ensemble_eval.ensembles([workdir, workdir])['ensembles']
   assert [r['mean_foreground_dice'] for r in rows] == pytest.approx(
       [result['mean_foreground_dice']] * 2, abs=1e-6)
+  # A case added to the folder since: the resume is refused before any compute, naming it.
+  for sub in ('image', 'label'):
+    shutil.copy(root / sub / '0.png', root / sub / '4.png')
+  before = (tmp_path / 'run' / 'summary.json').stat().st_mtime_ns
+  with pytest.raises(io.DataError, match=r"its cases changed since the run .* \(added \['4'\]\)"):
+    train.train_and_evaluate(config, workdir)
+  assert (tmp_path / 'run' / 'summary.json').stat().st_mtime_ns == before
 
 
 def test_inputs_unlike_the_training_data_get_a_warning(tmp_path):

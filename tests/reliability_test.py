@@ -28,7 +28,8 @@ def _steps(path, key='step'):
     return [json.loads(l)[key] for l in f if l.strip()]
 
 
-def test_changed_model_or_loss_is_refused_before_the_workdir_is_touched(tmp_path, data_dir):
+def test_changed_model_or_loss_is_refused_before_the_workdir_is_touched(tmp_path, data_dir,
+                                                                        capsys):
   c = _smoke(data_dir, steps=4, eval_every=2, checkpoint_every=2, stop_at_step=2)
   train.train_and_evaluate(c, str(tmp_path))
   before = {n: (tmp_path / n).read_bytes() for n in ('config.json', 'metrics.jsonl')}
@@ -45,7 +46,14 @@ def test_changed_model_or_loss_is_refused_before_the_workdir_is_touched(tmp_path
     train.train_and_evaluate(c, str(tmp_path))
   summary = train.train_and_evaluate(c, str(tmp_path), allow_changes=['train.steps'])
   assert summary['step'] == 6 and _steps(tmp_path / 'metrics.jsonl') == [1, 2, 3, 4, 5, 6]
+  assert 'resume: train.steps 4 -> 6: the learning-rate and DS-weight schedules now span 6' in (
+      capsys.readouterr().out)
   assert evaluate.run(None, str(tmp_path))['step'] == 6
+  # Fewer steps than the run has reached: refused, even when allowed.
+  c.train.steps = 5
+  with pytest.raises(workdir_lib.ConfigChangedError, match=r'train.steps=5 is below the step '
+                                                           r'this run has reached \(6\)'):
+    train.train_and_evaluate(c, str(tmp_path), allow_changes=['train.steps'])
 
 
 def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, data_dir):

@@ -37,6 +37,7 @@ from unet_ds import hostmem
 from unet_ds import logs
 from unet_ds import state as state_lib
 from unet_ds import workdir as workdir_lib
+from unet_ds.data import cases as cases_lib
 
 
 class Interrupted(Exception):
@@ -218,9 +219,28 @@ def _check_resume(ckpts: checkpoint.Checkpoints, config_json: str,
                   allow_changes: Sequence[str]) -> list[str]:
   """The changed keys `allow_changes` accepts; `workdir.ConfigChangedError` for any other
   difference between the latest checkpoint's config and `config_json`."""
-  return workdir_lib.check_resume(config_lib.fill_defaults(ckpts.saved_config()),
-                                  json.loads(config_json), allow_changes,
-                                  ckpts.path(ckpts.steps()[-1]))
+  new = json.loads(config_json)
+  path = ckpts.path(ckpts.steps()[-1])
+  accepted = workdir_lib.check_resume(config_lib.fill_defaults(ckpts.saved_config()), new,
+                                      allow_changes, path)
+  step, steps = ckpts.steps()[-1], int(new['train']['steps'])
+  if steps < step:
+    raise workdir_lib.ConfigChangedError(
+        f'{path}: train.steps={steps} is below the step this run has reached ({step}): a run '
+        f'cannot be cut back to fewer steps; give train.steps >= {step}, or train anew in '
+        'another --workdir')
+  return accepted
+
+
+def _steps_note(ckpts: checkpoint.Checkpoints, config_json: str, start: int) -> str | None:
+  """What a changed `train.steps` does to the schedules, said when the resume accepts it."""
+  old = int(config_lib.fill_defaults(ckpts.saved_config())['train']['steps'])
+  new = int(json.loads(config_json)['train']['steps'])
+  if old == new:
+    return None
+  return (f'resume: train.steps {old} -> {new}: the learning-rate and DS-weight schedules now '
+          f'span {new} steps, so from step {start} they are what a {new}-step run has there '
+          '(a decayed learning rate goes back up)')
 
 
 def check_resume_early(config: ml_collections.ConfigDict, workdir: str,
@@ -230,6 +250,8 @@ def check_resume_early(config: ml_collections.ConfigDict, workdir: str,
   directory = os.path.join(os.path.abspath(workdir), state_lib.CHECKPOINT_DIR)
   if not os.path.isdir(directory) or not os.listdir(directory):
     return
+  if config.data.name in cases_lib.FILE_KINDS:  # first: a changed plan follows from new cases
+    cases_lib.check_same_cases(config.data, workdir)
   ckpts = checkpoint.Checkpoints(directory)
   try:
     if ckpts.latest_step() is not None:
@@ -251,10 +273,19 @@ def _restore(trainer: Trainer, ckpts: checkpoint.Checkpoints, data_iter: DataIte
   if accepted:
     print(f'resume: accepted config changes since the checkpoint: {", ".join(accepted)}')
   state, data_state, start = ckpts.restore(trainer.abstract_state())
+  note = _steps_note(ckpts, config_json, start) if 'train.steps' in accepted else None
+  if note:
+    print(note)
   for path in ckpts.set_aside_after(start):  # unreadable later checkpoints, kept for a look
     print(f'resume: continuing from step {start}; the unreadable checkpoint is now {path}')
   if data_state is not None:
-    data_iter.set_state(data_state)
+    try:
+      data_iter.set_state(data_state)
+    except ValueError as e:  # e.g. grain's sampler: the data has another number of records
+      raise ValueError(f'{trainer.workdir}: the checkpoint\'s data position (step {start}) does '
+                       f'not fit the data as prepared now ({str(e).splitlines()[0][:200]}); '
+                       'the data changed since the run started: restore it, or use a new '
+                       '--workdir') from None
   # The split is written anew only when the data itself was allowed to change.
   fresh = any(k.startswith('data.') and k != 'data.data_dir' for k in accepted)
   return state, start, fresh, ckpts.train_seconds(start)

@@ -116,6 +116,27 @@ def saved_split(workdir: str) -> dict[str, list[str]] | None:
     return json.load(f)
 
 
+def check_same_cases(data_cfg: Any, workdir: str) -> None:
+  """Raises `io.DataError` if the run's data folder no longer holds the cases its `split.json`
+  lists (added or removed since the run started): a resumed run's data position and split are
+  for the cases it started with."""
+  split = saved_split(workdir)
+  if split is None or data_kind(data_cfg) not in FILE_KINDS or not os.path.isdir(data_cfg.path):
+    return
+  now = case_split(data_cfg)
+  before = {i for ids in split.values() for i in ids}
+  after = {i for ids in now.values() for i in ids}
+  if before == after:
+    return
+  added, removed = sorted(after - before), sorted(before - after)
+  what = '; '.join(f'{name} {ids[:5]}{" ..." if len(ids) > 5 else ""}'
+                   for name, ids in (('added', added), ('removed', removed)) if ids)
+  raise io.DataError(
+      f'{data_cfg.path}: its cases changed since the run in {workdir} started ({what}); a '
+      f'resumed run trains on the cases it started with ({os.path.join(workdir, SPLIT_FILE)}): '
+      'restore the folder to resume, or train the new set in a new --workdir')
+
+
 def _header_geometry(path: str) -> tuple[tuple[float, ...], str]:
   img = nibabel.load(path)  # the header only: the data stays on disk
   return (tuple(float(z) for z in img.header.get_zooms()[:3]),
