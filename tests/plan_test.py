@@ -15,6 +15,7 @@ import pytest
 from unet_ds import config_lib
 from unet_ds import models
 from unet_ds import plan as plan_lib
+from unet_ds import predict
 from unet_ds.data import datasets
 from unet_ds.data import io
 from unet_ds.data import msd
@@ -160,7 +161,10 @@ def test_ct_plan_uses_dataset_foreground_statistics(tmp_path):
   low, high = np.percentile(fg, [0.5, 99.5])
   assert plan['normalization'] == ['ct']
   np.testing.assert_allclose(plan['ct_stats'][0], [low, high, fg.mean(), fg.std()], rtol=1e-5)
-  assert plan['target_spacing'] == [] and plan['anisotropic_axis'] is None  # all at 0.7x0.7x1.5
+  # All at 0.7 x 0.7 x 1.5: nothing to resample in training, but the target is kept for inputs
+  # of other spacings.
+  assert plan['target_spacing'] == pytest.approx([0.7, 0.7, 1.5])
+  assert not plan['resampling']['needed'] and plan['anisotropic_axis'] is None
   c = _auto_config(f'path={root},data_dir={tmp_path / "tfds"}')
   assert c.data.normalization == 'ct' and c.plan.normalization == ('ct',)
   sources = msd.load(c.data)
@@ -168,6 +172,13 @@ def test_ct_plan_uses_dataset_foreground_statistics(tmp_path):
   image, organ = cases[ex['case_id']]
   expected = (np.clip(image, low, high) - fg.mean()) / fg.std()
   np.testing.assert_allclose(ex['image'][..., 0], expected, rtol=1e-4, atol=1e-4)
+  # A new input at twice the spacing is brought to the training grid, then back.
+  coarse = tmp_path / 'coarse.nii.gz'
+  nibabel.save(nibabel.Nifti1Image(np.zeros((6, 5, 4), np.float32),
+                                   np.diag([1.4, 1.4, 3.0, 1.0])), coarse)
+  predictor = predict.Predictor(lambda x: x, c.data, predict.settings_from_config(c))
+  read = predictor.read(str(coarse))
+  assert read['image'].shape[:3] == (12, 10, 8) and read['geometry'].original_shape == (6, 5, 4)
   assert ex['image'][-1, -1, -1, 0] == pytest.approx((low - fg.mean()) / fg.std(), rel=1e-4)  # air
   assert ex['image'][0, 0, 0, 0] == pytest.approx((high - fg.mean()) / fg.std(), rel=1e-4)  # bone
 

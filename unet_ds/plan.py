@@ -437,7 +437,9 @@ def make_plan(fp: Mapping[str, Any], *, patch_voxels: int | None = None,
       'modalities': list(fp.get('modalities') or []),
       'label_map': label_map,
       'median_spacing': median_spacing,
-      'target_spacing': target if resampled else [],
+      # 3D: always, so that inputs of another spacing are resampled at prediction too (2D
+      # folders keep their pixel grid).
+      'target_spacing': target if ndim == 3 else [],
       'spacing': target,
       'anisotropic_axis': coarse,
       'median_shape': [float(round(s, 1)) for s in median_shape],
