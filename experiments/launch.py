@@ -269,6 +269,7 @@ def submit(jobs: Sequence[Job], kind: str, resources: cluster.Resources, root: p
       todo.append(job)
   if not todo:
     return status
+  # One folder per job (submitit fills in %j; it also leaves a literal, empty `%j` folder).
   folder = pathlib.Path(root).resolve() / cluster.SUBMITIT_DIR / '%j'
   executor = cluster.make_executor(kind, folder, resources)
   cwd = os.getcwd()
@@ -278,6 +279,8 @@ def submit(jobs: Sequence[Job], kind: str, resources: cluster.Resources, root: p
       for j in todo])
   cluster.record_jobs(root, kind, folder, {j.name: s.job_id for j, s in zip(todo, submitted)},
                       round_)
+  if kind == 'submitit_local':
+    log(f'submitit_local: {len(todo)} points start at once, as local processes')
   for job, sub in zip(todo, submitted):
     status[job.name] = 'submitted'
     log(f'{job.name}: submitted as job {sub.job_id} (log: {sub.paths.stdout})')
@@ -384,7 +387,7 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
                    'resumes from its checkpoint')
   res.add_argument('--gpus', type=int, default=0, help='GPUs per job')
   res.add_argument('--cpus', type=int, default=None, help='CPUs per job')
-  res.add_argument('--array_parallelism', type=int, default=cluster.Resources.array_parallelism,
+  res.add_argument('--array_parallelism', type=int, default=None,
                    help='SLURM: points running at once')
   res.add_argument('--max_timeouts', type=int, default=cluster.Resources.max_timeouts,
                    help='requeues after the time limit, per point (preemptions do not count)')
@@ -398,10 +401,17 @@ def main(argv: Sequence[str] | None = None, runner: Runner = subprocess_runner,
       for job in plan(args.config, root, extra):
         out(job.command(args.python or sys.executable))
       return 0
+    if args.array_parallelism is not None and args.executor != 'slurm':
+      raise ValueError(f'--array_parallelism is a SLURM setting; --executor={args.executor} '
+                       + ('starts every point at once as a local process (--executor=local runs '
+                          'them one after another)' if args.executor == 'submitit_local' else
+                          'runs the points one after another'))
     rule = until.parse_rule(args.until) if args.until else None
     resources = cluster.Resources(
         time_min=args.time_min, partition=args.partition, gpus=args.gpus, cpus=args.cpus,
-        array_parallelism=args.array_parallelism, max_timeouts=args.max_timeouts,
+        array_parallelism=(cluster.Resources.array_parallelism if args.array_parallelism is None
+                           else args.array_parallelism),
+        max_timeouts=args.max_timeouts,
         slurm=_key_values(args.slurm, '--slurm'))
     config, points = sweep.load(args.config)
     plan_points(args.config, config, points, root, extra)  # errors before anything runs

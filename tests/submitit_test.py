@@ -150,7 +150,8 @@ def test_launch_submitit_local_records_jobs_and_relaunch_resumes_a_killed_point(
     return log.read_text()
 
   # Submit without waiting: the launcher exits, the jobs go on.
-  assert '2 submitted and running' in launch_()
+  out = launch_()
+  assert '2 submitted and running' in out and 'submitit_local: 2 points start at once' in out
   record = json.loads((root / 'jobs.json').read_text())
   assert record['executor'] == 'submitit_local' and sorted(record['points']) == sorted(_NAMES)
   controllers = {n: int(p['job_id']) for n, p in record['points'].items()}
@@ -259,7 +260,9 @@ def test_slurm_submission_is_one_job_array_with_the_resources(sweep_file, tmp_pa
 def test_bad_executor_settings_fail_before_submitting(sweep_file, tmp_path, capsys):
   for flags, message in [(['--time_min=0'], '--time_min=0'),
                          (['--slurm=acount'], 'expected KEY=VALUE'),
-                         (['--slurm=not_a_param=1'], 'not_a_param')]:
+                         (['--slurm=not_a_param=1'], 'not_a_param'),
+                         (['--array_parallelism=1'], '--array_parallelism is a SLURM setting; '
+                          '--executor=submitit_local starts every point at once')]:
     with pytest.raises(SystemExit) as e:
       launch.main([f'--config={sweep_file}', f'--root={tmp_path / "r"}',
                    '--executor=submitit_local', *flags])
