@@ -350,7 +350,17 @@ def headline(report: Report) -> str:
   uneven = ('' if len(counts) == 1 else
             f' (run counts differ, {counts[0]} to {counts[-1]}: the means are over different '
             'seeds; the paired differences in the table are the comparison)')
+  pairs = '(fold, seed) runs' if report.folds else 'seeds'
   if w.is_baseline:
+    ahead = [v for v in report.variants if uneven and v.vs_baseline is not None
+             and v.vs_baseline.n > 0 and v.vs_baseline.mean > 0]
+    if ahead:  # the baseline's mean is over other runs than theirs: say what pairing shows
+      a = max(ahead, key=lambda v: v.vs_baseline.mean)
+      d = a.vs_baseline
+      ci = (f', 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}]' if d.excludes_zero is not None
+            else ', no interval')
+      return (f'No winner named: the highest mean is the baseline {top}{uneven}; paired with it, '
+              f'`{a.label}` is {d.mean:+.4f} over {d.n} {pairs if d.n > 1 else pairs[:-1]}{ci}.')
     if not any(v.vs_baseline is not None and v.vs_baseline.excludes_zero is not None
                for v in report.variants):  # nothing to settle it: say so, no bold claim
       return (f'No variant beat the baseline in these runs, but none has an interval (needs at '
@@ -363,7 +373,6 @@ def headline(report: Report) -> str:
               'baseline among the runs to compare with.')
     return f'No winner named: highest mean {top}; several baselines are equally close.'
   d = w.vs_baseline
-  pairs = '(fold, seed) runs' if report.folds else 'seeds'
   versus = f' vs baseline `{w.baseline}`: {d.mean:+.4f}'
   if d.n == 0:
     return f'No winner named: highest mean {top}{versus} (no {pairs} in common to pair){uneven}.'

@@ -110,6 +110,15 @@ def test_multirun_equals_runs_one_by_one_and_resumes(tmp_path, data_dir):
   assert json.loads((tmp_path / 'm' / 'multirun.json').read_text())['runs'] == _NAMES
 
 
+def test_a_member_whose_heads_are_all_weighted_0_is_warned(data_dir, caplog):
+  runs = [dict(_RUNS[0]), dict(_RUNS[1], ds_weights='nnunet')]
+  c = _multi(data_dir, runs)
+  c.model.depth = 3  # one head, the lowest: nnU-Net's weights give it 0
+  mexp = multirun.MultiExperiment.build(c, '/tmp/unused')
+  warned = [r.getMessage() for r in caplog.records if 'trains like ds.mode=none' in r.getMessage()]
+  assert len(warned) == 1 and warned[0].startswith(f'{mexp.runs[1].name}: ')
+
+
 @pytest.mark.parametrize('vectorize', ['vmap', 'map'])
 def test_per_run_weights_change_the_loss(data_dir, vectorize):
   # Same seed (same init, same batches), different DS weights: same level losses, other total.

@@ -537,6 +537,17 @@ def test_headline_caveats_uneven_counts_one_seed_and_nan(tmp_path):
   line = report.headline(report.build(uneven))
   assert line.startswith('No winner: the highest mean is `model.ds.mode=deep`'), line
   assert '(run counts differ, 2 to 3: the means are over different seeds;' in line
+  # The baseline's mean is highest over its extra seed, but paired, deep is ahead: said so.
+  ahead = tmp_path / 'ahead'  # deep's seed 2 missing; paired diffs +0.01, +0.02
+  for seed, (none, deep) in enumerate([(0.70, 0.71), (0.72, 0.74), (0.90, None)]):
+    _make_run(ahead, f'none{seed}', 'none', seed, none, [0.99, none, none])
+    if deep is not None:
+      _make_run(ahead, f'deep{seed}', 'deep', seed, deep, [0.99, deep, deep], heads=(0.5,))
+  line = report.headline(report.build(ahead))
+  assert line.startswith('No winner named: the highest mean is the baseline '
+                         '`model.ds.mode=none`'), line
+  assert line.endswith('paired with it, `model.ds.mode=deep` is +0.0150 over 2 seeds, 95% CI '
+                       '[-0.0485, +0.0785].'), line
   one = tmp_path / 'one'  # the baseline highest, one seed: no bold claim
   _make_run(one, 'none0', 'none', 0, 0.75, [0.99, 0.75, 0.75])
   _make_run(one, 'deep0', 'deep', 0, 0.70, [0.99, 0.7, 0.7], heads=(0.5,))

@@ -119,6 +119,17 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modul
                                batch.get('mask'), ignore_index=ignore_index, regions=regions)
 
 
+def warn_if_heads_inert(config: ml_collections.ConfigDict, ds_loss: DSLoss, run: str = '') -> bool:
+  """Warns (and returns True) when `deep` weights every head 0, e.g. nnU-Net's weights, which
+  drop the lowest head, on a model with one head: such a run trains like ds.mode=none."""
+  if config.model.ds.mode != 'deep' or any(ds_loss.base_weights[1:]):
+    return False
+  logging.warning('%smodel.ds.mode=deep with loss.ds_weights=%s weights every head 0 (%s): '
+                  'this run trains like ds.mode=none', f'{run}: ' if run else '',
+                  config.loss.ds_weights, list(ds_loss.base_weights))
+  return True
+
+
 @dataclasses.dataclass
 class Experiment:
   """One run built from a config (no compute yet): what `loop.fit` trains and scores."""
@@ -141,11 +152,8 @@ class Experiment:
     sharding.check_batch_size(mesh, config.train.batch_size, 'batch_size')
     sharding.check_batch_size(mesh, config.train.eval_batch_size, 'eval_batch_size')
     ds_loss = DSLoss.from_config(config, setup.model_config)
-    if not quiet and config.model.ds.mode == 'deep' and not any(ds_loss.base_weights[1:]):
-      # e.g. nnU-Net's weights, which drop the lowest head, on a model with one head
-      logging.warning('model.ds.mode=deep with loss.ds_weights=%s weights every head 0 (%s): '
-                      'this run trains like ds.mode=none', config.loss.ds_weights,
-                      list(ds_loss.base_weights))
+    if not quiet:
+      warn_if_heads_inert(config, ds_loss)
     return cls(config=config, workdir=os.path.abspath(workdir), setup=setup, mesh=mesh,
                sources=datasets.get_sources(config.data), ds_loss=ds_loss,
                num_classes=max(int(config.data.num_classes), 2))
