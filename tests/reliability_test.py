@@ -54,6 +54,13 @@ def test_changed_model_or_loss_is_refused_before_the_workdir_is_touched(tmp_path
   with pytest.raises(workdir_lib.ConfigChangedError, match=r'train.steps=5 is below the step '
                                                            r'this run has reached \(6\)'):
     train.train_and_evaluate(c, str(tmp_path), allow_changes=['train.steps'])
+  # The finished run's command again: nothing trained or scored, its summary kept as it was.
+  c.train.steps = 6
+  saved = (tmp_path / 'summary.json').read_bytes()
+  capsys.readouterr()
+  again = train.train_and_evaluate(c, str(tmp_path))
+  assert again == json.loads(saved) and (tmp_path / 'summary.json').read_bytes() == saved
+  assert f'{tmp_path}: finished at step 6 of 6; its summary.json is kept' in capsys.readouterr().out
 
 
 def test_a_second_trainer_is_refused_naming_the_holder(tmp_path, data_dir):

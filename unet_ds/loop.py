@@ -40,6 +40,9 @@ from unet_ds import workdir as workdir_lib
 from unet_ds.data import cases as cases_lib
 
 
+SUMMARY_FILE = 'summary.json'
+
+
 class Interrupted(Exception):
   """Training stopped by a signal after checkpointing; `signum` says which."""
 
@@ -297,6 +300,28 @@ def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> li
   return ckpts.set_aside_after(failed_step - 2)
 
 
+def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """The run's summary.json if it finished: written at its latest checkpoint's step, which has
+  reached `train.steps`; else None."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  directory = os.path.join(os.path.abspath(workdir), state_lib.CHECKPOINT_DIR)
+  if not os.path.isfile(path) or not os.path.isdir(directory):
+    return None
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return None  # scored again, and written anew
+  ckpts = checkpoint.Checkpoints(directory)
+  try:
+    step = ckpts.latest_step()
+  finally:
+    ckpts.close()
+  if step is None or step < int(config.train.steps) or summary.get('step') != step:
+    return None
+  return summary
+
+
 def fit_config(config: ml_collections.ConfigDict, workdir: str,
                build: Callable[..., Trainer], allow_changes: Sequence[str] = ()
                ) -> tuple[Trainer, dict[str, Any], Any, float]:
@@ -306,13 +331,20 @@ def fit_config(config: ml_collections.ConfigDict, workdir: str,
 
   `build(config, workdir, quiet=False)`: the budget's calibration and re-plan builds are quiet,
   so a config warning is said once. Returns (trainer, `fit`'s output, the `budget.Plan` the run
-  went by or None, the start's `time.time()`).
+  went by or None, the start's `time.time()`); for a run already finished at `train.steps`, (None,
+  `{'step', 'finished': its summary.json}`, ...) without building anything.
   """
   t0 = time.time()
   config_lib.validate(config)  # a bad value is named before a resume check asks to allow it
   rebuild = functools.partial(build, quiet=True)
   config, plan = budget.fit(config, workdir, rebuild)  # train.minutes -> train.steps
   check_resume_early(config, workdir, allow_changes)  # a refused resume builds nothing
+  summary = finished_summary(config, workdir)
+  if summary is not None:  # nothing to train or score again: keep what it wrote
+    print(f'{workdir}: finished at step {summary["step"]} of {config.train.steps}; its '
+          'summary.json is kept (--mode=eval scores it again; a higher train.steps, with '
+          '--allow_config_change=train.steps, trains it further)', flush=True)
+    return None, {'step': summary['step'], 'finished': summary}, plan, t0
   trainer = build(config, workdir)
   replan = budget.Replan(plan, config, workdir, rebuild, t0) if plan else None
   out = fit(trainer, allow_changes, deadline=t0 + plan.train_deadline_s if plan else None,

@@ -280,6 +280,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `allow_changes`: config keys that may differ from the checkpoint's (see `unet_ds.loop`).
   """
   exp, out, plan, t0 = loop.fit_config(config, workdir, Experiment.build, allow_changes)
+  if 'finished' in out:
+    return out['finished']
   if out.get('stopped_early'):
     return out
   config = exp.config
@@ -291,5 +293,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   summary['budget'] = budget.summary_budget(plan, config, exp.workdir,
                                             wall_s=summary['wall_seconds'],
                                             steps_run=out['steps_run'], train_s=out['seconds'])
-  logs.Writer(exp.workdir, tensorboard=False).write_json('summary.json', summary)
+  logs.Writer(exp.workdir, tensorboard=False).write_json(loop.SUMMARY_FILE, summary)
   return summary
