@@ -314,6 +314,19 @@ def test_eval_of_another_folder_keeps_the_runs_own_eval_files(tmp_path):
   assert train['output'] == str(run / 'eval_data_train') and train['num_cases'] == 3
   saved = json.loads((run / 'eval' / 'metrics.json').read_text())
   assert [c['case_id'] for c in saved['cases']] == ['d']
+  assert saved['inference'] == json.loads(json.dumps(config.inference.to_dict()))
+  # Each list of ids has its own folder; so has an evaluation with other inference settings.
+  ids = evaluate.evaluate_run(config, str(run), logits, 1, cases='b,c', log=lambda _: None)
+  assert ids['output'] == str(run / 'eval_data_cases_b_c')
+  from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
+  (run / 'config.json').write_text(config_lib.to_json(config))
+  flips = predict.run_config(None, str(run))
+  flips.inference.tta_axes = (0, 1)
+  tag = evaluate.changed_inference(flips, str(run))
+  assert tag == 'tta_axes=0x1'
+  other = evaluate.evaluate_run(flips, str(run), logits, 1, tag=tag, log=lambda _: None)
+  assert other['output'] == str(run / 'eval_tta_axes=0x1')
+  assert json.loads((run / 'eval' / 'metrics.json').read_text()) == saved
 
 
 def test_ctrl_c_outside_the_training_loop_ends_in_one_line(tmp_path, env):

@@ -19,8 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 import csv
 import dataclasses
+import hashlib
 import io as std_io
 import itertools
+import json
 import os
 from typing import Any
 
@@ -228,7 +230,7 @@ def select_cases(config: Any, workdir: str, input_path: str | None, cases: str |
 def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, step: int, *,
                  input_path: str | None = None, output: str | None = None,
                  cases: str | None = None, write_predictions: bool = False,
-                 selection: Selection | None = None,
+                 selection: Selection | None = None, tag: str = '',
                  log: Callable[[str], None] = print) -> dict[str, Any]:
   """Scores `predict_fn` (the run's model at `step`) on whole held-out cases; writes metrics.
 
@@ -245,6 +247,8 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
       (at `data.path`, or moved: `held_out_source`), 'all' on another folder.
     write_predictions: also write each case's label map (files only).
     selection: `select_cases(config, workdir, input_path, cases)`, when the caller has it.
+    tag: appended to the default output folder's name (e.g. the inference settings changed for
+      this evaluation), so that it does not replace the run's own.
   """
   settings = predict.settings_from_config(config)
   ignore = int(config.loss.get('ignore_index', -1)) if 'loss' in config else -1
@@ -257,12 +261,14 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     _check_synthetic_request(input_path, cases)
     if write_predictions:
       log('eval: synthetic volumes are generated, not files: metrics only, no predictions')
-    output = predict.check_output_dir(output or os.path.join(workdir, EVAL_DIR))
+    output = predict.check_output_dir(output or os.path.join(
+        workdir, dirnames.safe_name(f'{EVAL_DIR}_{tag}') if tag else EVAL_DIR))
     windows = inference.Windows(predict_fn, settings)
     summary = score_cases(lambda ex: windows.probs(ex['image']), synthetic_cases(config.data),
                           max(int(config.data.num_classes), 2), ignore_index=ignore,
                           tolerance_mm=tolerance, binary=binary, regions=regions, log=log)
-    summary = {'step': step, 'cases_selected': 'validation', 'input': 'synthetic', **summary}
+    summary = {'step': step, 'cases_selected': 'validation', 'input': 'synthetic',
+               'inference': _inference(config), **summary}
     write_metrics(output, summary)
   else:
     input_path, default, cases, selected = selection or select_cases(config, workdir,
@@ -272,9 +278,9 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
       own_path = _own_path(config)
       held_out = default == cases == 'validation' and (
           input_path == own_path or not os.path.isdir(own_path))
-      which = cases if cases in ('all', 'train', 'validation') else 'cases'
-      output = os.path.join(workdir, EVAL_DIR if held_out else dirnames.safe_name(
-          f'{EVAL_DIR}_{os.path.basename(input_path)}_{which}'))
+      which = cases if cases in ('all', 'train', 'validation') else _ids_name(selected)
+      name = EVAL_DIR if held_out else f'{EVAL_DIR}_{os.path.basename(input_path)}_{which}'
+      output = os.path.join(workdir, dirnames.safe_name(f'{name}_{tag}' if tag else name))
     output = predict.check_output_dir(output)
     if write_predictions:  # a prediction must never replace one of the images or labels
       predict.check_spares(config.data.name, output, [i for _, i, _ in selected],
@@ -284,9 +290,39 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
     summary = evaluate_cases(predictor, selected, output, ignore_index=ignore,
                              tolerance_mm=tolerance, binary=binary, regions=regions,
                              write_predictions=write_predictions, log=log,
-                             facts={'step': step, 'cases_selected': cases, 'input': input_path})
+                             facts={'step': step, 'cases_selected': cases, 'input': input_path,
+                                    'inference': _inference(config)})
   summary['output'] = output
   return summary
+
+
+def _inference(config: Any) -> dict[str, Any]:
+  """The inference settings an evaluation used (recorded in its metrics.json)."""
+  return json.loads(json.dumps(config.get('inference', {}).to_dict()
+                               if hasattr(config.get('inference', {}), 'to_dict') else
+                               dict(config.get('inference', {})), default=list))
+
+
+def _ids_name(selected: Sequence[tuple[str, str, str]]) -> str:
+  """'cases_<id>_<id>' for a few short ids, else their count and a digest: one folder per list."""
+  ids = [c for c, _, _ in selected]
+  joined = '_'.join(ids)
+  if len(joined) <= 40:
+    return f'cases_{joined}'
+  return f'cases_{len(ids)}_{hashlib.sha1(",".join(ids).encode()).hexdigest()[:8]}'
+
+
+def changed_inference(config: Any, workdir: str) -> str:
+  """`key=value,...` of the inference settings that differ from the run's own ('' if none)."""
+  own = _inference(predict.run_config(None, workdir))
+  now = _inference(config)
+  return ','.join(f'{k}={_short(v)}' for k, v in sorted(now.items()) if own.get(k) != v)
+
+
+def _short(value: Any) -> str:
+  if isinstance(value, (list, tuple)):
+    return 'x'.join(map(str, value)) or 'none'
+  return str(value)
 
 
 def _check_synthetic_request(input_path: str | None, cases: str | None) -> None:
@@ -338,10 +374,11 @@ def run(config: Any, workdir: str, *, input_path: str | None = None, output: str
             'it is scored as the run\'s data moved there: its held-out cases only '
             '(--cases=all scores every case)', flush=True)
     predict.warn_on_geometry([image for _, image, _ in selected], workdir)
+  tag = changed_inference(cfg, workdir)  # another evaluation: beside the run's own, not over it
   apply_fn, step = predict.restore_apply_fn(cfg, workdir)
   summary = evaluate_run(cfg, workdir, lambda x: apply_fn(x)[0], step, input_path=input_path,
                          output=output, cases=cases, write_predictions=bool(output),
-                         selection=selection)
+                         selection=selection, tag=tag)
   if num_overlays > 0:
     summary['overlays'] = write_overlays(cfg, workdir, apply_fn, summary['output'],
                                          num_overlays, input_path)
