@@ -124,8 +124,11 @@ def build(root: str | pathlib.Path, target_dice: float = 0.8,
   root = pathlib.Path(root)
   found, skipped = runs_lib.find_runs(root)
   if not found:
+    one_run = (root / runs_lib.SUMMARY_FILE).is_file()
     raise ValueError(f'{root}: no finished runs (no */summary.json)'
-                     + (f'; skipped {len(skipped)} unfinished' if skipped else ''))
+                     + (f'; skipped {len(skipped)} unfinished' if skipped else '')
+                     + (f'; {root} is one run: give the folder that holds the runs to compare '
+                        f'({root.resolve().parent})' if one_run else ''))
   fold_keys = [k for k in FOLD_KEYS if k not in ignore
                and len({_hashable(r.config.get(k, _UNSET)) for r in found}) > 1]
   groups: dict[tuple, list[runs_lib.Run]] = {}
@@ -251,6 +254,13 @@ def _summarise(label: str, settings: dict[str, Any], config: dict[str, Any],
                 for m in BOUNDARY_METRICS},
       steps_to_target=[_steps_to_target(r, target_dice) for r in runs],
       is_baseline=is_baseline)
+
+
+def heads_inert(variant: Variant) -> bool:
+  """Whether a DS variant weighted every head 0 at every logged step (`metrics.jsonl`'s
+  `ds_weights`, final output first): it trained as a plain U-Net."""
+  weights = [m['ds_weights'] for r in variant.runs for m in r.metrics if m.get('ds_weights')]
+  return bool(weights) and all(len(w) > 1 and not any(w[1:]) for w in weights)
 
 
 def _steps_to_target(run: runs_lib.Run, target: float) -> int | None:
@@ -415,6 +425,11 @@ def markdown(report: Report, figures: Sequence[str] = (),
            f'{n_runs} finished runs in {len(report.variants)} variants'
            + (f'; {len(report.skipped)} skipped (listed at the end).' if report.skipped else '.'),
            '']
+  for v in report.variants:
+    if heads_inert(v):
+      lines += [f'Note: `{v.label}` weighted every DS head 0 at every logged step (e.g. '
+                '`nnunet` weights, which drop the lowest head, on a model with one head): it '
+                'trained as `none`, so its difference from the baseline is seed noise only.', '']
   header = (['variant', 'n', 'mean fg Dice'] + [f'Dice class {c}' for c in range(1, num_classes)]
             + [f'steps to Dice ≥ {target}'])
   if max_heads:

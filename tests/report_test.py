@@ -26,7 +26,7 @@ def _metrics(dice, classes):
 
 
 def _make_run(root, name, mode, seed, dice, classes, heads=(), evals=(), lr=0.1, finished=True,
-              fold=None):
+              fold=None, weights=None):
   """A workdir as unet_ds.main writes it; `evals` are (step, mean fg Dice) pairs."""
   workdir = root / name
   workdir.mkdir(parents=True)
@@ -40,7 +40,8 @@ def _make_run(root, name, mode, seed, dice, classes, heads=(), evals=(), lr=0.1,
   with open(workdir / 'metrics.jsonl', 'w') as f:
     for step in (10, 20, 30):
       f.write(json.dumps({'step': step, 'loss': 1.0 / step, 'level_losses': [1.0 / step] * num_levels,
-                          'ds_weights': [1.0] * num_levels, 'lr': lr, 'steps_per_s': 5.0}) + '\n')
+                          'ds_weights': weights or [1.0] * num_levels, 'lr': lr,
+                          'steps_per_s': 5.0}) + '\n')
   with open(workdir / 'eval.jsonl', 'w') as f:
     for step, d in evals:
       f.write(json.dumps({'step': step, 'mean_foreground_dice': d,
@@ -225,6 +226,9 @@ def test_bad_summary_and_empty_root(tmp_path):
     report.build(tmp_path / 'b')
   with pytest.raises(FileNotFoundError, match='nowhere'):
     report.build(tmp_path / 'nowhere')
+  (tmp_path / 'a' / 'x' / 'summary.json').write_text(json.dumps(summary))  # one run's folder
+  with pytest.raises(ValueError, match=r'x is one run: give the folder that holds the runs'):
+    report.build(tmp_path / 'a' / 'x')
 
 
 def test_same_seed_twice_is_an_error(root):
@@ -526,6 +530,17 @@ def test_no_winner_without_a_settling_interval(tmp_path):
   assert 'which includes 0: not distinguishable from the baseline; worse than the baseline at ' \
          '95%: `model.ds.mode=additive`.' in line
 
+
+
+def test_a_variant_whose_heads_were_all_weighted_0_is_noted(tmp_path):
+  for seed in (0, 1):
+    _make_run(tmp_path, f'none{seed}', 'none', seed, 0.7, [0.99, 0.7, 0.7])
+    _make_run(tmp_path, f'deep{seed}', 'deep', seed, 0.7, [0.99, 0.7, 0.7], heads=(0.5,),
+              weights=[1.0, 0.0])
+  built = report.build(tmp_path)
+  assert [report.heads_inert(v) for v in built.variants] == [False, True]
+  assert ('Note: `model.ds.mode=deep` weighted every DS head 0 at every logged step'
+          in report.markdown(built))
 
 
 def test_headline_caveats_uneven_counts_one_seed_and_nan(tmp_path):

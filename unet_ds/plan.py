@@ -67,8 +67,9 @@ def dataset_kind(path: str, image_dir: str = 'image', label_dir: str = 'label') 
     return 'msd'
   if os.path.isdir(os.path.join(path, image_dir)):
     return 'folder2d'
-  others = sorted(f for f in os.listdir(path) if os.path.isdir(os.path.join(path, f))
-                  ) if os.path.isdir(path) else []
+  if not os.path.isdir(path):
+    raise io.DataError(f'{path}: no such folder')
+  others = sorted(f for f in os.listdir(path) if os.path.isdir(os.path.join(path, f)))
   raise io.DataError(f'{path}: neither an MSD task folder (imagesTr/ + labelsTr/) nor a 2D folder '
                      f'({image_dir}/ + {label_dir}/); it holds {others or "no folders"} (set '
                      'image_dir and label_dir for other subfolder names)')
