@@ -106,6 +106,7 @@ class Report:
   variants: list[Variant]  # Baselines first, then by label.
   skipped: list[runs_lib.Skipped]
   folds: list[tuple] = dataclasses.field(default_factory=list)  # Sorted; [] without folds.
+  baseline: tuple[str, str] = (BASELINE_KEY, BASELINE_VALUE)  # (key, value as labels show it)
 
   def _repr_markdown_(self) -> str:  # Notebooks show the report as its markdown.
     return markdown(self)
@@ -119,8 +120,12 @@ class Report:
 
 
 def build(root: str | pathlib.Path, target_dice: float = 0.8,
-          ignore: Sequence[str] = ()) -> Report:
-  """Reads the runs under root and computes every number of the report."""
+          ignore: Sequence[str] = (), baseline: str | None = None) -> Report:
+  """Reads the runs under root and computes every number of the report.
+
+  `baseline`: 'KEY=VALUE', the variants every other one is compared with (default
+  `model.ds.mode=none`); e.g. `loss.ds_weights=exp` for a sweep of DS weights without a no-DS run.
+  """
   root = pathlib.Path(root)
   found, skipped = runs_lib.find_runs(root)
   if not found:
@@ -140,18 +145,36 @@ def build(root: str | pathlib.Path, target_dice: float = 0.8,
                if len({dict(key).get(k, _UNSET) for key in keys}) > 1]
 
   labels = _labels([dict(key) for key in keys], differing)
+  base_key, base_value = _parse_baseline(baseline, [dict(key) for key in keys])
   variants = []
   for key, label in zip(keys, labels):
     config = dict(key)
     settings = {k: config.get(k, _UNSET) for k in differing}
-    is_baseline = config.get(BASELINE_KEY) == BASELINE_VALUE
+    is_baseline = _format(config.get(base_key, _UNSET)) == base_value
     variants.append(_summarise(label, settings, config, groups[key], target_dice, is_baseline,
                                ignore, fold_keys))
   variants.sort(key=lambda v: (not v.is_baseline, v.label))
   variants = _compare_with_baselines(variants)
   folds = _sorted({f for v in variants for f in v.folds}) if fold_keys else []
   return Report(root=root, target_dice=target_dice, variants=variants, skipped=skipped,
-                folds=folds)
+                folds=folds, baseline=(base_key, base_value))
+
+
+def _parse_baseline(text: str | None, configs: Sequence[dict[str, Any]]) -> tuple[str, str]:
+  """(key, value) of `--baseline=KEY=VALUE`; a key or value no variant has is named."""
+  if not text:
+    return BASELINE_KEY, BASELINE_VALUE
+  key, sep, value = text.partition('=')
+  key = key.strip().removeprefix('config.')
+  if not sep or not key:
+    raise ValueError(f'--baseline={text}: expected KEY=VALUE, e.g. loss.ds_weights=exp')
+  values = sorted({_format(c[key]) for c in configs if key in c})
+  if not values:
+    raise ValueError(f'--baseline={text}: no run has the config key {key!r}')
+  if value not in values:
+    raise ValueError(f'--baseline={text}: no variant has {key}={value}; its values: '
+                     + ', '.join(values))
+  return key, value
 
 
 def with_missing_defaults(configs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -379,8 +402,9 @@ def headline(report: Report) -> str:
             + _settled_elsewhere(report) + uneven + '.')
   if w.vs_baseline is None:
     if not any(v.is_baseline for v in report.variants):
-      return (f'No winner named: highest mean {top}; no `{BASELINE_KEY}={BASELINE_VALUE}` '
-              'baseline among the runs to compare with.')
+      key, value = report.baseline
+      return (f'No winner named: highest mean {top}; no `{key}={value}` baseline among the runs '
+              'to compare with (--baseline=KEY=VALUE names another).')
     return f'No winner named: highest mean {top}; several baselines are equally close.'
   d = w.vs_baseline
   versus = f' vs baseline `{w.baseline}`: {d.mean:+.4f}'
@@ -672,12 +696,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--out', default=None, help='output folder (default: ROOT)')
   parser.add_argument('--ignore', action='append', default=[],
                       help='dotted config key to leave out of variants (repeatable)')
+  parser.add_argument('--baseline', default=None, metavar='KEY=VALUE',
+                      help='the variants the others are compared with (default '
+                      f'{BASELINE_KEY}={BASELINE_VALUE}), e.g. loss.ds_weights=exp')
   parser.add_argument('--overlays', type=int, default=None,
                       help=f'held-out cases to draw (default {DEFAULT_OVERLAYS} for runs on data '
                       'files; synthetic runs have none); 0: no overlays')
   args = parser.parse_args(argv)
   try:
-    report = build(args.root, target_dice=args.target_dice, ignore=args.ignore)
+    report = build(args.root, target_dice=args.target_dice, ignore=args.ignore,
+                   baseline=args.baseline)
   except (ValueError, FileNotFoundError) as e:
     parser.exit(2, f'error: {e}\n')
   paths = write(report, args.out, overlays=args.overlays)

@@ -597,3 +597,25 @@ def test_a_weight_sweeps_baseline_is_labelled_without_its_inert_ds_weights(tmp_p
   labels = [v.label for v in report.build(root).variants]
   assert 'loss.ds_weights=exp model.ds.mode=none' in labels
   assert 'loss.ds_weights=same model.ds.mode=none' in labels
+
+
+def test_another_baseline_for_a_weight_sweep_without_a_no_ds_run(tmp_path):
+  for seed, (exp, same) in enumerate([(0.70, 0.72), (0.74, 0.77), (0.71, 0.74)]):
+    for weights, dice in (('exp', exp), ('same', same)):
+      workdir = _make_run(tmp_path, f'{weights},{seed}', 'deep', seed, dice, [0.99, dice, dice],
+                          heads=(0.5,))
+      config = json.loads((workdir / 'config.json').read_text())
+      config['loss'] = {'ds_weights': weights}
+      (workdir / 'config.json').write_text(json.dumps(config))
+  line = report.headline(report.build(tmp_path))
+  assert 'no `model.ds.mode=none` baseline among the runs' in line and '--baseline' in line
+  built = report.build(tmp_path, baseline='loss.ds_weights=exp')
+  base, same = built.variants
+  assert base.is_baseline and same.baseline == base.label
+  assert same.vs_baseline.mean == pytest.approx(0.0267, abs=1e-4) and same.vs_baseline.n == 3
+  assert report.headline(built).startswith('**Winner: `loss.ds_weights=same`')
+  with pytest.raises(ValueError, match=r"no variant has loss.ds_weights=nnunet; its values: "
+                                       r"exp, same"):
+    report.build(tmp_path, baseline='loss.ds_weights=nnunet')
+  with pytest.raises(ValueError, match=r"no run has the config key 'loss.ds_weight'"):
+    report.build(tmp_path, baseline='loss.ds_weight=exp')
