@@ -199,3 +199,21 @@ def test_data_parallel_step_matches_single_device(data_dir):
   np.testing.assert_allclose(loss1, loss4, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_finished_is_the_last_step_or_a_budget_deadline(data_dir, tmp_path):
+  from unet_ds import loop  # pylint: disable=g-import-not-at-top
+  c = _smoke(data_dir, 2, steps=10)
+  smoke.save_checkpoint(str(tmp_path), 3, train.Experiment.build(c, str(tmp_path)).init_state(), c)
+  summary = {'step': 3, 'mean_foreground_dice': 0.5}
+  (tmp_path / 'summary.json').write_text(json.dumps(summary))
+  assert loop.finished_summary(c, str(tmp_path)) is None  # stopped early: resumes
+  summary['budget'] = {'stopped_at_deadline': 3}  # its train.minutes ran out at step 3
+  (tmp_path / 'summary.json').write_text(json.dumps(summary))
+  assert loop.finished_summary(c, str(tmp_path)) == summary
+  c.train.steps = 3
+  del summary['budget']
+  (tmp_path / 'summary.json').write_text(json.dumps(summary))
+  assert loop.finished_summary(c, str(tmp_path)) == summary
+  (tmp_path / 'summary.json').write_text(json.dumps({**summary, 'step': 2}))  # an older summary
+  assert loop.finished_summary(c, str(tmp_path)) is None

@@ -302,7 +302,7 @@ def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> li
 
 def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   """The run's summary.json if it finished: written at its latest checkpoint's step, which has
-  reached `train.steps`; else None."""
+  reached `train.steps` or at which its time budget stopped it (`train.minutes`); else None."""
   path = os.path.join(workdir, SUMMARY_FILE)
   directory = os.path.join(os.path.abspath(workdir), state_lib.CHECKPOINT_DIR)
   if not os.path.isfile(path) or not os.path.isdir(directory):
@@ -317,7 +317,10 @@ def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     step = ckpts.latest_step()
   finally:
     ckpts.close()
-  if step is None or step < int(config.train.steps) or summary.get('step') != step:
+  if step is None or summary.get('step') != step:
+    return None
+  if step < int(config.train.steps) and not (summary.get('budget') or {}).get(
+      'stopped_at_deadline'):
     return None
   return summary
 
@@ -341,7 +344,8 @@ def fit_config(config: ml_collections.ConfigDict, workdir: str,
   check_resume_early(config, workdir, allow_changes)  # a refused resume builds nothing
   summary = finished_summary(config, workdir)
   if summary is not None:  # nothing to train or score again: keep what it wrote
-    print(f'{workdir}: finished at step {summary["step"]} of {config.train.steps}; its '
+    cut = ' (its time budget ended it)' if summary['step'] < config.train.steps else ''
+    print(f'{workdir}: finished at step {summary["step"]} of {config.train.steps}{cut}; its '
           'summary.json is kept (--mode=eval scores it again; a higher train.steps, with '
           '--allow_config_change=train.steps, trains it further)', flush=True)
     return None, {'step': summary['step'], 'finished': summary}, plan, t0
