@@ -47,6 +47,7 @@ def _fail(args, env, timeout=300):
     (['--config=configs/default.py', '--mode=evaluate'], ('--mode', 'evaluate')),
     (['--config=configs/auto.py:path=/nonexistent/unet_ds'],
      ('--config=configs/auto.py:path=/nonexistent/unet_ds: /nonexistent/unet_ds: no such folder',)),
+    (['--config=configs/auto.py'], ('config.data.path: set it to', 'configs/FILE.py:path=DIR')),
 ])
 def test_command_line_mistakes_end_in_one_error_line(tmp_path, env, args, expected):
   lines = _fail([*args, f'--workdir={tmp_path / "run"}'], env)

@@ -248,7 +248,8 @@ def common_settings(data_cfg: Any, what: str) -> dict[str, Any]:
   """
   path = cfg_get(data_cfg, 'path')
   if not path:
-    raise ValueError(f'config.data.path: set it to {what}')
+    raise ValueError(f'config.data.path: set it to {what}, with the config file\'s path=DIR '
+                     'argument (--config=configs/FILE.py:path=DIR) or --config.data.path=DIR')
   num_classes = cfg_get(data_cfg, 'num_classes')
   if not num_classes:
     raise ValueError('config.data.num_classes: required (background included)')
