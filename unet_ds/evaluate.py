@@ -298,9 +298,9 @@ def evaluate_run(config: Any, workdir: str, predict_fn: inference.PredictFn, ste
 
 def _inference(config: Any) -> dict[str, Any]:
   """The inference settings an evaluation used (recorded in its metrics.json)."""
-  return json.loads(json.dumps(config.get('inference', {}).to_dict()
-                               if hasattr(config.get('inference', {}), 'to_dict') else
-                               dict(config.get('inference', {})), default=list))
+  settings = config.get('inference', {})
+  settings = settings.to_dict() if hasattr(settings, 'to_dict') else dict(settings)
+  return json.loads(json.dumps(settings, default=list))  # tuples as JSON lists, as saved
 
 
 def _ids_name(selected: Sequence[tuple[str, str, str]]) -> str:
