@@ -449,11 +449,13 @@ def markdown(report: Report, figures: Sequence[str] = (),
            f'{n_runs} finished runs in {len(report.variants)} variants'
            + (f'; {len(report.skipped)} skipped (listed at the end).' if report.skipped else '.'),
            '']
+  no_ds_baseline = report.baseline == (BASELINE_KEY, BASELINE_VALUE)
   for v in report.variants:
     if heads_inert(v):
       lines += [f'Note: `{v.label}` weighted every DS head 0 at every logged step (e.g. '
                 '`nnunet` weights, which drop the lowest head, on a model with one head): it '
-                'trained as `none`, so its difference from the baseline is seed noise only.', '']
+                'trained as `none`' + (', so its difference from the `none` baseline is seed '
+                                       'noise only.' if no_ds_baseline else '.'), '']
   header = (['variant', 'n', 'mean fg Dice'] + [f'Dice class {c}' for c in range(1, num_classes)]
             + [f'steps to Dice ≥ {target}'])
   if max_heads:

@@ -307,6 +307,23 @@ def test_train_on_a_folder_then_eval_its_saved_split(tmp_path, capsys):
   assert (tmp_path / 'run' / 'summary.json').stat().st_mtime_ns == before
 
 
+def test_a_multiruns_changed_cases_are_named_from_its_members_split(tmp_path):
+  root = _em_folder(tmp_path / 'em', seed=1)
+  config = folder2d_config.get_config(f'path={root},isbi,smoke')
+  config.data.val_cases = '2'
+  workdir = tmp_path / 'multi'  # K runs: the split is in each member's folder
+  (workdir / 'seed=0').mkdir(parents=True)
+  (workdir / 'multirun.json').write_text(json.dumps({'runs': ['seed=0', 'seed=1']}))
+  (workdir / 'seed=0' / 'split.json').write_text(
+      json.dumps(cases_lib.case_split(config.data)))
+  cases_lib.check_same_cases(config.data, str(workdir))  # unchanged: fine
+  for sub in ('image', 'label'):
+    (root / sub / '3.png').rename(root / sub / '9.png')
+  with pytest.raises(io.DataError, match=r"its cases changed .* \(added \['9'\]; removed "
+                                         r"\['3'\]\)"):
+    cases_lib.check_same_cases(config.data, str(workdir))
+
+
 def test_inputs_unlike_the_training_data_get_a_warning(tmp_path):
   root = tmp_path / 'Task'
   _msd_folder(root, n=3)

@@ -151,7 +151,8 @@ SAVED = {'seed': 0,
          'optim': {'lr': 0.003, 'warmup_steps': 20},
          'data': {'data_dir': '/a', 'worker_count': 0},
          'train': {'steps': 60, 'stop_at_step': 30, 'eval_every': 20},
-         'mesh': {'data': -1}}
+         'mesh': {'data': -1},
+         'plan': {'plan_dir': '/cache/plans/task_1a2b'}}
 
 
 def _new(**changes):
@@ -167,11 +168,13 @@ def _new(**changes):
 
 def test_safe_changes_are_not_conflicts():
   new = _new(train__stop_at_step=0, train__eval_every=5, data__data_dir='/b', mesh__data=2,
-             model__conv_impl='onednn')
+             model__conv_impl='onednn',
+             plan__plan_dir='/cache/plans/task_9f8e')  # a touched file: another cache name
   new['model']['ds']['levels'] = (1, 2)  # a tuple in the live config, a list in JSON
   assert workdir.resume_conflicts(SAVED, new) == []
   assert workdir.changed_keys(SAVED, new) == [
-      'data.data_dir', 'mesh.data', 'model.conv_impl', 'train.eval_every', 'train.stop_at_step']
+      'data.data_dir', 'mesh.data', 'model.conv_impl', 'plan.plan_dir', 'train.eval_every',
+      'train.stop_at_step']
 
 
 def test_model_loss_data_seed_and_steps_changes_are_conflicts():

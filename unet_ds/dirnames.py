@@ -1,8 +1,12 @@
-"""Run directory names made from settings: one rule for sweep points and multi-run members."""
+"""Run directory names made from settings: one rule for sweep points and multi-run members, and
+the file that lists a multi-run workdir's members."""
 
 from __future__ import annotations
 
 import re
+
+# In a multi-run workdir: the member runs' names (each member is a run folder beside it).
+MULTIRUN_FILE = 'multirun.json'
 
 # Kept in names: letters, digits and the separators of `key=value,key=value` lists.
 UNSAFE_CHARS = re.compile(r'[^A-Za-z0-9._+=,-]')

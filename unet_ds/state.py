@@ -22,11 +22,12 @@ import optax
 
 from unet_ds import checkpoint
 from unet_ds import config_lib
+from unet_ds import dirnames
 from unet_ds import models
 from unet_ds import optim
 
 CHECKPOINT_DIR = 'checkpoints'
-MULTIRUN_FILE = 'multirun.json'  # in a multi-run workdir: the member runs' names
+MULTIRUN_FILE = dirnames.MULTIRUN_FILE
 
 
 @flax.struct.dataclass

@@ -48,6 +48,9 @@ SAFE_CHANGES: tuple[str, ...] = (
     'train.max_to_keep',
     'train.eval_batch_size',
     'data.data_dir',
+    # Where the plan is cached: named by the folder's files and their times, so a touched or
+    # restored file moves it; added or removed cases are checked on their own (`cases`).
+    'plan.plan_dir',
     'model.conv_impl',  # same parameters and maths, another kernel
     'mesh',
     'inference',

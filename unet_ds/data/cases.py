@@ -15,6 +15,7 @@ import nibabel
 import numpy as np
 
 from unet_ds import config_lib
+from unet_ds import dirnames
 from unet_ds.data import folder2d
 from unet_ds.data import io
 from unet_ds.data import msd
@@ -121,6 +122,11 @@ def check_same_cases(data_cfg: Any, workdir: str) -> None:
   lists (added or removed since the run started): a resumed run's data position and split are
   for the cases it started with."""
   split = saved_split(workdir)
+  members = os.path.join(workdir, dirnames.MULTIRUN_FILE)
+  if split is None and os.path.isfile(members):  # K runs on one split: each member has it
+    with open(members) as f:
+      names = json.load(f).get('runs', [])
+    split = saved_split(os.path.join(workdir, names[0])) if names else None
   if split is None or data_kind(data_cfg) not in FILE_KINDS or not os.path.isdir(data_cfg.path):
     return
   now = case_split(data_cfg)
@@ -129,7 +135,7 @@ def check_same_cases(data_cfg: Any, workdir: str) -> None:
   if before == after:
     return
   added, removed = sorted(after - before), sorted(before - after)
-  what = '; '.join(f'{name} {ids[:5]}{" ..." if len(ids) > 5 else ""}'
+  what = '; '.join(f'{name} {ids[:5]}{f" and {len(ids) - 5} more" if len(ids) > 5 else ""}'
                    for name, ids in (('added', added), ('removed', removed)) if ids)
   raise io.DataError(
       f'{data_cfg.path}: its cases changed since the run in {workdir} started ({what}); a '
