@@ -65,6 +65,8 @@ SUMMARY_FILE = 'summary.json'
 CONFIG_FILE = 'config.json'
 LOG_FILE = process.LOG_FILE
 MANIFEST_FILE = 'sweep.json'
+# A trainer's exit status after SIGINT / SIGTERM (it checkpoints first): 128 + the signal.
+SIGNAL_EXITS = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 # Seconds a stopped point has to save its checkpoint and exit before it is killed.
 STOP_GRACE_S = 60.0
 
@@ -238,6 +240,11 @@ def run(jobs: Sequence[Job], runner: Runner = subprocess_runner, python: str = s
       if not job.finished:
         log(f'{tag}: stopped before the last step (no {SUMMARY_FILE}); launch again to go on')
       continue
+    if code in SIGNAL_EXITS:  # the trainer was stopped by a signal (it saved a checkpoint):
+      # the user is stopping the sweep, also when this launcher did not get the signal itself
+      status[job.name] = 'stopped'
+      log(f'{tag}: interrupted (exit status {code}); its checkpoint is kept')
+      raise KeyboardInterrupt
     if code == cli.BUSY:  # another launcher or trainer holds it: not this launch's failure
       status[job.name] = 'busy'
       log(f'{tag}: in use by another process (its lock), skipped; launch again once it is done')

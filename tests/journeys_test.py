@@ -322,9 +322,11 @@ def test_eval_of_another_folder_keeps_the_runs_own_eval_files(tmp_path):
   from unet_ds import config_lib  # pylint: disable=g-import-not-at-top
   (run / 'config.json').write_text(config_lib.to_json(config))
   flips = predict.run_config(None, str(run))
-  flips.inference.tta_axes = (0, 1)
+  flips.inference.batch_size = 7  # how, not what, it predicts: no folder of its own
+  assert evaluate.changed_inference(flips, str(run)) == ''
+  flips.inference.tta_axes = (1, 0)
   tag = evaluate.changed_inference(flips, str(run))
-  assert tag == 'tta_axes=0x1'
+  assert tag == 'tta_axes=0x1'  # any order: the same flips
   other = evaluate.evaluate_run(flips, str(run), logits, 1, tag=tag, log=lambda _: None)
   assert other['output'] == str(run / 'eval_tta_axes=0x1')
   assert json.loads((run / 'eval' / 'metrics.json').read_text()) == saved

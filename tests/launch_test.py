@@ -241,6 +241,17 @@ def test_ctrl_c_ends_the_launcher_with_one_line(config_path, tmp_path):
   assert out[-1].endswith('interrupted; finished points are kept and the same command resumes '
                           'the rest')
   assert (tmp_path / _NAMES[0] / 'summary.json').exists()
+  # The trainer alone got the signal (a launcher in a script ignores SIGINT): it exits 130 after
+  # its checkpoint, and the sweep stops there too instead of going on as after a failure.
+  ran = []
+  def trainer_interrupted(argv, workdir):
+    ran.append(workdir.name)
+    return 130
+  out.clear()
+  code = launch.main([f'--config={config_path}', f'--root={tmp_path}'],
+                     runner=trainer_interrupted, out=out.append)
+  assert code == 130 and ran == [_NAMES[1]]
+  assert f'{_NAMES[1]}: interrupted (exit status 130); its checkpoint is kept' in out[-2]
 
 
 def test_killing_the_launcher_stops_the_running_point(config_path, tmp_path):

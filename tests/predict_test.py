@@ -270,7 +270,8 @@ def test_saved_split_keeps_the_held_out_cases_when_files_change(tmp_path):
   assert [c[0] for c in recomputed] != split['validation']
   (root / 'imagesTr' / f'{split["validation"][0]}.nii.gz').unlink()
   (root / 'labelsTr' / f'{split["validation"][0]}.nii.gz').unlink()
-  with pytest.raises(io.DataError, match=split['validation'][0]):
+  with pytest.raises(io.DataError, match=rf"the run's validation cases \['{split['validation'][0]}'"
+                                         r"\] \(its split.json\) are not in this folder"):
     cases_lib.find_labelled(str(root), config.data, 'validation', split=split)
 
 

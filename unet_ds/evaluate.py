@@ -312,10 +312,20 @@ def _ids_name(selected: Sequence[tuple[str, str, str]]) -> str:
   return f'cases_{len(ids)}_{hashlib.sha1(",".join(ids).encode()).hexdigest()[:8]}'
 
 
+# Inference settings that do not change a prediction (only how it is computed).
+_SAME_RESULTS = ('batch_size',)
+
+
 def changed_inference(config: Any, workdir: str) -> str:
-  """`key=value,...` of the inference settings that differ from the run's own ('' if none)."""
-  own = _inference(predict.run_config(None, workdir))
-  now = _inference(config)
+  """`key=value,...` of the inference settings that differ from the run's own and change the
+  predictions ('' if none); flip axes in any order are the same TTA."""
+  def norm(settings):
+    out = {k: v for k, v in settings.items() if k not in _SAME_RESULTS}
+    if isinstance(out.get('tta_axes'), list):
+      out['tta_axes'] = sorted(out['tta_axes'])
+    return out
+  own = norm(_inference(predict.run_config(None, workdir)))
+  now = norm(_inference(config))
   return ','.join(f'{k}={_short(v)}' for k, v in sorted(now.items()) if own.get(k) != v)
 
 

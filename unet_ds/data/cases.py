@@ -92,15 +92,20 @@ def find_labelled(path: str, data_cfg: Any, cases: str | Sequence[str] = 'all',
   found, settings = _all_labelled(path, data_cfg)
   if cases == 'all':
     return found
+  from_split = cases in ('train', 'validation') and split is not None
   if cases in ('train', 'validation'):
     if split is None:
       split = _split_ids(found, settings)
     if not split.get(cases):
       raise ValueError(f'{path}: the run\'s split has no {cases!r} cases')
-    cases = split[cases]
+    which, cases = cases, split[cases]
   wanted = [c.strip() for c in cases.split(',')] if isinstance(cases, str) else list(cases)
   by_id = {c[0]: c for c in found}
   missing = [c for c in wanted if c not in by_id]
+  if missing and from_split:
+    raise io.DataError(f'{path}: the run\'s {which} cases {missing[:10]} (its {SPLIT_FILE}) are '
+                       'not in this folder (renamed or removed since training?); --cases=all or '
+                       '--cases=ID,ID scores others')
   if missing:
     some = ', '.join(sorted(by_id)[:5]) + (', ...' if len(by_id) > 5 else '')
     raise io.DataError(f'{path}: cases {missing[:10]} not found; --cases takes all, train, '
