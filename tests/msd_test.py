@@ -180,6 +180,15 @@ def test_bad_input_errors_name_the_file(tmp_path, kind):
     assert not [d for d in prepared.rglob('*') if d.is_dir()], list(prepared.rglob('*'))
 
 
+def test_a_dataset_json_edited_after_preparation_is_checked_too(tmp_path):
+  root = tmp_path / 'Task99'
+  _make_task(root, num_cases=4)
+  msd.load(_cfg(root, tmp_path))  # prepared (and cached) as the folder was
+  _break(root, 'dataset_json')
+  with pytest.raises(io.DataError, match='dataset.json: lists 2 labels'):
+    msd.load(_cfg(root, tmp_path))
+
+
 def test_read_case_without_label_for_prediction(tmp_path):
   root = tmp_path / 'Task99'
   _make_task(root, num_cases=1)

@@ -279,5 +279,9 @@ def load(data_cfg: Any) -> dict[str, prepare.CaseSource]:
   goes).
   """
   settings = settings_from_config(data_cfg)
+  # Every launch, not only when the data is prepared: a dataset.json edited since (its cached
+  # preparation is reused) is checked against the config too.
+  _check_dataset_json(settings['path'], settings['num_classes'], settings['in_channels'],
+                      dict(settings['label_map']) or None)
   return prepare.prepare_and_load(MsdFolder, make_config(settings),
                                   prepare.cfg_get(data_cfg, 'data_dir'))
