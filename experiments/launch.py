@@ -351,8 +351,11 @@ def run_rounds(config_arg: str, config: config_dict.ConfigDict, points: Sequence
       log(f'--until round {len(rounds) - 1}: {c.line()}')
     if not added:
       settled = sum(c.status == 'settled' for c in comparisons)
+      same = sum(c.status == 'identical' for c in comparisons)
       log(f'--until: done after {len(rounds)} round(s): {settled} of {len(comparisons)} '
-          f'comparisons settled (half-width <= {rule.ci_halfwidth}); {root / until.UNTIL_FILE}')
+          f'comparisons settled (half-width <= {rule.ci_halfwidth})'
+          + (f', {same} identical to their baseline' if same else '')
+          + f'; {root / until.UNTIL_FILE}')
       return jobs, status
     log(f'--until: adding {len(added)} point(s): {" ".join(names)}')
     points = [*points, *added]

@@ -77,7 +77,9 @@ class Comparison:
   baseline: str
   seeds: int  # Seed values the variant ran.
   diff: stats.PairedDifference  # variant - baseline, paired by (fold, seed).
-  status: str  # 'settled', 'capped' or 'open'.
+  # 'settled', 'capped', 'open', or 'identical': every pair equals the baseline's to the bit
+  # (the settings change nothing, e.g. every DS head weighted 0); nothing to settle.
+  status: str
   variant_key: Variant = ()
   baseline_key: Variant = ()
 
@@ -91,8 +93,10 @@ class Comparison:
     d = self.diff
     interval = (f'[{d.ci_low:+.4f}, {d.ci_high:+.4f}], half-width {d.half_width:.4f}'
                 if not math.isnan(d.ci_low) else 'no interval')
+    status = self.status + (' (every run scores as its baseline: the settings change nothing)'
+                            if self.status == 'identical' else '')
     return (f'{self.variant} vs {self.baseline}: {d.mean:+.4f} {interval} over {d.n} pairs '
-            f'({self.seeds} seeds): {self.status}')
+            f'({self.seeds} seeds): {status}')
 
 
 def variant_of(point: Mapping[str, Any]) -> Variant:
@@ -134,7 +138,10 @@ def compare(points: Sequence[Mapping[str, Any]], dice: Sequence[float], rule: Ru
       continue
     base = _baseline_of(v, variants)
     diff = stats.paired_difference(by_variant[v], by_variant[base], rule.confidence)
-    if diff.half_width <= rule.ci_halfwidth:  # False for nan: no interval yet
+    pairs = [k for k in by_variant[v] if k in by_variant[base]]
+    if len(pairs) >= 2 and all(by_variant[v][k] == by_variant[base][k] for k in pairs):
+      status = 'identical'
+    elif diff.half_width <= rule.ci_halfwidth:  # False for nan: no interval yet
       status = 'settled'
     elif len(seeds[v]) >= rule.max_seeds:
       status = 'capped'
@@ -170,7 +177,8 @@ def write(root: pathlib.Path, rule: Rule, rounds: Sequence[Mapping[str, Any]]) -
   record = {
       'rule': dataclasses.asdict(rule),
       'settled': [c['variant'] for c in last if c['status'] == 'settled'],
-      'not_settled': [c['variant'] for c in last if c['status'] != 'settled'],
+      'identical': [c['variant'] for c in last if c['status'] == 'identical'],
+      'not_settled': [c['variant'] for c in last if c['status'] in ('capped', 'open')],
       'rounds': list(rounds),
   }
   path = pathlib.Path(root) / UNTIL_FILE

@@ -175,6 +175,13 @@ def test_missing_result_is_no_interval():
   assert c.status == 'open' and math.isnan(c.diff.half_width)
 
 
+def test_a_variant_equal_to_its_baseline_in_every_pair_is_identical_not_settled():
+  points = [{'model.ds.mode': m, 'seed': s} for m in ('none', 'deep') for s in (0, 1)]
+  (c,) = until.compare(points, [0.5, 0.6, 0.5, 0.6], until.Rule(ci_halfwidth=0.01))
+  assert c.status == 'identical' and 'the settings change nothing' in c.line()
+  assert until.next_points(points, [c]) == []
+
+
 @pytest.mark.parametrize('text, message', [
     ('ci_halfwidth:0', 'need a number > 0'),
     ('max_seeds:4', 'ci_halfwidth:FLOAT is required'),
