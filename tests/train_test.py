@@ -205,15 +205,18 @@ def test_finished_is_the_last_step_or_a_budget_deadline(data_dir, tmp_path):
   from unet_ds import loop  # pylint: disable=g-import-not-at-top
   c = _smoke(data_dir, 2, steps=10)
   smoke.save_checkpoint(str(tmp_path), 3, train.Experiment.build(c, str(tmp_path)).init_state(), c)
+  assert loop.check_resume_early(c, str(tmp_path)) == 3  # the latest step, as fit_config passes it
+  finished = lambda: loop.finished_summary(c, str(tmp_path), 3)  # noqa: E731
   summary = {'step': 3, 'mean_foreground_dice': 0.5}
   (tmp_path / 'summary.json').write_text(json.dumps(summary))
-  assert loop.finished_summary(c, str(tmp_path)) is None  # stopped early: resumes
+  assert finished() is None  # stopped early: resumes
+  assert loop.finished_summary(c, str(tmp_path), None) is None  # no checkpoint: a new run
   summary['budget'] = {'stopped_at_deadline': 3}  # its train.minutes ran out at step 3
   (tmp_path / 'summary.json').write_text(json.dumps(summary))
-  assert loop.finished_summary(c, str(tmp_path)) == summary
+  assert finished() == summary
   c.train.steps = 3
   del summary['budget']
   (tmp_path / 'summary.json').write_text(json.dumps(summary))
-  assert loop.finished_summary(c, str(tmp_path)) == summary
+  assert finished() == summary
   (tmp_path / 'summary.json').write_text(json.dumps({**summary, 'step': 2}))  # an older summary
-  assert loop.finished_summary(c, str(tmp_path)) is None
+  assert finished() is None

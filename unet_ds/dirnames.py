@@ -3,6 +3,8 @@ the file that lists a multi-run workdir's members."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 
 # In a multi-run workdir: the member runs' names (each member is a run folder beside it).
@@ -19,3 +21,13 @@ def safe_name(text: str) -> str:
   if name[:1] in ('.', '-'):
     name = '_' + name
   return name
+
+
+def multirun_members(workdir: str) -> list[str] | None:
+  """The member run names that a multi-run workdir's `MULTIRUN_FILE` lists; None when `workdir`
+  has none (a single run's folder, or not a run)."""
+  path = os.path.join(workdir, MULTIRUN_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return list(json.load(f).get('runs', []))

@@ -247,18 +247,21 @@ def _steps_note(ckpts: checkpoint.Checkpoints, config_json: str, start: int) -> 
 
 
 def check_resume_early(config: ml_collections.ConfigDict, workdir: str,
-                       allow_changes: Sequence[str] = ()) -> None:
+                       allow_changes: Sequence[str] = ()) -> int | None:
   """Refuses a resume under a changed config before any data is built or compiled: the check
-  `fit` repeats under the workdir lock, done first so a refused launch costs nothing."""
+  `fit` repeats under the workdir lock, done first so a refused launch costs nothing. Returns the
+  latest checkpoint's step (None for a new run)."""
   directory = os.path.join(os.path.abspath(workdir), state_lib.CHECKPOINT_DIR)
   if not os.path.isdir(directory) or not os.listdir(directory):
-    return
+    return None
   if config.data.name in cases_lib.FILE_KINDS:  # first: a changed plan follows from new cases
     cases_lib.check_same_cases(config.data, workdir)
   ckpts = checkpoint.Checkpoints(directory)
   try:
-    if ckpts.latest_step() is not None:
+    step = ckpts.latest_step()
+    if step is not None:
       _check_resume(ckpts, config_lib.to_json(config), allow_changes)
+    return step
   finally:
     ckpts.close()
 
@@ -300,24 +303,20 @@ def _set_aside_unverified(ckpts: checkpoint.Checkpoints, failed_step: int) -> li
   return ckpts.set_aside_after(failed_step - 2)
 
 
-def finished_summary(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
-  """The run's summary.json if it finished: written at its latest checkpoint's step, which has
-  reached `train.steps` or at which its time budget stopped it (`train.minutes`); else None."""
+def finished_summary(config: ml_collections.ConfigDict, workdir: str,
+                     step: int | None) -> dict[str, Any] | None:
+  """The run's summary.json if it finished: written at its latest checkpoint's `step` (from
+  `check_resume_early`), which has reached `train.steps` or at which its time budget stopped it
+  (`train.minutes`); else None."""
   path = os.path.join(workdir, SUMMARY_FILE)
-  directory = os.path.join(os.path.abspath(workdir), state_lib.CHECKPOINT_DIR)
-  if not os.path.isfile(path) or not os.path.isdir(directory):
+  if step is None or not os.path.isfile(path):
     return None
   try:
     with open(path) as f:
       summary = json.load(f)
   except (OSError, json.JSONDecodeError):
     return None  # scored again, and written anew
-  ckpts = checkpoint.Checkpoints(directory)
-  try:
-    step = ckpts.latest_step()
-  finally:
-    ckpts.close()
-  if step is None or summary.get('step') != step:
+  if summary.get('step') != step:
     return None
   if step < int(config.train.steps) and not (summary.get('budget') or {}).get(
       'stopped_at_deadline'):
@@ -341,8 +340,8 @@ def fit_config(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config)  # a bad value is named before a resume check asks to allow it
   rebuild = functools.partial(build, quiet=True)
   config, plan = budget.fit(config, workdir, rebuild)  # train.minutes -> train.steps
-  check_resume_early(config, workdir, allow_changes)  # a refused resume builds nothing
-  summary = finished_summary(config, workdir)
+  step = check_resume_early(config, workdir, allow_changes)  # a refused resume builds nothing
+  summary = finished_summary(config, workdir, step)
   if summary is not None:  # nothing to train or score again: keep what it wrote
     cut = ' (its time budget ended it)' if summary['step'] < config.train.steps else ''
     print(f'{workdir}: finished at step {summary["step"]} of {config.train.steps}{cut}; its '

@@ -209,8 +209,8 @@ class MultiExperiment:
     runs = member_runs(config)  # every config error before any compute
     exp = train.Experiment.build(runs[0].config, workdir, quiet=True)
     ds_losses = [train.DSLoss.from_config(r.config, exp.setup.model_config) for r in runs]
-    for run, ds_loss in zip(runs, ds_losses):
-      if not quiet:
+    if not quiet:
+      for run, ds_loss in zip(runs, ds_losses):
         train.warn_if_heads_inert(run.config, ds_loss, run.name)
     return cls(exp=exp, runs=runs, run_weights=RunWeights.from_losses(ds_losses),
                config=config)

@@ -24,6 +24,7 @@ import ml_collections
 import nibabel
 import numpy as np
 
+from unet_ds import dirnames
 from unet_ds import inference
 from unet_ds import state as state_lib
 from unet_ds import workdir as workdir_lib
@@ -237,10 +238,8 @@ def predict_files(predictor: Predictor, inputs: Sequence[str], output_dir: str,
 def run_config(config: Any, workdir: str) -> ml_collections.ConfigDict:
   """The run's saved config, its `inference` settings updated by those `config` has."""
   path = os.path.join(workdir, 'config.json')
-  members = os.path.join(workdir, state_lib.MULTIRUN_FILE)
-  if not os.path.exists(path) and os.path.exists(members):  # K runs: each has its own folder
-    with open(members) as f:
-      names = json.load(f).get('runs', [])
+  names = dirnames.multirun_members(workdir)
+  if not os.path.exists(path) and names is not None:  # K runs: each has its own folder
     raise FileNotFoundError(f'{workdir}: a multi-run workdir ({state_lib.MULTIRUN_FILE}); give one '
                             f'run\'s folder: {", ".join(os.path.join(workdir, n) for n in names)}')
   if not os.path.exists(path):

@@ -127,11 +127,9 @@ def check_same_cases(data_cfg: Any, workdir: str) -> None:
   lists (added or removed since the run started): a resumed run's data position and split are
   for the cases it started with."""
   split = saved_split(workdir)
-  members = os.path.join(workdir, dirnames.MULTIRUN_FILE)
-  if split is None and os.path.isfile(members):  # K runs on one split: each member has it
-    with open(members) as f:
-      names = json.load(f).get('runs', [])
-    split = saved_split(os.path.join(workdir, names[0])) if names else None
+  names = dirnames.multirun_members(workdir) if split is None else None
+  if names:  # K runs on one split: each member has it
+    split = saved_split(os.path.join(workdir, names[0]))
   if split is None or data_kind(data_cfg) not in FILE_KINDS or not os.path.isdir(data_cfg.path):
     return
   now = case_split(data_cfg)
