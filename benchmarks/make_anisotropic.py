@@ -2,9 +2,9 @@
 one axis (default: 3 mm along the last axis, 1 x 1 x 3 mm for Task04 hippocampus), to check that
 planning (`configs/auto.py`) trains as well on thick-slice data.
 
-Thick slices average what they cover, so images are block-averaged along the coarse axis (linear
-interpolation of the slices, then a box filter of the slice thickness); labels take the majority
-class of the voxels each thick slice covers (linear on one-hot). The affine is scaled so that the
+Thick slices average what they cover, so images are block-averaged along the coarse axis (a
+box filter of the slice thickness, then the slab centres sampled); labels take the majority
+class of the voxels each thick slice covers (`slab_majority`). The affine is scaled so that the
 copy covers the same box in world coordinates.
 
   python benchmarks/make_anisotropic.py --input=/data/Task04_Hippocampus \
@@ -44,34 +44,69 @@ def coarsen(image: np.ndarray, label: np.ndarray, spacing: Sequence[float], axis
   size[axis] = max(1, int(round(thickness)))
   smoothed = ndimage.uniform_filter(image.astype(np.float32), size=size, mode='nearest')
   out = resample.resample_image(smoothed[..., None], shape, order=1)[..., 0]
-  labels = resample.resample_labels(label, shape, method='linear')
-  return out, labels, shape
+  return out, slab_majority(label, shape, size), shape
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  if not (_INPUT.value and _OUTPUT.value):
-    raise app.UsageError('--input and --output are required')
+def slab_majority(label: np.ndarray, shape: Sequence[int], size: Sequence[int]) -> np.ndarray:
+  """The class covering most of each thick voxel's slab (`size` fine voxels), as an annotator of
+  the averaged slices would draw it; a tie goes to the class at the slab's centre.
+
+  Sampling the fine labels at the slab centres instead (linear on one-hot) would label an image
+  that averages three slices with its middle slice alone: a target its image does not determine.
+  """
+  k = int(label.max(initial=0)) + 1
+  onehot = np.stack([(label == c).astype(np.float32) for c in range(k)], -1)
+  return slab_argmax(onehot, shape, size, tie=onehot)
+
+
+def slab_argmax(scores: np.ndarray, shape: Sequence[int], size: Sequence[int],
+                tie: np.ndarray | None = None) -> np.ndarray:
+  """Class map on `shape`: each class's score `[*spatial, K]` averaged over the slab of `size`
+  fine voxels that a thick voxel covers, sampled at the slab centres, argmax (`tie`, times
+  1e-3, added before the average breaks ties)."""
+  best = np.full(tuple(shape), -np.inf, np.float32)
+  out = np.zeros(tuple(shape), np.int32)
+  for c in range(scores.shape[-1]):
+    share = ndimage.uniform_filter(scores[..., c].astype(np.float32), size=size, mode='nearest')
+    if tie is not None:
+      share = share + 1e-3 * tie[..., c]
+    score = resample.resample_image(share[..., None], shape, order=1)[..., 0]
+    better = score > best
+    out[better], best[better] = c, score[better]
+  return out
+
+
+def make_copy(input_dir: str, output_dir: str, new_spacing: float = 3.0, axis: int = 2) -> int:
+  """Writes the coarsened copy of every case of `input_dir` (and its dataset.json) into
+  `output_dir`; returns the number of cases."""
   for sub in ('imagesTr', 'labelsTr'):
-    os.makedirs(os.path.join(_OUTPUT.value, sub), exist_ok=True)
-  meta = os.path.join(_INPUT.value, 'dataset.json')
+    os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
+  meta = os.path.join(input_dir, 'dataset.json')
   if os.path.exists(meta):
-    shutil.copy(meta, os.path.join(_OUTPUT.value, 'dataset.json'))
-  cases = msd.find_cases(_INPUT.value)
+    shutil.copy(meta, os.path.join(output_dir, 'dataset.json'))
+  cases = msd.find_cases(input_dir)
   for cid, image_path, label_path in cases:
     volume = io.read_nifti(image_path)
     spacing = msd.spacing_of(volume)
     label = io.label_to_classes(io.read_nifti(label_path).array, label_path, 256)
-    image, labels, shape = coarsen(np.asarray(volume.array, np.float32), label, spacing,
-                                   _AXIS.value, _SPACING.value)
+    image, labels, shape = coarsen(np.asarray(volume.array, np.float32), label, spacing, axis,
+                                   new_spacing)
     affine = resample.resampled_affine(volume.affine, volume.array.shape[:3], shape)
     header = volume.header.copy()
     header.set_data_dtype(np.float32)
     for folder, array, dtype in (('imagesTr', image, np.float32), ('labelsTr', labels, np.uint8)):
       img = nibabel.Nifti1Image(array.astype(dtype), affine, header)
       img.set_data_dtype(dtype)
-      nibabel.save(img, os.path.join(_OUTPUT.value, folder, f'{cid}.nii.gz'))
-  print(f'{len(cases)} cases -> {_OUTPUT.value} ({_SPACING.value} mm along axis {_AXIS.value})')
+      nibabel.save(img, os.path.join(output_dir, folder, f'{cid}.nii.gz'))
+  return len(cases)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  if not (_INPUT.value and _OUTPUT.value):
+    raise app.UsageError('--input and --output are required')
+  num = make_copy(_INPUT.value, _OUTPUT.value, _SPACING.value, _AXIS.value)
+  print(f'{num} cases -> {_OUTPUT.value} ({_SPACING.value} mm along axis {_AXIS.value})')
 
 
 if __name__ == '__main__':
