@@ -7,6 +7,12 @@ box filter of the slice thickness, then the slab centres sampled); labels take t
 class of the voxels each thick slice covers (`slab_majority`). The affine is scaled so that the
 copy covers the same box in world coordinates.
 
+`--fine_grid` is a diagnostic: the thick-slice images put back on the input grid (linear
+interpolation between slab centres) beside the untouched fine labels. A run trained on it sees
+only what the thick images hold but is supervised and scored on fine labels; coarsening its
+predictions (`coarsened_bound.py`) separates what the images lose from what the coarse labels
+cost the copy's own training.
+
   python benchmarks/make_anisotropic.py --input=/data/Task04_Hippocampus \
       --output=/data/Task04_Hippocampus_1x1x3 --spacing=3 --axis=2
 """
@@ -30,6 +36,8 @@ _INPUT = flags.DEFINE_string('input', None, 'MSD task folder (imagesTr/ + labels
 _OUTPUT = flags.DEFINE_string('output', None, 'where the anisotropic copy goes.')
 _SPACING = flags.DEFINE_float('spacing', 3.0, 'new spacing (mm) of the coarse axis.')
 _AXIS = flags.DEFINE_integer('axis', 2, 'the array axis made coarse.')
+_FINE_GRID = flags.DEFINE_bool('fine_grid', False, 'thick-slice images back on the input grid, '
+                               'fine labels kept (a diagnostic; module doc).')
 
 
 def coarsen(image: np.ndarray, label: np.ndarray, spacing: Sequence[float], axis: int,
@@ -63,7 +71,7 @@ def slab_argmax(scores: np.ndarray, shape: Sequence[int], size: Sequence[int],
                 tie: np.ndarray | None = None) -> np.ndarray:
   """Class map on `shape`: each class's score `[*spatial, K]` averaged over the slab of `size`
   fine voxels that a thick voxel covers, sampled at the slab centres, argmax (`tie`, times
-  1e-3, added before the average breaks ties)."""
+  1e-3, added to the slab averages, breaks ties)."""
   best = np.full(tuple(shape), -np.inf, np.float32)
   out = np.zeros(tuple(shape), np.int32)
   for c in range(scores.shape[-1]):
@@ -76,9 +84,11 @@ def slab_argmax(scores: np.ndarray, shape: Sequence[int], size: Sequence[int],
   return out
 
 
-def make_copy(input_dir: str, output_dir: str, new_spacing: float = 3.0, axis: int = 2) -> int:
+def make_copy(input_dir: str, output_dir: str, new_spacing: float = 3.0, axis: int = 2,
+              fine_grid: bool = False) -> int:
   """Writes the coarsened copy of every case of `input_dir` (and its dataset.json) into
-  `output_dir`; returns the number of cases."""
+  `output_dir` (`fine_grid`: its images on the input grid, with the fine labels); returns the
+  number of cases."""
   for sub in ('imagesTr', 'labelsTr'):
     os.makedirs(os.path.join(output_dir, sub), exist_ok=True)
   meta = os.path.join(input_dir, 'dataset.json')
@@ -92,6 +102,9 @@ def make_copy(input_dir: str, output_dir: str, new_spacing: float = 3.0, axis: i
     image, labels, shape = coarsen(np.asarray(volume.array, np.float32), label, spacing, axis,
                                    new_spacing)
     affine = resample.resampled_affine(volume.affine, volume.array.shape[:3], shape)
+    if fine_grid:
+      image = resample.resample_image(image[..., None], label.shape, order=1)[..., 0]
+      labels, affine = label, volume.affine
     header = volume.header.copy()
     header.set_data_dtype(np.float32)
     for folder, array, dtype in (('imagesTr', image, np.float32), ('labelsTr', labels, np.uint8)):
@@ -105,7 +118,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   if not (_INPUT.value and _OUTPUT.value):
     raise app.UsageError('--input and --output are required')
-  num = make_copy(_INPUT.value, _OUTPUT.value, _SPACING.value, _AXIS.value)
+  num = make_copy(_INPUT.value, _OUTPUT.value, _SPACING.value, _AXIS.value, _FINE_GRID.value)
   print(f'{num} cases -> {_OUTPUT.value} ({_SPACING.value} mm along axis {_AXIS.value})')
 
 

@@ -53,6 +53,17 @@ def test_copy_covers_the_same_box_and_the_bound_of_an_unchanged_copy_is_eval(tmp
     np.testing.assert_allclose(copy.affine @ [2, 3, j, 1], src.affine @ [2, 3, 3 * j + 1, 1])
   labels = np.asarray(nibabel.load(tmp_path / 'thick' / 'labelsTr' / 'c1.nii.gz').dataobj)
   assert set(np.unique(labels)) == {0, 1}
+  # --fine_grid: the thick images back on the input grid, the fine labels and affine untouched
+  make_anisotropic.make_copy(str(fine), str(tmp_path / 'back'), 3.0, 2, fine_grid=True)
+  back = nibabel.load(tmp_path / 'back' / 'imagesTr' / 'c1.nii.gz')
+  assert back.shape == src.shape and np.allclose(back.affine, src.affine)
+  thick_image = np.asarray(copy.dataobj)
+  np.testing.assert_allclose(np.asarray(back.dataobj)[..., [1, 4, 7]], thick_image, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(back.dataobj)[..., 2:4].mean(-1),  # linear in between
+                             thick_image[..., :2].mean(-1), atol=1e-4)
+  np.testing.assert_array_equal(
+      np.asarray(nibabel.load(tmp_path / 'back' / 'labelsTr' / 'c1.nii.gz').dataobj),
+      np.asarray(nibabel.load(fine / 'labelsTr' / 'c1.nii.gz').dataobj))
 
   config = msd_config.get_config(f'path={fine},classes=2,smoke')
   config.data.data_dir = str(tmp_path / 'tfds')
