@@ -2,7 +2,7 @@
 coarsened as `make_anisotropic.py` coarsened the labels, against the anisotropic copy's labels;
 prints one JSON line.
 
-  python -m benchmarks.coarsened_bound --workdir=runs/iso15 --copy=/data/hip_1x1x3  # from the repo root
+  python -m benchmarks.coarsened_bound --workdir=runs/iso15 --copy=/data/hip_1x1x3  # repo root
 
 The run predicts its held-out cases as `--mode=eval` does (its plan, sliding window and TTA, on
 each input's grid); each case's class probabilities are then averaged over the slab a thick
@@ -51,8 +51,7 @@ def bound(workdir: str, copy: str) -> dict[str, Any]:
     volume = io.read_nifti(path)
     label = io.label_to_classes(volume.array, path, num_classes)
     spacing = msd.spacing_of(volume)
-    fine = evaluate.case_spacing(case.example)
-    size = [max(1, int(round(c / f))) for c, f in zip(spacing, fine)]
+    size = make_anisotropic.slab_size(evaluate.case_spacing(case.example), spacing)
     pred = make_anisotropic.slab_argmax(probs, label.shape, size)
     onehot = np.eye(num_classes, dtype=np.float32)[pred]
     coarse[case.case_id] = evaluate.Case(

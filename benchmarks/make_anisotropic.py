@@ -47,12 +47,15 @@ def coarsen(image: np.ndarray, label: np.ndarray, spacing: Sequence[float], axis
   target = list(spacing)
   target[axis] = new_spacing
   shape = resample.target_shape(image.shape, spacing, target)
-  thickness = new_spacing / spacing[axis]
-  size = [1] * image.ndim
-  size[axis] = max(1, int(round(thickness)))
+  size = slab_size(spacing, target)
   smoothed = ndimage.uniform_filter(image.astype(np.float32), size=size, mode='nearest')
   out = resample.resample_image(smoothed[..., None], shape, order=1)[..., 0]
   return out, slab_majority(label, shape, size), shape
+
+
+def slab_size(fine: Sequence[float], coarse: Sequence[float]) -> list[int]:
+  """How many fine voxels along each axis one coarse voxel's slab covers (at least 1)."""
+  return [max(1, int(round(c / f))) for f, c in zip(fine, coarse)]
 
 
 def slab_majority(label: np.ndarray, shape: Sequence[int], size: Sequence[int]) -> np.ndarray:
@@ -62,8 +65,7 @@ def slab_majority(label: np.ndarray, shape: Sequence[int], size: Sequence[int]) 
   Sampling the fine labels at the slab centres instead (linear on one-hot) would label an image
   that averages three slices with its middle slice alone: a target its image does not determine.
   """
-  k = int(label.max(initial=0)) + 1
-  onehot = np.stack([(label == c).astype(np.float32) for c in range(k)], -1)
+  onehot = np.eye(int(label.max(initial=0)) + 1, dtype=np.float32)[label]
   return slab_argmax(onehot, shape, size, tie=onehot)
 
 
@@ -101,10 +103,11 @@ def make_copy(input_dir: str, output_dir: str, new_spacing: float = 3.0, axis: i
     label = io.label_to_classes(io.read_nifti(label_path).array, label_path, 256)
     image, labels, shape = coarsen(np.asarray(volume.array, np.float32), label, spacing, axis,
                                    new_spacing)
-    affine = resample.resampled_affine(volume.affine, volume.array.shape[:3], shape)
     if fine_grid:
       image = resample.resample_image(image[..., None], label.shape, order=1)[..., 0]
       labels, affine = label, volume.affine
+    else:
+      affine = resample.resampled_affine(volume.affine, volume.array.shape[:3], shape)
     header = volume.header.copy()
     header.set_data_dtype(np.float32)
     for folder, array, dtype in (('imagesTr', image, np.float32), ('labelsTr', labels, np.uint8)):

@@ -296,17 +296,18 @@ def augmentation(spacing: Sequence[float], patch: Sequence[int]) -> dict[str, An
   only, so no thick slice is tilted or stretched into its neighbours; any other 3D patch is
   rotated in the first two axes' plane (nnU-Net turns about all three) and scaled along every
   axis. 3D rotations go up to 30 degrees: nnU-Net turns thin patches up to 180, which scored
-  0.008 below 30 on a thick-slice copy of hippocampus, whose anatomy has one orientation
+  lower on a thick-slice copy of hippocampus, whose anatomy has one orientation
   (docs/results.md). 2D data (no anatomical orientation assumed) turns up to 180.
   """
   out = {'p_rotate': 0.2, 'p_scale': 0.2, 'scale': [0.7, 1.4]}
   if len(patch) == 2:
     return {**out, 'plane': [0, 1], 'degrees': 180.0, 'scale_axes': []}
+  out['degrees'] = 30.0
   coarse = int(np.argmax(spacing))
   if spacing[coarse] > min(spacing) and max(patch) / patch[coarse] > ANISOTROPY_THRESHOLD:
     plane = [a for a in range(len(patch)) if a != coarse]
-    return {**out, 'plane': plane, 'degrees': 30.0, 'scale_axes': plane}
-  return {**out, 'plane': [0, 1], 'degrees': 30.0, 'scale_axes': []}
+    return {**out, 'plane': plane, 'scale_axes': plane}
+  return {**out, 'plane': [0, 1], 'scale_axes': []}
 
 
 def multiples(strides: Sequence[Sequence[int]], ndim: int) -> list[int]:
